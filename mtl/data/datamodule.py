@@ -1,0 +1,90 @@
+"""The LightningDataModule shared by every dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+DatasetFactory = Callable[..., Dataset]
+
+
+class MultiTaskDataModule(L.LightningDataModule):
+    """Builds the train and validation splits of one dataset and their loaders.
+
+    Args:
+        dataset: partial, called as ``dataset(split=..., tasks=..., transform=...)``.
+        tasks: the tasks to load.
+        batch_size: the global batch size, split evenly over the processes.
+        train_transform / val_transform: joint transforms for each split.
+        prepare: optional callable run once per node before anything is loaded (e.g. generate
+            the synthetic scenes).
+        num_workers: loader worker processes per training process.
+    """
+
+    def __init__(
+        self,
+        dataset: DatasetFactory,
+        tasks: Sequence[str],
+        batch_size: int,
+        train_transform: Callable | None = None,
+        val_transform: Callable | None = None,
+        prepare: Callable[[], object] | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        train_split: str = "train",
+        val_split: str = "val",
+    ) -> None:
+        super().__init__()
+        self.dataset_factory = dataset
+        self.tasks = list(tasks)
+        self.batch_size = batch_size
+        self.train_transform = train_transform
+        self.val_transform = val_transform
+        self.prepare = prepare
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.splits = {"train": train_split, "val": val_split}
+        self.datasets: dict[str, Dataset] = {}
+
+    def prepare_data(self) -> None:
+        if self.prepare is not None:
+            self.prepare()
+
+    def per_process_batch_size(self) -> int:
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if self.batch_size % world_size:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is the global batch and must be divisible by "
+                f"the number of processes ({world_size})"
+            )
+        return self.batch_size // world_size
+
+    def setup(self, stage: str | None = None) -> None:
+        transforms = {"train": self.train_transform, "val": self.val_transform}
+        for name, split in self.splits.items():
+            if name not in self.datasets and (name == "val" or stage in (None, "fit")):
+                self.datasets[name] = self.dataset_factory(
+                    split=split, tasks=self.tasks, transform=transforms[name]
+                )
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.datasets[name],
+            batch_size=self.per_process_batch_size(),
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)

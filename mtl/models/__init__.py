@@ -1,0 +1,1 @@
+"""Backbones, decoders and the multi-task model."""

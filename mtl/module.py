@@ -1,0 +1,152 @@
+"""The LightningModule: per-task losses, a balancer that turns them into one update, metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from mtl.balancers.base import BalanceContext, Balancer
+from mtl.models.multitask import MultiTaskModel
+from mtl.tasks import get_task
+
+
+class MultiTaskModule(L.LightningModule):
+    """Trains a `MultiTaskModel` with manual optimisation.
+
+    Manual optimisation lets the balancer own the backward pass: it decides how the task losses
+    become gradients (a weighted sum, per-task gradients combined, perturbed re-evaluations),
+    while this module stays the same for every method.
+
+    Args:
+        model: backbone + heads.
+        balancer: the gradient-balancing method.
+        loss_weights: static weight per task, applied before the balancer.
+        num_classes: class count per classification task (for its metrics).
+        optimizer: partial, called with the parameters.
+        scheduler: partial, called as ``scheduler(optimizer, total_steps=N)``; stepped per step.
+        grad_clip_norm: clip the global gradient norm to this value (None: no clipping).
+        seed: the run's seed, handed to balancers that draw random numbers.
+    """
+
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        balancer: Balancer,
+        loss_weights: Mapping[str, float],
+        num_classes: Mapping[str, int],
+        optimizer: Callable[..., Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        grad_clip_norm: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.model = model
+        self.balancer = balancer
+        self.tasks: list[str] = list(model.tasks)
+        self.loss_weights = {t: float(loss_weights.get(t, get_task(t).loss_weight)) for t in self.tasks}
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.grad_clip_norm = grad_clip_norm
+        self.seed = seed
+        self.metrics = nn.ModuleDict(
+            {t: nn.ModuleDict(get_task(t).metrics(num_classes.get(t))) for t in self.tasks}
+        )
+
+    def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        return self.model(images, tasks)
+
+    # ---------------------------------------------------------------- losses
+    def task_losses(self, preds: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Unweighted loss of every task."""
+        return {t: get_task(t).loss(preds[t], batch[t]) for t in self.tasks}
+
+    def weighted(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {t: self.loss_weights[t] * loss for t, loss in losses.items()}
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        images = batch["image"]
+
+        def compute_losses() -> dict[str, Tensor]:
+            return self.weighted(self.task_losses(self.model(images, self.tasks), batch))
+
+        losses = compute_losses()
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        context = BalanceContext(
+            shared_params=self.model.shared_parameters(),
+            task_params=self.model.task_parameters(),
+            backward=self.manual_backward,
+            recompute_losses=compute_losses,
+            all_reduce_mean=lambda t: self.trainer.strategy.reduce(t, reduce_op="mean"),
+            step=self.global_step,
+            seed=self.seed,
+        )
+        weights = self.balancer.backward(losses, context)
+        if self.grad_clip_norm:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm"
+            )
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+        total = torch.stack(list(losses.values())).sum().detach()
+        batch_size = images.shape[0]
+        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        for task, loss in losses.items():
+            self.log(f"train/{task}/loss", loss.detach() / self.loss_weights[task], batch_size=batch_size)
+            self.log(f"train/{task}/weight", weights[task], batch_size=batch_size)
+        return total
+
+    # ---------------------------------------------------------------- evaluation
+    def _evaluation_step(self, batch: dict, stage: str) -> None:
+        images = batch["image"]
+        preds = self.model(images, self.tasks)
+        losses = self.task_losses(preds, batch)
+        batch_size = images.shape[0]
+        for task, loss in losses.items():
+            self.log(f"{stage}/{task}/loss", loss, batch_size=batch_size, sync_dist=True)
+            for metric in self.metrics[task].values():
+                metric.update(preds[task], batch[task])
+        total = torch.stack(list(self.weighted(losses).values())).sum()
+        self.log(f"{stage}/loss", total, prog_bar=True, batch_size=batch_size, sync_dist=True)
+
+    def _log_metrics(self, stage: str) -> None:
+        """Log each task's scalar scores (dataset-level, synced by torchmetrics) and reset."""
+        for task, metrics in self.metrics.items():
+            for name, metric in metrics.items():
+                values = metric.compute()
+                values = values if isinstance(values, dict) else {name: values}
+                for key, value in values.items():
+                    if value.numel() == 1:
+                        self.log(f"{stage}/{task}/{key}", value.float())
+                metric.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluation_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluation_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(
+            optimizer, total_steps=self.trainer.estimated_stepping_batches
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

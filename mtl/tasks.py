@@ -1,0 +1,133 @@
+"""The task registry: the single place where a dense-prediction task is defined.
+
+A task entry says how many channels its head predicts, its loss and default loss weight, how a
+raw prediction is decoded, how its target is resized and flipped, and which metrics score it
+(with each metric's direction, which the multi-task gain needs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import Metric
+
+from mtl import losses
+from mtl.metrics.depth import DepthRMSE
+from mtl.metrics.normals import NormalsMeanAngle
+from mtl.metrics.segmentation import SegmentationScores
+
+
+@dataclass(frozen=True)
+class Task:
+    """Everything the framework needs to know about one task."""
+
+    name: str
+    loss: Callable[[Tensor, Tensor], Tensor]
+    loss_weight: float
+    decode: Callable[[Tensor], Tensor]
+    metrics: Callable[[int | None], Mapping[str, Metric]]
+    higher_is_better: Mapping[str, bool]
+    main_metric: str
+    out_channels: int | None = None  # None: number of classes, given by the dataset
+    label_interpolation: str = "nearest"  # how targets are resized (bilinear only for images)
+    flip_negates_channel: int | None = None  # channel whose sign a horizontal flip changes
+    ignore_value: float = 255
+
+    def channels(self, num_classes: Mapping[str, int]) -> int:
+        """Output channels of this task's head, taking class counts from the dataset."""
+        if self.out_channels is not None:
+            return self.out_channels
+        if self.name not in num_classes:
+            raise ValueError(f"task '{self.name}' needs data.num_classes.{self.name} to be set")
+        return int(num_classes[self.name])
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    """Add a task to the registry (names are unique)."""
+    if task.name in TASKS:
+        raise ValueError(f"task '{task.name}' is registered twice")
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    """Look a task up by name, with the known names in the error."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise KeyError(f"unknown task '{name}'; known tasks: {sorted(TASKS)}") from None
+
+
+def _segmentation_metrics(num_classes: int | None) -> dict[str, Metric]:
+    return {"seg": SegmentationScores(num_classes)}
+
+
+register(
+    Task(
+        name="semseg",
+        loss=losses.cross_entropy,
+        loss_weight=1.0,
+        decode=lambda pred: pred.argmax(dim=1),
+        metrics=_segmentation_metrics,
+        higher_is_better={"mIoU": True, "pixel_acc": True},
+        main_metric="mIoU",
+    )
+)
+register(
+    Task(
+        name="depth",
+        out_channels=1,
+        loss=losses.depth_l1,
+        loss_weight=1.0,
+        decode=lambda pred: pred.clamp_min(0),
+        metrics=lambda _: {"rmse": DepthRMSE()},
+        higher_is_better={"rmse": False},
+        main_metric="rmse",
+        ignore_value=0,
+    )
+)
+register(
+    Task(
+        name="normals",
+        out_channels=3,
+        loss=losses.normals_l1,
+        loss_weight=10.0,
+        decode=lambda pred: F.normalize(pred, dim=1),
+        metrics=lambda _: {"mean_angle": NormalsMeanAngle()},
+        higher_is_better={"mean_angle": False},
+        main_metric="mean_angle",
+        flip_negates_channel=0,
+        ignore_value=0,
+    )
+)
+register(
+    Task(
+        name="edge",
+        out_channels=1,
+        loss=losses.edge_bce,
+        loss_weight=50.0,
+        decode=torch.sigmoid,
+        metrics=lambda _: {},  # the loss is the online proxy; odsF is computed offline
+        higher_is_better={"loss": False},
+        main_metric="loss",
+    )
+)
+register(
+    Task(
+        name="sal",
+        out_channels=1,
+        loss=losses.balanced_bce,
+        loss_weight=5.0,
+        decode=torch.sigmoid,
+        metrics=lambda _: {},
+        higher_is_better={"loss": False},
+        main_metric="loss",
+    )
+)
