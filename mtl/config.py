@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 from omegaconf import DictConfig
 
 from mtl.tasks import TASKS
@@ -38,7 +40,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
 
     backbone = cfg.model.backbone.name
     if not timm.is_model(backbone):
-        close = timm.list_models(f"*{backbone.split('_')[0]}*")[:8]
+        close = difflib.get_close_matches(backbone, timm.list_models(), n=5, cutoff=0.6)
         problems.append(
             f"model.backbone.name: '{backbone}' is not a timm model"
             + (f"; similar names: {close}" if close else "")

@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny generated dataset and configs composed the way `train.py` does."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# A dataset small enough for CPU tests; every config test reuses the same generated folder.
+TINY_DATA = ["data.generate.n_train=16", "data.generate.n_val=8", "data.image_size=[48,64]"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data") / "synthetic"
+
+
+@pytest.fixture
+def make_cfg(tiny_data_root: Path, tmp_path: Path) -> Callable[..., DictConfig]:
+    """Compose `conf/train.yaml` with overrides, writing into a per-test directory."""
+
+    def _make(*overrides: str, output_dir: Path | None = None) -> DictConfig:
+        base = [
+            *TINY_DATA,
+            f"data.root={tiny_data_root}",
+            f"paths.root_dir={ROOT}",
+            f"paths.output_dir={output_dir or tmp_path / 'run'}",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "trainer.enable_progress_bar=false",
+        ]
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+            return compose(config_name="train", overrides=[*base, *overrides])
+
+    return _make
