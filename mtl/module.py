@@ -48,7 +48,9 @@ class MultiTaskModule(L.LightningModule):
         self.model = model
         self.balancer = balancer
         self.tasks: list[str] = list(model.tasks)
-        self.loss_weights = {t: float(loss_weights.get(t, get_task(t).loss_weight)) for t in self.tasks}
+        self.loss_weights = {
+            t: float(loss_weights.get(t, get_task(t).loss_weight)) for t in self.tasks
+        }
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.grad_clip_norm = grad_clip_norm
@@ -61,7 +63,9 @@ class MultiTaskModule(L.LightningModule):
         return self.model(images, tasks)
 
     # ---------------------------------------------------------------- losses
-    def task_losses(self, preds: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def task_losses(
+        self, preds: Mapping[str, Tensor], batch: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
         """Unweighted loss of every task."""
         return {t: get_task(t).loss(preds[t], batch[t]) for t in self.tasks}
 
@@ -101,7 +105,9 @@ class MultiTaskModule(L.LightningModule):
         batch_size = images.shape[0]
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
         for task, loss in losses.items():
-            self.log(f"train/{task}/loss", loss.detach() / self.loss_weights[task], batch_size=batch_size)
+            self.log(
+                f"train/{task}/loss", loss.detach() / self.loss_weights[task], batch_size=batch_size
+            )
             self.log(f"train/{task}/weight", weights[task], batch_size=batch_size)
         return total
 
@@ -149,4 +155,7 @@ class MultiTaskModule(L.LightningModule):
         scheduler = self.scheduler_factory(
             optimizer, total_steps=self.trainer.estimated_stepping_batches
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -33,9 +33,9 @@ class Task:
     higher_is_better: Mapping[str, bool]
     main_metric: str
     out_channels: int | None = None  # None: number of classes, given by the dataset
-    label_interpolation: str = "nearest"  # how targets are resized (bilinear only for images)
+    classification: bool = False  # target is a map of class indices (int64 [H,W])
     flip_negates_channel: int | None = None  # channel whose sign a horizontal flip changes
-    ignore_value: float = 255
+    ignore_value: float = 255  # target value of invalid pixels, also used for padding
 
     def channels(self, num_classes: Mapping[str, int]) -> int:
         """Output channels of this task's head, taking class counts from the dataset."""
@@ -78,6 +78,7 @@ register(
         metrics=_segmentation_metrics,
         higher_is_better={"mIoU": True, "pixel_acc": True},
         main_metric="mIoU",
+        classification=True,
     )
 )
 register(

@@ -94,7 +94,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg.data)
     module = build_module(cfg)
     counts = count_parameters(module.model)
-    log.info("parameters: %s trainable of %s", f"{counts['params/trainable']:,}", f"{counts['params/total']:,}")
+    log.info(
+        "parameters: %s trainable of %s",
+        f"{counts['params/trainable']:,}",
+        f"{counts['params/total']:,}",
+    )
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
@@ -104,7 +108,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        checkpoint = None if trainer.fast_dev_run else _evaluation_checkpoint(trainer, cfg.eval_ckpt)
+        checkpoint = (
+            None if trainer.fast_dev_run else _evaluation_checkpoint(trainer, cfg.eval_ckpt)
+        )
     else:
         checkpoint = cfg.get("ckpt_path")
     results = trainer.validate(module, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)

@@ -16,7 +16,9 @@ def _one_hot_logits(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 def test_miou_from_dataset_confusion_matrix():
     metric = SegmentationScores(num_classes=3)
     # batch 1: target [0 1; 2 255], prediction [0 1; 1 2]
-    metric.update(_one_hot_logits(torch.tensor([[[0, 1], [1, 2]]]), 3), torch.tensor([[[0, 1], [2, 255]]]))
+    metric.update(
+        _one_hot_logits(torch.tensor([[[0, 1], [1, 2]]]), 3), torch.tensor([[[0, 1], [2, 255]]])
+    )
     # batch 2: target [2 2], prediction [2 0]
     metric.update(_one_hot_logits(torch.tensor([[[2, 0]]]), 3), torch.tensor([[[2, 2]]]))
     scores = metric.compute()
@@ -35,14 +37,18 @@ def test_miou_skips_classes_absent_from_prediction_and_target():
 def test_depth_rmse_pooled_over_valid_pixels_of_all_batches():
     metric = DepthRMSE()
     metric.update(torch.tensor([[1.0, 9.0]]), torch.tensor([[2.0, 0.0]]))  # one valid pixel, err 1
-    metric.update(torch.tensor([[-3.0, 4.0, 5.0]]), torch.tensor([[1.0, 1.0, 5.0]]))  # clamp: 1, 3, 0
+    metric.update(
+        torch.tensor([[-3.0, 4.0, 5.0]]), torch.tensor([[1.0, 1.0, 5.0]])
+    )  # clamp: 1, 3, 0
     assert math.isclose(metric.compute().item(), math.sqrt((1 + 1 + 9 + 0) / 4), rel_tol=1e-6)
 
 
 def test_angle_error_is_exact_for_known_angles():
     pred = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [-1.0, 0.0, 0.0]]).T.reshape(1, 3, 1, 3)
     target = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]).T.reshape(1, 3, 1, 3)
-    assert torch.allclose(angle_error_degrees(pred, target), torch.tensor([[[0.0, 45.0, 180.0]]]), atol=1e-4)
+    assert torch.allclose(
+        angle_error_degrees(pred, target), torch.tensor([[[0.0, 45.0, 180.0]]]), atol=1e-4
+    )
 
 
 def test_normals_mean_angle_skips_zero_targets():

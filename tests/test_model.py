@@ -20,7 +20,9 @@ def test_backbone_returns_nchw_maps_matching_its_description(name):
     images = torch.randn(2, 3, *BACKBONES[name].get("img_size", (64, 96)))
     features = backbone(images)
     assert len(features) == len(backbone.out_channels) == len(backbone.out_strides)
-    for feature, channels, stride in zip(features, backbone.out_channels, backbone.out_strides):
+    for feature, channels, stride in zip(
+        features, backbone.out_channels, backbone.out_strides, strict=True
+    ):
         assert feature.shape[:2] == (2, channels)
         assert feature.shape[-2:] == (images.shape[-2] // stride, images.shape[-1] // stride)
 
@@ -37,7 +39,9 @@ def test_backbone_loads_local_pretrained_file(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(source.model.state_dict(), path)
     loaded = Backbone("resnet18", pretrained_file=str(path), out_indices=(1, 2))
-    for a, b in zip(source.model.state_dict().values(), loaded.model.state_dict().values()):
+    for a, b in zip(
+        source.model.state_dict().values(), loaded.model.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b)
 
 

@@ -12,7 +12,9 @@ import torch
 from mtl.config import ConfigError
 from mtl.train import build_datamodule, build_module, train
 
-EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(
+    p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")
+)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -33,7 +35,10 @@ def test_unknown_task_and_backbone_are_reported_together(make_cfg):
     message = str(error.value)
     assert "data.tasks: task 'normals' is not provided by dataset 'synthetic'" in message
     assert "data.tasks: unknown task 'foo'" in message
-    assert "model.backbone.name: 'resnet_18' is not a timm model; similar names: ['resnet18'" in message
+    assert (
+        "model.backbone.name: 'resnet_18' is not a timm model; similar names: ['resnet18'"
+        in message
+    )
 
 
 def _validation_losses(cfg) -> dict[str, float]:
@@ -42,8 +47,9 @@ def _validation_losses(cfg) -> dict[str, float]:
 
     L.seed_everything(cfg.seed)
     datamodule, module = build_datamodule(cfg.data), build_module(cfg)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     return trainer.validate(module, datamodule=datamodule, verbose=False)[0]
 
 
@@ -75,7 +81,8 @@ def test_resume_from_last_checkpoint_continues_from_its_step(make_cfg, tmp_path)
 
     resumed = make_cfg("trainer.max_epochs=2", f"ckpt_path={last}", output_dir=tmp_path / "second")
     train(resumed)
-    state = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", map_location="cpu",
-                       weights_only=False)
+    state = torch.load(
+        tmp_path / "second" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
     assert state["global_step"] == 2 * steps_per_epoch
     assert state["epoch"] == 1

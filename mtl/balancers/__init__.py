@@ -1,5 +1,5 @@
 """Gradient-balancing plugins: how the task losses become one update."""
 
-from mtl.balancers.base import Balancer, BalanceContext
+from mtl.balancers.base import BalanceContext, Balancer
 
 __all__ = ["Balancer", "BalanceContext"]

@@ -17,11 +17,12 @@ framework's tensor contract. Random decisions are drawn from torch's generator s
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import torch
+
+from mtl.tasks import get_task
 
 Sample = dict[str, Any]
 
@@ -29,17 +30,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255
 
-#: Value used to fill padded pixels, per sample key.
-PAD_VALUES = MappingProxyType(
-    {
-        "image": 0.0,
-        "semseg": IGNORE_INDEX,
-        "edge": IGNORE_INDEX,
-        "sal": IGNORE_INDEX,
-        "depth": 0.0,
-        "normals": 0.0,
-    }
-)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -57,10 +47,8 @@ def _spatial_size(sample: Sample) -> tuple[int, int]:
 
 
 def _pad_value(key: str) -> float:
-    """Fill value for padding ``key``; unknown keys are an error rather than a guess."""
-    if key not in PAD_VALUES:
-        raise KeyError(f"no padding value defined for sample key {key!r}")
-    return PAD_VALUES[key]
+    """Fill value for padding ``key``: black for the image, the task's invalid value otherwise."""
+    return 0.0 if key == "image" else get_task(key).ignore_value
 
 
 def _uniform(low: float, high: float) -> float:
@@ -298,8 +286,11 @@ class RandomHorizontalFlip:
         out = dict(sample)
         for key in _array_keys(sample):
             out[key] = np.ascontiguousarray(sample[key][:, ::-1])
-        if "normals" in out:
-            out["normals"] = out["normals"] * np.array([-1, 1, 1], dtype=np.float32)
+        for key in _array_keys(out):
+            channel = None if key == "image" else get_task(key).flip_negates_channel
+            if channel is not None:
+                out[key] = out[key].copy()
+                out[key][..., channel] *= -1
         if "meta" in out and "pad" in out["meta"]:
             top, bottom, left, right = out["meta"]["pad"]
             out["meta"] = {**out["meta"], "pad": (top, bottom, right, left)}
@@ -414,14 +405,12 @@ class ToTensor:
 
     @staticmethod
     def _convert(key: str, array: np.ndarray) -> torch.Tensor:
-        if key in ("image", "normals"):
+        if array.ndim == 3:
             chw = np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32)
             return torch.from_numpy(chw)
-        if key == "semseg":
+        if get_task(key).classification:
             return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
-        if key in ("depth", "edge", "sal"):
-            return torch.from_numpy(np.ascontiguousarray(array[None], dtype=np.float32))
-        raise KeyError(f"no tensor conversion defined for sample key {key!r}")
+        return torch.from_numpy(np.ascontiguousarray(array[None], dtype=np.float32))
 
     def __repr__(self) -> str:
         return "ToTensor()"

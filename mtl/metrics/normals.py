@@ -18,7 +18,7 @@ def angle_error_degrees(pred: Tensor, target: Tensor) -> Tensor:
 
 
 class NormalsMeanAngle(MeanMetric):
-    """Mean angle error in degrees over all valid pixels (non-zero target vectors) of the dataset."""
+    """Mean angle error in degrees over the valid pixels (non-zero targets) of the dataset."""
 
     def update(self, preds: Tensor, target: Tensor) -> None:  # type: ignore[override]
         valid = target.abs().sum(dim=1) > 0

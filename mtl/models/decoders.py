@@ -70,5 +70,7 @@ class HRNetDecoder(nn.Module):
         self.classifier = nn.Conv2d(hidden_channels, out_channels, 1)
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
-        projected = [proj(features[i]) for proj, i in zip(self.projections, self.order)]
+        projected = [
+            proj(features[i]) for proj, i in zip(self.projections, self.order, strict=True)
+        ]
         return self.classifier(self.fuse(upsample_and_concat(projected)))
