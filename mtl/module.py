@@ -6,10 +6,11 @@ from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 
 from mtl.balancers.base import BalanceContext, Balancer
+from mtl.metrics.collection import TaskMetrics
 from mtl.models.multitask import MultiTaskModel
 from mtl.tasks import get_task
 
@@ -55,9 +56,7 @@ class MultiTaskModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.grad_clip_norm = grad_clip_norm
         self.seed = seed
-        self.metrics = nn.ModuleDict(
-            {t: nn.ModuleDict(get_task(t).metrics(num_classes.get(t))) for t in self.tasks}
-        )
+        self.metrics = TaskMetrics(self.tasks, num_classes)
 
     def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         return self.model(images, tasks)
@@ -112,37 +111,33 @@ class MultiTaskModule(L.LightningModule):
         return total
 
     # ---------------------------------------------------------------- evaluation
-    def _evaluation_step(self, batch: dict, stage: str) -> None:
+    def _evaluation_step(self, batch: dict, stage: str) -> dict[str, Tensor]:
+        """Losses and metric updates of one batch; returns the predictions (for callbacks)."""
         images = batch["image"]
         preds = self.model(images, self.tasks)
         losses = self.task_losses(preds, batch)
         batch_size = images.shape[0]
         for task, loss in losses.items():
             self.log(f"{stage}/{task}/loss", loss, batch_size=batch_size, sync_dist=True)
-            for metric in self.metrics[task].values():
-                metric.update(preds[task], batch[task])
         total = torch.stack(list(self.weighted(losses).values())).sum()
         self.log(f"{stage}/loss", total, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.metrics.update(preds, batch)
+        return preds
 
     def _log_metrics(self, stage: str) -> None:
-        """Log each task's scalar scores (dataset-level, synced by torchmetrics) and reset."""
-        for task, metrics in self.metrics.items():
-            for name, metric in metrics.items():
-                values = metric.compute()
-                values = values if isinstance(values, dict) else {name: values}
-                for key, value in values.items():
-                    if value.numel() == 1:
-                        self.log(f"{stage}/{task}/{key}", value.float())
-                metric.reset()
+        """Log the epoch's dataset-level scores and reset the metrics."""
+        for key, value in self.metrics.compute().items():
+            self.log(f"{stage}/{key}", value)
+        self.metrics.reset()
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluation_step(batch, "val")
+    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        return self._evaluation_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluation_step(batch, "test")
+    def test_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        return self._evaluation_step(batch, "test")
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
