@@ -10,6 +10,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from mtl.balancers.base import BalanceContext, Balancer
+from mtl.balancers.diagnostics import conflict_statistics
+from mtl.balancers.jacobian import TaskGradients, gramian
 from mtl.metrics.collection import TaskMetrics
 from mtl.models.multitask import MultiTaskModel
 from mtl.tasks import get_task
@@ -31,6 +33,7 @@ class MultiTaskModule(L.LightningModule):
         scheduler: partial, called as ``scheduler(optimizer, total_steps=N)``; stepped per step.
         grad_clip_norm: clip the global gradient norm to this value (None: no clipping).
         seed: the run's seed, handed to balancers that draw random numbers.
+        diagnostics_every: log gradient-conflict statistics every this many steps (0: never).
     """
 
     def __init__(
@@ -43,6 +46,7 @@ class MultiTaskModule(L.LightningModule):
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         grad_clip_norm: float | None = None,
         seed: int = 0,
+        diagnostics_every: int = 0,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -56,6 +60,7 @@ class MultiTaskModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.grad_clip_norm = grad_clip_norm
         self.seed = seed
+        self.diagnostics_every = diagnostics_every
         self.metrics = TaskMetrics(self.tasks, num_classes)
 
     def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
@@ -63,10 +68,13 @@ class MultiTaskModule(L.LightningModule):
 
     # ---------------------------------------------------------------- losses
     def task_losses(
-        self, preds: Mapping[str, Tensor], batch: Mapping[str, Tensor]
+        self,
+        preds: Mapping[str, Tensor],
+        batch: Mapping[str, Tensor],
+        tasks: Sequence[str] | None = None,
     ) -> dict[str, Tensor]:
-        """Unweighted loss of every task."""
-        return {t: get_task(t).loss(preds[t], batch[t]) for t in self.tasks}
+        """Unweighted loss of each task (default: all)."""
+        return {t: get_task(t).loss(preds[t], batch[t]) for t in tasks or self.tasks}
 
     def weighted(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {t: self.loss_weights[t] * loss for t, loss in losses.items()}
@@ -74,9 +82,12 @@ class MultiTaskModule(L.LightningModule):
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images = batch["image"]
+        features: list[Tensor] = []
 
-        def compute_losses() -> dict[str, Tensor]:
-            return self.weighted(self.task_losses(self.model(images, self.tasks), batch))
+        def compute_losses(tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+            preds, feats = self.model(images, tasks or self.tasks, return_features=True)
+            features[:] = feats
+            return self.weighted(self.task_losses(preds, batch, tasks))
 
         losses = compute_losses()
         optimizer = self.optimizers()
@@ -88,9 +99,18 @@ class MultiTaskModule(L.LightningModule):
             recompute_losses=compute_losses,
             all_reduce_mean=lambda t: self.trainer.strategy.reduce(t, reduce_op="mean"),
             step=self.global_step,
+            epoch=self.current_epoch,
             seed=self.seed,
+            world_size=self.trainer.world_size,
+            features=list(features),
+            model=self.model,
         )
-        weights = self.balancer.backward(losses, context)
+        diagnose = bool(self.diagnostics_every) and self.global_step % self.diagnostics_every == 0
+        gram = None
+        if diagnose and not self.balancer.needs_task_gradients:
+            # Loss-only methods never form task gradients: form them on diagnostic steps only.
+            gram = gramian(TaskGradients.compute(losses, context, retain_graph=True).jacobian)
+        result = self.balancer.backward(losses, context)
         if self.grad_clip_norm:
             self.clip_gradients(
                 optimizer, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm"
@@ -107,7 +127,10 @@ class MultiTaskModule(L.LightningModule):
             self.log(
                 f"train/{task}/loss", loss.detach() / self.loss_weights[task], batch_size=batch_size
             )
-            self.log(f"train/{task}/weight", weights[task], batch_size=batch_size)
+            self.log(f"balancer/{task}/weight", result.weights[task], batch_size=batch_size)
+        gram = result.gramian if gram is None else gram
+        if diagnose and gram is not None:
+            self.log_dict(conflict_statistics(gram, list(losses)), batch_size=batch_size)
         return total
 
     # ---------------------------------------------------------------- evaluation

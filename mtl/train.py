@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from mtl.balancers import build_balancer
 from mtl.config import validate_config
 from mtl.data.datamodule import MultiTaskDataModule
 from mtl.models.multitask import MultiTaskModel
@@ -46,13 +47,14 @@ def build_model(cfg: DictConfig) -> MultiTaskModel:
 def build_module(cfg: DictConfig) -> MultiTaskModule:
     return MultiTaskModule(
         model=build_model(cfg),
-        balancer=instantiate(cfg.balancer),
+        balancer=build_balancer(cfg.balancer, cfg.get("flat"), list(cfg.data.tasks)),
         loss_weights=OmegaConf.to_container(cfg.data.get("loss_weights") or {}),
         num_classes=OmegaConf.to_container(cfg.data.get("num_classes") or {}),
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         grad_clip_norm=cfg.optim.get("grad_clip_norm"),
         seed=cfg.seed,
+        diagnostics_every=cfg.get("diagnostics_every_n_steps", 0),
     )
 
 

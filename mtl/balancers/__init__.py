@@ -1,5 +1,25 @@
 """Gradient-balancing plugins: how the task losses become one update."""
 
-from mtl.balancers.base import BalanceContext, Balancer
+from __future__ import annotations
 
-__all__ = ["Balancer", "BalanceContext"]
+import inspect
+from collections.abc import Sequence
+
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig
+
+from mtl.balancers.base import BalanceContext, Balancer, BalanceResult
+
+__all__ = ["BalanceContext", "Balancer", "BalanceResult", "build_balancer"]
+
+
+def build_balancer(balancer: DictConfig, flat: DictConfig | None, tasks: Sequence[str]) -> Balancer:
+    """The configured balancer (told the number of tasks if it asks for it), wrapped in the
+    flat-region method when ``flat`` names one."""
+    extra = {}
+    if "num_tasks" in inspect.signature(get_class(balancer._target_)).parameters:
+        extra["num_tasks"] = len(tasks)
+    method = instantiate(balancer, **extra)
+    if flat is not None and flat.get("_target_"):
+        return instantiate(flat)(method)
+    return method

@@ -49,17 +49,25 @@ class MultiTaskModel(nn.Module):
             for task, head in self.decoders.items()
         }
 
-    def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """Predictions for `tasks` (default: all), each at the input's spatial size."""
+    #: Whether the backbone computes differently per task (task-conditioned adapters); the
+    #: shared features then differ per task and `rep`-mode balancing does not apply.
+    task_aware_backbone: bool = False
+
+    def forward(
+        self, images: Tensor, tasks: Sequence[str] | None = None, return_features: bool = False
+    ) -> dict[str, Tensor] | tuple[dict[str, Tensor], list[Tensor]]:
+        """Predictions for `tasks` (default: all), each at the input's spatial size; with
+        `return_features`, also the shared backbone features they were decoded from."""
         tasks = self.tasks if tasks is None else list(tasks)
         unknown = set(tasks) - set(self.decoders)
         if unknown:
             raise KeyError(f"model has no head for {sorted(unknown)}; heads: {self.tasks}")
         features = self.backbone(images)
         size = images.shape[-2:]
-        return {
+        preds = {
             task: F.interpolate(
                 self.decoders[task](features), size=size, mode="bilinear", align_corners=False
             )
             for task in tasks
         }
+        return (preds, features) if return_features else preds

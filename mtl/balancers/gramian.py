@@ -1,0 +1,248 @@
+"""Gradient methods whose update is Jᵀw, with the weights w a function of the Gramian G = JJᵀ.
+
+Writing every method as ``weights = method(G)`` (as TorchJD does) keeps them small, lets the
+same method run on parameter gradients (``param`` mode) or on gradients with respect to the
+shared features (``rep`` mode), and makes DDP exact: every process solves for w on the same
+all-reduced G, on the CPU in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from scipy.optimize import least_squares, minimize, nnls
+from torch import Tensor
+
+from mtl.balancers.base import BalanceContext, Balancer, BalanceResult
+from mtl.balancers.jacobian import TaskGradients, flatten, gramian
+
+MODES = ("param", "rep")
+
+
+class GramianMethod(Balancer):
+    """Base class: per-task gradients, weights from their Gramian, update Jᵀw.
+
+    Args:
+        mode: ``param`` (exact: T backward passes over the shared parameters) or ``rep``
+            (T backward passes through the heads to the shared features, weights from that
+            Gramian, then one backward of Σ w_i L_i through the backbone).
+    """
+
+    needs_task_gradients = True
+
+    def __init__(self, mode: str = "param") -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"balancer.mode={mode!r}; expected one of {MODES}")
+        self.mode = mode
+
+    def weights(self, gram: Tensor, context: BalanceContext) -> Tensor:
+        """Weights (float64, length T) from the T x T Gramian (float64, CPU)."""
+        raise NotImplementedError
+
+    def combine(
+        self, jacobian: Tensor, losses: Mapping[str, Tensor], context: BalanceContext
+    ) -> tuple[Tensor, Tensor]:
+        weights = self.weights(gramian(jacobian), context)
+        return weights.to(jacobian) @ jacobian, weights
+
+    def backward(self, losses: Mapping[str, Tensor], context: BalanceContext) -> BalanceResult:
+        if self.mode == "rep":
+            return self._backward_rep(losses, context)
+        grads = TaskGradients.compute(losses, context)
+        gram = gramian(grads.jacobian)
+        weights = self.weights(gram, context)
+        grads.write(weights.to(grads.jacobian) @ grads.jacobian, context)
+        return BalanceResult(dict(zip(losses, weights.tolist(), strict=True)), gram)
+
+    def _backward_rep(self, losses: Mapping[str, Tensor], context: BalanceContext) -> BalanceResult:
+        if context.features is None:
+            raise ValueError("balancer.mode=rep needs the shared features of the forward pass")
+        features = list(context.features)
+        rows, heads = [], {}
+        for task, loss in losses.items():
+            own = list(context.task_params.get(task, ()))
+            grads = torch.autograd.grad(loss, features + own, retain_graph=True, allow_unused=True)
+            rows.append(flatten(grads[: len(features)], features))
+            heads[task] = [
+                g if g is not None else torch.zeros_like(p)
+                for g, p in zip(grads[len(features) :], own, strict=True)
+            ]
+        local = torch.stack(rows)  # T x (local batch feature size)
+        # The global loss is the mean of the processes' losses, so its feature gradients are the
+        # local ones divided by the world size: G = mean over processes of Z Zᵀ / world size.
+        gram = context.all_reduce_mean(gramian(local).to(local.device)).cpu() / context.world_size
+        weights = self.weights(gram, context)
+        feature_grad = weights.to(local) @ local
+        # One backward through the backbone: a surrogate whose gradient is the chosen feature
+        # gradient (and each head's own gradient), so DDP averages all of it as usual.
+        surrogate = sum(
+            (f * g.view_as(f)).sum()
+            for f, g in zip(features, _split_like(feature_grad, features), strict=True)
+        )
+        for task, grads in heads.items():
+            own = context.task_params.get(task, ())
+            surrogate = surrogate + sum((p * g).sum() for p, g in zip(own, grads, strict=True))
+        context.backward(surrogate)
+        return BalanceResult(dict(zip(losses, weights.tolist(), strict=True)), None)
+
+
+def _split_like(vector: Tensor, tensors: list[Tensor]) -> list[Tensor]:
+    return list(vector.split([t.numel() for t in tensors]))
+
+
+def _simplex_qp(objective, gradient, num_tasks: int) -> np.ndarray:
+    """Minimise a smooth convex function over the probability simplex (SLSQP, float64)."""
+    start = np.full(num_tasks, 1.0 / num_tasks)
+    result = minimize(
+        objective,
+        start,
+        jac=gradient,
+        method="SLSQP",
+        bounds=[(0.0, 1.0)] * num_tasks,
+        constraints=(
+            {"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)},
+        ),
+        options={"ftol": 1e-12, "maxiter": 200},
+    )
+    return np.clip(result.x, 0.0, None) / np.clip(result.x, 0.0, None).sum()
+
+
+class PCGrad(GramianMethod):
+    """Projecting conflicting gradients [Yu et al. 2020].
+
+    For each task i, g_i' starts at g_i; for every task j in a random order, if g_i'·g_j < 0 then
+    g_i' −= (g_i'·g_j / |g_j|²) g_j. The update is the sum (or mean) of the g_i'. Each g_i' is
+    tracked as coefficients over the original gradients, so only G is needed. The order comes
+    from a generator seeded by (seed, step): identical on every process.
+    """
+
+    def __init__(self, reduction: str = "sum", mode: str = "param") -> None:
+        super().__init__(mode)
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"balancer.reduction={reduction!r}; expected 'sum' or 'mean'")
+        self.reduction = reduction
+
+    def weights(self, gram: Tensor, context: BalanceContext) -> Tensor:
+        num_tasks = gram.shape[0]
+        generator = context.generator()
+        coefficients = torch.eye(num_tasks, dtype=torch.float64)
+        for i in range(num_tasks):
+            for j in torch.randperm(num_tasks, generator=generator).tolist():
+                if j == i:
+                    continue
+                dot = coefficients[i] @ gram[:, j]
+                if dot < 0 and gram[j, j] > 0:
+                    coefficients[i, j] -= dot / gram[j, j]
+        weights = coefficients.sum(dim=0)
+        return weights / num_tasks if self.reduction == "mean" else weights
+
+
+class MGDA(GramianMethod):
+    """Multiple-gradient descent [Désidéri 2012; Sener & Koltun 2018]: the minimum-norm point
+    of the convex hull of the task gradients, w = argmin_{w ∈ simplex} wᵀGw."""
+
+    def weights(self, gram: Tensor, context: BalanceContext) -> Tensor:
+        g = gram.numpy()
+        w = _simplex_qp(lambda w: w @ g @ w, lambda w: 2 * g @ w, g.shape[0])
+        return torch.from_numpy(w)
+
+
+class CAGrad(GramianMethod):
+    """Conflict-averse gradient descent [Liu et al. 2021].
+
+    With g0 the mean gradient and c the conflict radius: w = argmin_{w ∈ simplex}
+    g_wᵀg0 + c|g0|·|g_w|, update d = g0 + (c|g0| / |g_w|)·g_w, divided by (1 + c²) when
+    `rescale`. c = 0 gives the mean gradient.
+    """
+
+    def __init__(self, c: float = 0.4, rescale: bool = True, mode: str = "param") -> None:
+        super().__init__(mode)
+        self.c, self.rescale = c, rescale
+
+    def weights(self, gram: Tensor, context: BalanceContext) -> Tensor:
+        g = gram.numpy()
+        t = g.shape[0]
+        mean = np.full(t, 1.0 / t)
+        radius = self.c * np.sqrt(max(mean @ g @ mean, 0.0) + 1e-12)
+
+        def objective(w):
+            return w @ g @ mean + radius * np.sqrt(w @ g @ w + 1e-12)
+
+        def gradient(w):
+            return g @ mean + radius * (g @ w) / np.sqrt(w @ g @ w + 1e-12)
+
+        w = _simplex_qp(objective, gradient, t)
+        norm_gw = np.sqrt(max(w @ g @ w, 0.0) + 1e-12)
+        weights = mean + radius / norm_gw * w
+        if self.rescale:
+            weights = weights / (1 + self.c**2)
+        return torch.from_numpy(weights)
+
+
+class IMTL(GramianMethod):
+    """Impartial MTL, gradient part [Liu et al. 2021]: the update has equal projections onto
+    every task's unit gradient. With D_k = g_1 − g_k and U_k = u_1 − u_k (k = 2..T):
+    α_{2..T} = g_1 Uᵀ (D Uᵀ)⁻¹, α_1 = 1 − Σ α_{2..T}; all inner products come from G."""
+
+    def weights(self, gram: Tensor, context: BalanceContext) -> Tensor:
+        norms = gram.diagonal().clamp_min(1e-20).sqrt()
+        cross = gram / norms[None, :]  # cross[i, j] = g_i · u_j
+        # (D Uᵀ)[a, b] = (g_1 − g_a)·(u_1 − u_b); (g_1 Uᵀ)[b] = g_1·(u_1 − u_b), a, b ≥ 2
+        du = cross[0, 0] - cross[0, 1:][None, :] - cross[1:, 0][:, None] + cross[1:, 1:]
+        gu = cross[0, 0] - cross[0, 1:]
+        alpha = torch.linalg.lstsq(du.T, gu[:, None]).solution[:, 0]
+        return torch.cat([1 - alpha.sum(0, keepdim=True), alpha])
+
+
+class NashMTL(GramianMethod):
+    """Nash bargaining [Navon et al. 2022]: α > 0 with α_i (Ĝα)_i = 1 for all i, where
+    Ĝ = G / |G|_F. Solved as non-linear least squares on log α (the authors approximate the
+    same solution with a sequence of convex programs)."""
+
+    def weights(self, gram: Tensor, context: BalanceContext) -> Tensor:
+        g = gram.numpy()
+        g = g / max(np.linalg.norm(g), 1e-20)
+        t = g.shape[0]
+
+        def residual(log_alpha):
+            alpha = np.exp(log_alpha)
+            return alpha * (g @ alpha) - 1.0
+
+        result = least_squares(residual, np.zeros(t), xtol=1e-14, ftol=1e-14, gtol=1e-14)
+        return torch.from_numpy(np.exp(result.x))
+
+
+class AlignedMTL(GramianMethod):
+    """Aligned-MTL [Senushkin et al. 2023]: balance the Jacobian so that all its singular
+    values equal the smallest one, Ĵ = B J with B = σ_min V Λ^{-1/2} Vᵀ (G = V Λ Vᵀ on its
+    rank), and step along the sum of Ĵ's rows: w = B·1."""
+
+    def weights(self, gram: Tensor, context: BalanceContext) -> Tensor:
+        eigenvalues, vectors = torch.linalg.eigh(gram)
+        tolerance = eigenvalues.max() * gram.shape[0] * torch.finfo(gram.dtype).eps
+        keep = eigenvalues > tolerance
+        eigenvalues, vectors = eigenvalues[keep], vectors[:, keep]
+        balance = eigenvalues.min().sqrt() * (vectors / eigenvalues.sqrt()) @ vectors.T
+        return balance.sum(dim=0)
+
+
+class UPGrad(GramianMethod):
+    """Unconflicting projection of gradients [Quinton & Rey 2024, TorchJD]: project each g_i
+    onto the dual cone of the task gradients and average. The projection of g_i is Jᵀv with
+    v = argmin_{v ≥ e_i} vᵀGv, solved as non-negative least squares on a factor of G."""
+
+    def weights(self, gram: Tensor, context: BalanceContext) -> Tensor:
+        g = gram.numpy()
+        t = g.shape[0]
+        eigenvalues, vectors = np.linalg.eigh(g)
+        factor = (vectors * np.sqrt(np.clip(eigenvalues, 0.0, None))).T  # G = factorᵀ factor
+        rows = []
+        for i in range(t):
+            lower = np.eye(t)[i]
+            # v = lower + x, x ≥ 0: minimise |factor (lower + x)|²
+            x, _ = nnls(factor, -factor @ lower)
+            rows.append(lower + x)
+        return torch.from_numpy(np.mean(rows, axis=0))
