@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import difflib
 
+from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from mtl.tasks import TASKS
+
+#: Strategies that shard parameters across processes.
+SHARDED = ("fsdp", "deepspeed")
 
 
 class ConfigError(ValueError):
@@ -36,6 +40,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
     if not isinstance(data.batch_size, int) or data.batch_size <= 0:
         problems.append(f"data.batch_size: {data.batch_size!r}; expected a positive integer")
 
+    problems += _balancer_problems(cfg)
+
     import timm  # imported here: timm's import is slow and the task checks do not need it
 
     backbone = cfg.model.backbone.name
@@ -44,6 +50,41 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append(
             f"model.backbone.name: '{backbone}' is not a timm model"
             + (f"; similar names: {close}" if close else "")
+        )
+    return problems
+
+
+def _balancer_problems(cfg: DictConfig) -> list[str]:
+    """Balancer mode, flat-region wrapper and training strategy that cannot work together."""
+    balancer = cfg.balancer
+    try:
+        method = get_class(balancer._target_)
+    except Exception as error:  # hydra wraps import errors in several types
+        return [f"balancer._target_: cannot import '{balancer._target_}' ({error})"]
+    name = method.__name__
+    mode = balancer.get("mode", "param")
+    flat = bool((cfg.get("flat") or {}).get("_target_"))
+    strategy = str(cfg.trainer.get("strategy", "auto")).lower()
+    problems = []
+    if mode not in ("param", "rep"):
+        problems.append(f"balancer.mode: {mode!r}; expected 'param' or 'rep'")
+    if mode == "rep" and not method.needs_task_gradients:
+        problems.append(
+            f"balancer.mode: 'rep' is for gradient methods; {name} only weights losses "
+            "(use balancer.mode=param)"
+        )
+    if mode == "rep" and (cfg.model.get("adapter") or {}).get("task_aware", False):
+        problems.append(
+            "balancer.mode: 'rep' needs one shared representation, but the adapter is "
+            "task-aware (per-task features); use balancer.mode=param"
+        )
+    if mode == "rep" and flat:
+        problems.append("balancer.mode: 'rep' cannot be combined with flat=sam|asam; use param")
+    if (method.needs_task_gradients or flat) and any(s in strategy for s in SHARDED):
+        problems.append(
+            f"trainer.strategy: '{strategy}' shards parameters, so per-task gradients of {name}"
+            f"{' with flat regions' if flat else ''} cannot be exact; use ddp or a loss-weighting "
+            "balancer (equal, uncertainty, dwa, rlw, famo)"
         )
     return problems
 

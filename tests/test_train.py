@@ -86,3 +86,18 @@ def test_resume_from_last_checkpoint_continues_from_its_step(make_cfg, tmp_path)
     )
     assert state["global_step"] == 2 * steps_per_epoch
     assert state["epoch"] == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["balancer=uncertainty", "balancer.mode=rep"], "'rep' is for gradient methods"),
+        (["balancer=pcgrad", "balancer.mode=rep", "flat=sam"], "cannot be combined with flat"),
+        (["balancer=pcgrad", "+trainer.strategy=fsdp"], "trainer.strategy: 'fsdp' shards"),
+        (["balancer=equal", "flat=asam", "+trainer.strategy=deepspeed"], "with flat regions"),
+        (["balancer=mgda", "balancer.mode=fast"], "balancer.mode: 'fast'"),
+    ],
+)
+def test_invalid_balancer_combinations_fail_before_building(make_cfg, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        train(make_cfg(*overrides, "debug=fdr"))

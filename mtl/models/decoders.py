@@ -6,17 +6,36 @@ Hydra partial so the model can build one per task.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+NORMS = ("batch", "group", "none")
 
-def conv_bn_act(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
+
+def normalisation(kind: str, channels: int) -> nn.Module:
+    """BatchNorm, GroupNorm (32 groups or fewer; independent of the batch, so exact under
+    data parallelism without synchronisation) or nothing."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"model.decoder.norm: {kind!r}; expected one of {NORMS}")
+
+
+def conv_bn_act(
+    in_channels: int, out_channels: int, kernel_size: int, norm: str = "batch"
+) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-        nn.BatchNorm2d(out_channels),
+        nn.Conv2d(
+            in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=norm == "none"
+        ),
+        normalisation(norm, out_channels),
         nn.ReLU(inplace=True),
     )
 
@@ -39,10 +58,11 @@ class ConvDecoder(nn.Module):
         in_strides: Sequence[int],
         out_channels: int,
         hidden_channels: int = 64,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         self.order = sorted(range(len(in_strides)), key=lambda i: in_strides[i])
-        self.block = conv_bn_act(sum(in_channels), hidden_channels, 3)
+        self.block = conv_bn_act(sum(in_channels), hidden_channels, 3, norm)
         self.classifier = nn.Conv2d(hidden_channels, out_channels, 1)
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
@@ -60,13 +80,14 @@ class HRNetDecoder(nn.Module):
         in_strides: Sequence[int],
         out_channels: int,
         hidden_channels: int = 64,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         self.order = sorted(range(len(in_strides)), key=lambda i: in_strides[i])
         self.projections = nn.ModuleList(
-            conv_bn_act(in_channels[i], hidden_channels, 1) for i in self.order
+            conv_bn_act(in_channels[i], hidden_channels, 1, norm) for i in self.order
         )
-        self.fuse = conv_bn_act(hidden_channels * len(in_channels), hidden_channels, 1)
+        self.fuse = conv_bn_act(hidden_channels * len(in_channels), hidden_channels, 1, norm)
         self.classifier = nn.Conv2d(hidden_channels, out_channels, 1)
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
