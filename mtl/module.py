@@ -150,7 +150,8 @@ class MultiTaskModule(L.LightningModule):
     def _log_metrics(self, stage: str) -> None:
         """Log the epoch's dataset-level scores and reset the metrics."""
         for key, value in self.metrics.compute().items():
-            self.log(f"{stage}/{key}", value)
+            # already synced by torchmetrics: the average over ranks of equal values is a no-op
+            self.log(f"{stage}/{key}", value, sync_dist=True)
         self.metrics.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
