@@ -39,6 +39,15 @@ def config_problems(cfg: DictConfig) -> list[str]:
             problems.append(f"data.loss_weights.{task}: '{task}' is not a task of '{data.name}'")
     if not isinstance(data.batch_size, int) or data.batch_size <= 0:
         problems.append(f"data.batch_size: {data.batch_size!r}; expected a positive integer")
+    else:
+        devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+        if isinstance(devices, int) and isinstance(nodes, int) and devices > 0:
+            processes = devices * nodes
+            if data.batch_size % processes:
+                problems.append(
+                    f"data.batch_size: {data.batch_size} is the global batch and must be divisible"
+                    f" by trainer.devices x trainer.num_nodes = {processes}"
+                )
 
     problems += _balancer_problems(cfg)
 
@@ -80,6 +89,12 @@ def _balancer_problems(cfg: DictConfig) -> list[str]:
         )
     if mode == "rep" and flat:
         problems.append("balancer.mode: 'rep' cannot be combined with flat=sam|asam; use param")
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    if (method.needs_task_gradients or flat) and precision.startswith("16"):
+        problems.append(
+            f"trainer.precision: '{precision}' scales the loss for float16, and per-task "
+            f"gradients of {name} would be aggregated before unscaling; use bf16-mixed or 32-true"
+        )
     if (method.needs_task_gradients or flat) and any(s in strategy for s in SHARDED):
         problems.append(
             f"trainer.strategy: '{strategy}' shards parameters, so per-task gradients of {name}"

@@ -96,8 +96,14 @@ def test_resume_from_last_checkpoint_continues_from_its_step(make_cfg, tmp_path)
         (["balancer=pcgrad", "+trainer.strategy=fsdp"], "trainer.strategy: 'fsdp' shards"),
         (["balancer=equal", "flat=asam", "+trainer.strategy=deepspeed"], "with flat regions"),
         (["balancer=mgda", "balancer.mode=fast"], "balancer.mode: 'fast'"),
+        (["balancer=cagrad", "trainer.precision=16-mixed"], "use bf16-mixed or 32-true"),
     ],
 )
 def test_invalid_balancer_combinations_fail_before_building(make_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message):
         train(make_cfg(*overrides, "debug=fdr"))
+
+
+def test_global_batch_not_divisible_by_processes_fails_before_building(make_cfg):
+    with pytest.raises(ConfigError, match=r"data.batch_size: 5 .* trainer.devices x"):
+        train(make_cfg("data.batch_size=5", "trainer=ddp_cpu"))
