@@ -10,10 +10,13 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
+from mtl.data.base import DatasetError
+from mtl.data.formats import write_nyud
 from mtl.data.nyud import NYUDDataset
 from mtl.data.transforms import eval_transforms
 
 H, W = 24, 32
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IDS = ("a0", "a1", "a2")
 TASKS = ("semseg", "depth", "normals", "edge")
 
@@ -130,7 +133,7 @@ def test_atrc_png_decoding(atrc: Path) -> None:
 
 
 def test_default_collate_and_eval_padding(atrc: Path) -> None:
-    ds = NYUDDataset(atrc, "train", TASKS, transform=eval_transforms(pad_size=(32, 40)))
+    ds = NYUDDataset(atrc, "train", TASKS, transform=eval_transforms((32, 40)))
     batch = default_collate([ds[0], ds[2]])
     assert batch["image"].shape == (2, 3, 32, 40)
     assert batch["semseg"].shape == (2, 32, 40)
@@ -147,15 +150,23 @@ def test_available_tasks(nyud_mt: Path, atrc: Path) -> None:
 
 
 def test_missing_task_folder_and_unknown_task(nyud_mt: Path) -> None:
-    with pytest.raises(ValueError, match="saliency") as info:
+    with pytest.raises(DatasetError, match=r"no files for task\(s\) \['sal'\]") as info:
         NYUDDataset(nyud_mt, "train", ["sal"])
-    assert str(nyud_mt) in str(info.value) and "'sal'" in str(info.value)
-    with pytest.raises(ValueError, match="unknown task 'albedo'"):
+    assert str(nyud_mt) in str(info.value) and "saliency" not in str(info.value).split("\n")[0]
+    with pytest.raises(DatasetError, match="'albedo'"):
         NYUDDataset(nyud_mt, "train", ["albedo"])
 
 
+def test_missing_root_names_the_layout_and_the_readme(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError) as info:
+        NYUDDataset(tmp_path / "nowhere", "train", TASKS)
+    message = str(info.value)
+    assert "folder not found" in message and str(tmp_path / "nowhere") in message
+    assert "gt_sets/train.txt" in message and "datasets/README.md" in message
+
+
 def test_missing_split_file(nyud_mt: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="test.txt"):
+    with pytest.raises(DatasetError, match=r"split file not found: .*test\.txt"):
         NYUDDataset(nyud_mt, "test", TASKS)
 
 
@@ -165,6 +176,34 @@ def test_missing_item_file(nyud_mt: Path) -> None:
     ds[1]
     with pytest.raises(FileNotFoundError, match=r"depth[/\\]a2\.npy"):
         ds[2]
-    (nyud_mt / "edge" / "a0.npy").unlink()
-    with pytest.raises(FileNotFoundError, match=r"edge[/\\]a0\.npy"):
-        NYUDDataset(nyud_mt, "train", TASKS)
+
+
+@pytest.mark.parametrize("variant", ["nyud_mt", "atrc"])
+def test_release_formats_decode_to_the_written_values(tmp_path: Path, variant: str) -> None:
+    """Files written as each release stores them decode to the values that were written."""
+    size = (45, 60)
+    written = write_nyud(tmp_path, {"train": ["s0", "s1"], "val": ["s2"]}, variant, size)
+    ds = NYUDDataset(tmp_path, "train", TASKS)
+    for index, sample_id in enumerate(ds.ids):
+        raw, sample = written[sample_id], ds[index]
+        _check_contract(sample, TASKS, size)
+        expected = np.where(raw["semseg"] == 0, 255, raw["semseg"].astype(np.int64) - 1)
+        np.testing.assert_array_equal(sample["semseg"].numpy(), expected)
+        np.testing.assert_array_equal(sample["depth"][0].numpy(), raw["depth"])
+        np.testing.assert_array_equal(sample["edge"][0].numpy(), raw["edge"])
+        normals = sample["normals"].permute(1, 2, 0).numpy()
+        valid = raw["depth"] > 0  # the writer leaves normals invalid in depth holes
+        np.testing.assert_array_equal(normals[~valid], 0.0)
+        tolerance = 1e-6 if variant == "nyud_mt" else 8e-3  # PNG quantisation
+        np.testing.assert_allclose(normals[valid], raw["normals"][valid], atol=tolerance)
+        if variant == "atrc":  # lossless PNG image
+            image = sample["image"] * torch.tensor(STD).view(3, 1, 1)
+            image = image + torch.tensor(MEAN).view(3, 1, 1)
+            restored = (image * 255).round().permute(1, 2, 0).numpy()
+            np.testing.assert_array_equal(restored, raw["image"])
+
+
+def test_jpg_images_of_480x640_need_no_padding_to_448x576(tmp_path: Path) -> None:
+    write_nyud(tmp_path, {"train": ["s0"]}, "nyud_mt", size=(48, 64))
+    sample = NYUDDataset(tmp_path, "train", TASKS, eval_transforms((44, 56)))[0]
+    assert sample["image"].shape == (3, 48, 64) and sample["meta"]["pad"] == (0, 0, 0, 0)

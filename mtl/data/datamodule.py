@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from functools import partial
 
+import cv2
 import lightning as L
+import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset
 
 DatasetFactory = Callable[..., Dataset]
@@ -21,6 +26,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         prepare: optional callable run once per node before anything is loaded (e.g. generate
             the synthetic scenes).
         num_workers: loader worker processes per training process.
+        check_files: how many evenly spaced samples of each split are checked at setup (files
+            present, decodable, sizes and values sound; see ``mtl.data.verify``); 0 skips it.
     """
 
     def __init__(
@@ -35,6 +42,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         train_split: str = "train",
         val_split: str = "val",
+        check_files: int = 8,
     ) -> None:
         super().__init__()
         self.dataset_factory = dataset
@@ -46,6 +54,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.splits = {"train": train_split, "val": val_split}
+        self.check_files = check_files
         self.datasets: dict[str, Dataset] = {}
 
     def prepare_data(self) -> None:
@@ -65,11 +74,19 @@ class MultiTaskDataModule(L.LightningDataModule):
         transforms = {"train": self.train_transform, "val": self.val_transform}
         for name, split in self.splits.items():
             if name not in self.datasets and (name == "val" or stage in (None, "fit")):
-                self.datasets[name] = self.dataset_factory(
+                dataset = self.dataset_factory(
                     split=split, tasks=self.tasks, transform=transforms[name]
                 )
+                spot_check = getattr(dataset, "spot_check", None)
+                if spot_check is not None:
+                    spot_check(self.check_files)  # raises DatasetError with a report
+                self.datasets[name] = dataset
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        if self.num_workers > 0:
+            # One OpenCV thread per worker: set here, before the workers are forked, because
+            # OpenCV's thread pool cannot be reconfigured safely inside a forked child.
+            cv2.setNumThreads(1)
         return DataLoader(
             self.datasets[name],
             batch_size=self.per_process_batch_size(),
@@ -78,7 +95,11 @@ class MultiTaskDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=partial(init_worker, rank=self._global_rank()),
         )
+
+    def _global_rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -88,3 +109,13 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
+
+
+def init_worker(worker_id: int, rank: int = 0) -> None:
+    """Loader worker start-up: one torch thread per worker (the workers are the parallelism;
+    OpenCV's single thread is set by the parent before forking), then Lightning's per-worker
+    seeding when ``seed_everything(workers=True)`` asked for it (a worker_init_fn of our own
+    replaces Lightning's automatic one)."""
+    torch.set_num_threads(1)
+    if int(os.environ.get("PL_SEED_WORKERS", "0")):
+        pl_worker_init_function(worker_id, rank=rank)

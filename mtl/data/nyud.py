@@ -1,15 +1,20 @@
-"""NYUD-v2 multi-task dataset (semseg, depth, normals, edge, saliency).
+"""NYUD-v2 multi-task dataset (semseg, depth, normals, edge; saliency where present).
 
-Two on-disk variants are supported, detected per modality and per file from the extensions
-present, so mixed layouts work too::
+Two releases exist and both are read, the variant detected per modality and per file from the
+extensions present (so mixed folders work too)::
 
-    <root>/images/<id>.jpg | <id>.png          RGB image
-    <root>/segmentation/<id>.png               uint8, 0 = unlabeled, classes 1..C
+    <root>/images/<id>.jpg | <id>.png          RGB image (NYUD_MT: 480x640 .jpg; ATRC: 425x560 .png)
+    <root>/segmentation/<id>.png               uint8, 0 = unlabeled, classes 1..40
     <root>/depth/<id>.npy                      float metres, 0 = invalid
     <root>/normals/<id>.npy | <id>.png         [-1, 1] floats | uint8 RGB (2 * v / 255 - 1)
     <root>/edge/<id>.npy | <id>.png            {0, 1} | uint8 0/255
-    <root>/saliency/<id>.png                   uint8 0/255
-    <root>/gt_sets/<split>.txt                 one id per line
+    <root>/saliency/<id>.png                   uint8 0/255 (only the synthetic scenes have it)
+    <root>/gt_sets/{train,val}.txt             one id per line (795 / 654 in the release)
+
+Decoded (see ``mtl.data.transforms`` for the numpy sample contract): semseg 0 -> 255 (ignore)
+and 1..40 -> 0..39; normals re-normalised to unit length, near-zero vectors -> zero (invalid;
+PNG normals stay uint8 until ``ToTensorNormalize`` decodes them); edge/saliency {0, 1};
+non-finite or negative depth -> 0 (invalid).
 """
 
 from __future__ import annotations
@@ -17,117 +22,150 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import Dataset
 
-from mtl.data.transforms import IGNORE_INDEX, ToTensorNormalize
+from mtl.data.base import (
+    MultiTaskDataset,
+    Problem,
+    Sample,
+    binary_problem,
+    depth_problem,
+    label_problem,
+    normals_problem,
+    size_problem,
+)
+from mtl.data.io import DecodeError, read_label_png, read_npy, read_rgb, read_rgb_png
+from mtl.data.transforms import ENCODED_NORMAL_MIN_NORM, IGNORE_INDEX
 
-Sample = dict[str, Any]
+NUM_CLASSES = 40
+#: Length under which a float normal counts as "no normal".
+NPY_NORMAL_MIN_NORM = 1e-6
+#: How far from unit length a valid normal on disk may be (PNG quantisation is < 0.01).
+NORMAL_TOLERANCE = 0.05
 
-#: Squared length under which a decoded PNG normal counts as "no normal".
-_PNG_NORMAL_MIN_SQ_NORM = 0.25
-#: Squared length under which a float normal counts as "no normal".
-_NPY_NORMAL_MIN_SQ_NORM = 1e-12
-
-
-# --------------------------------------------------------------------------- file readers
-
-
-def _read_raw(path: Path) -> np.ndarray:
-    """Raw array of a .npy or image file."""
-    if path.suffix == ".npy":
-        return np.load(path)
-    with Image.open(path) as image:
-        return np.asarray(image)
+# Raw label -> training label: 0 (unlabeled) -> 255, c -> c - 1, 255 stays 255.
+_SEMSEG_LUT = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+_SEMSEG_LUT[1:255] = np.arange(254)
 
 
-def _unsupported(path: Path) -> ValueError:
-    return ValueError(f"unsupported file type for this modality: {path}")
+# --------------------------------------------------------------------------- decoders
+
+
+def _unsupported(path: Path) -> DecodeError:
+    return DecodeError(f"unsupported file type for this modality: {path}")
 
 
 def read_image(path: Path) -> np.ndarray:
-    """RGB image (.jpg/.png) as float32 HxWx3 in [0, 1]."""
-    if path.suffix not in (".jpg", ".png"):
+    """RGB image (.jpg/.png) as uint8 HxWx3."""
+    if path.suffix not in (".jpg", ".jpeg", ".png"):
         raise _unsupported(path)
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return read_rgb(path)
 
 
 def read_semseg(path: Path) -> np.ndarray:
-    """Segmentation (.png) as int64 HxW: 0 -> 255 (ignore), 1..C -> 0..C-1, 255 stays 255."""
+    """Segmentation (.png) as uint8 HxW: 0 -> 255 (ignore), 1..C -> 0..C-1, 255 stays 255."""
     if path.suffix != ".png":
         raise _unsupported(path)
-    raw = _read_raw(path)
-    if raw.ndim != 2:
-        raise ValueError(f"expected a single-channel segmentation map, got {raw.shape}: {path}")
-    labels = raw.astype(np.int64) - 1
-    labels[(raw == 0) | (raw == IGNORE_INDEX)] = IGNORE_INDEX
-    return labels
+    raw = read_label_png(path)
+    if raw.dtype != np.uint8:
+        if raw.min(initial=0) < 0 or raw.max(initial=0) > 255:
+            raise DecodeError(f"segmentation values outside 0..255: {path}")
+        raw = raw.astype(np.uint8)
+    return _SEMSEG_LUT[raw]
 
 
 def read_depth(path: Path) -> np.ndarray:
-    """Depth (.npy, metres) as float32 HxW; non-finite values become 0 (invalid)."""
+    """Depth (.npy, metres) as float32 HxW; non-finite or negative values become 0 (invalid)."""
     if path.suffix != ".npy":
         raise _unsupported(path)
-    depth = np.asarray(_read_raw(path), dtype=np.float32)
+    depth = np.asarray(read_npy(path), dtype=np.float32)
     depth = depth.reshape(depth.shape[:2])
-    return np.where(np.isfinite(depth), depth, 0.0).astype(np.float32)
+    return np.where(np.isfinite(depth) & (depth > 0), depth, np.float32(0)).astype(np.float32)
 
 
-def _unit_normals(normals: np.ndarray, min_sq_norm: float) -> np.ndarray:
-    """Re-normalise vectors; those shorter than sqrt(min_sq_norm) become zero (invalid)."""
-    sq_norm = np.sum(normals * normals, axis=-1, keepdims=True)
-    valid = sq_norm >= min_sq_norm
-    scale = np.where(valid, 1.0 / np.sqrt(np.maximum(sq_norm, min_sq_norm)), 0.0)
+def unit_normals(normals: np.ndarray, min_norm: float) -> np.ndarray:
+    """Re-normalise vectors; those shorter than ``min_norm`` become zero (invalid)."""
+    norm = np.sqrt(np.einsum("...c,...c->...", normals, normals))[..., None]
+    scale = np.where(norm >= min_norm, 1.0 / np.maximum(norm, min_norm), 0.0)
     return (normals * scale).astype(np.float32)
 
 
-def read_normals(path: Path) -> np.ndarray:
-    """Normals as float32 HxWx3 unit vectors, zero vector = invalid.
+def decode_png_normals(raw: np.ndarray) -> np.ndarray:
+    """uint8 RGB-encoded normals -> float32 ``2 * v / 255 - 1`` (not re-normalised)."""
+    return raw.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
 
-    .npy holds floats in [-1, 1]; .png holds uint8 RGB decoded as ``2 * v / 255 - 1``, where
-    a pixel decoding to (roughly) zero length is invalid.
-    """
+
+def read_normals(path: Path) -> np.ndarray:
+    """Normals: .npy floats in [-1, 1] -> float32 HxWx3 unit vectors (zero vector = invalid);
+    .png -> its uint8 HxWx3 encoding ``2 * v / 255 - 1``, kept compact through the transforms
+    and decoded by ``ToTensorNormalize`` (a pixel decoding to about zero length is invalid)."""
     if path.suffix == ".npy":
-        normals = np.asarray(_read_raw(path), dtype=np.float32)
-        return _unit_normals(normals, _NPY_NORMAL_MIN_SQ_NORM)
+        return unit_normals(np.asarray(read_npy(path), dtype=np.float32), NPY_NORMAL_MIN_NORM)
     if path.suffix == ".png":
-        normals = 2.0 * np.asarray(_read_raw(path)[..., :3], dtype=np.float32) / 255.0 - 1.0
-        return _unit_normals(normals, _PNG_NORMAL_MIN_SQ_NORM)
+        return read_rgb_png(path)
     raise _unsupported(path)
 
 
 def read_binary(path: Path) -> np.ndarray:
-    """Binary map (edge/saliency) as float32 HxW in {0, 1}.
+    """Binary map (edge/saliency) as uint8 HxW in {0, 1} (255 = ignore).
 
-    .npy is taken as is (values {0, 1}, 255 = ignore); .png 0/255 is thresholded at 128
+    .npy {0, 1} floats are thresholded at 0.5 (255 stays 255); .png 0/255 is thresholded at 128
     (a PNG already holding 0/1 is kept).
     """
-    raw = _read_raw(path)
     if path.suffix == ".npy":
-        return np.asarray(raw, dtype=np.float32).reshape(raw.shape[:2])
+        raw = np.asarray(read_npy(path))
+        raw = raw.reshape(raw.shape[:2])
+        return np.where(raw == 255, IGNORE_INDEX, raw >= 0.5).astype(np.uint8)
     if path.suffix == ".png":
-        if raw.ndim == 3:
-            raw = raw[..., 0]
+        raw = read_label_png(path)
         if raw.max(initial=0) <= 1:
-            return raw.astype(np.float32)
-        return (raw >= 128).astype(np.float32)
+            return raw.astype(np.uint8)
+        return (raw >= 128).astype(np.uint8)
     raise _unsupported(path)
+
+
+# --------------------------------------------------------------------------- raw checks
+
+
+def _semseg_check(path: Path) -> str | None:
+    return label_problem(read_label_png(path), NUM_CLASSES)
+
+
+def _depth_check(path: Path) -> str | None:
+    return depth_problem(read_npy(path))
+
+
+def _normals_check(path: Path) -> str | None:
+    if path.suffix == ".npy":
+        raw = np.asarray(read_npy(path), dtype=np.float64)
+        if raw.ndim != 3:
+            return f"expected HxWx3 normals, got shape {raw.shape}"
+        valid = np.sqrt((raw**2).sum(axis=-1)) >= NPY_NORMAL_MIN_NORM
+    else:
+        raw = decode_png_normals(read_rgb_png(path))
+        valid = np.sqrt((raw**2).sum(axis=-1)) >= ENCODED_NORMAL_MIN_NORM
+    return normals_problem(raw, NORMAL_TOLERANCE, valid)
+
+
+def _binary_check(path: Path) -> str | None:
+    if path.suffix == ".npy":
+        raw = np.asarray(read_npy(path))
+        return binary_problem(raw.reshape(raw.shape[:2]) if raw.ndim == 3 else raw, (0, 1))
+    return binary_problem(read_label_png(path), (0, 1, 255))
 
 
 # --------------------------------------------------------------------------- layout
 
 
 class Modality(NamedTuple):
-    """Where a modality lives, which extensions it may use (in order) and how to read it."""
+    """Where a modality lives, its allowed extensions (in order), its decoder and its check."""
 
     folder: str
     extensions: tuple[str, ...]
     reader: Callable[[Path], np.ndarray]
+    check: Callable[[Path], str | None] | None = None
 
 
 IMAGE = Modality("images", (".jpg", ".png"), read_image)
@@ -135,62 +173,57 @@ IMAGE = Modality("images", (".jpg", ".png"), read_image)
 #: Task name -> modality, in canonical task order.
 TASKS = MappingProxyType(
     {
-        "semseg": Modality("segmentation", (".png",), read_semseg),
-        "depth": Modality("depth", (".npy",), read_depth),
-        "normals": Modality("normals", (".npy", ".png"), read_normals),
-        "edge": Modality("edge", (".npy", ".png"), read_binary),
-        "sal": Modality("saliency", (".png",), read_binary),
+        "semseg": Modality("segmentation", (".png",), read_semseg, _semseg_check),
+        "depth": Modality("depth", (".npy",), read_depth, _depth_check),
+        "normals": Modality("normals", (".npy", ".png"), read_normals, _normals_check),
+        "edge": Modality("edge", (".npy", ".png"), read_binary, _binary_check),
+        "sal": Modality("saliency", (".png",), read_binary, _binary_check),
     }
 )
 
+LAYOUT = """\
+  <root>/images/<id>.jpg (NYUD_MT) or <id>.png (ATRC/InvPT)
+  <root>/segmentation/<id>.png     0 = unlabeled, 1..40 = classes
+  <root>/depth/<id>.npy            metres, 0 = invalid
+  <root>/normals/<id>.npy or .png  [-1, 1] floats, or uint8 RGB decoded as 2v/255-1
+  <root>/edge/<id>.npy or .png     {0, 1}, or 0/255
+  <root>/gt_sets/train.txt, val.txt   one id per line (795 / 654)"""
+
 
 def find_file(root: Path, modality: Modality, sample_id: str) -> Path:
-    """Path of ``sample_id`` in the modality's folder, trying each allowed extension."""
+    """Path of ``sample_id`` in the modality's folder, trying each allowed extension.
+
+    When none exists, the path with the first extension is returned (for error reports).
+    """
     candidates = [root / modality.folder / f"{sample_id}{ext}" for ext in modality.extensions]
     for path in candidates:
         if path.is_file():
             return path
-    tried = " or ".join(str(path) for path in candidates)
-    raise FileNotFoundError(f"missing file for id {sample_id!r}: expected {tried}")
+    return candidates[0]
 
 
-def read_split(root: Path, split: str) -> list[str]:
-    """Ids listed in ``<root>/gt_sets/<split>.txt`` (blank lines skipped)."""
-    path = root / "gt_sets" / f"{split}.txt"
+def _alternatives(path: Path, modality: Modality) -> str:
+    """``path`` and its other allowed extensions, for messages about a missing file."""
+    return " or ".join(str(path.with_suffix(ext)) for ext in modality.extensions)
+
+
+def _require(path: Path, modality: Modality, role: str, sample_id: str) -> Path:
     if not path.is_file():
-        raise FileNotFoundError(f"split file not found: {path}")
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not ids:
-        raise ValueError(f"split file lists no ids: {path}")
-    return ids
-
-
-def _check_folders(root: Path, tasks: Sequence[str]) -> None:
-    """Raise for a missing image folder, unknown tasks or tasks whose folder is missing."""
-    if not (root / IMAGE.folder).is_dir():
-        raise FileNotFoundError(f"image folder not found: {root / IMAGE.folder}")
-    for task in tasks:
-        if task not in TASKS:
-            raise ValueError(
-                f"unknown task {task!r} for NYUD root {root}; known tasks: {list(TASKS)}"
-            )
-        folder = root / TASKS[task].folder
-        if not folder.is_dir():
-            raise ValueError(
-                f"task {task!r} needs folder {folder}, which does not exist in NYUD root {root}"
-            )
+        raise FileNotFoundError(
+            f"missing {role} file for id {sample_id!r}: {_alternatives(path, modality)}"
+        )
+    return path
 
 
 # --------------------------------------------------------------------------- dataset
 
 
-class NYUDDataset(Dataset):
-    """NYUD-v2 multi-task dataset returning the framework's sample contract.
+class NYUDDataset(MultiTaskDataset):
+    """NYUD-v2 (either release, or scenes written in its layout) as framework samples."""
 
-    Each item is ``{"image", <task>..., "meta": {"id", "orig_size", "pad"}}``. ``transform``
-    receives the numpy sample (see ``mtl.data.transforms``) and must return tensors; when
-    it is None, only tensor conversion and ImageNet normalisation are applied.
-    """
+    NAME = "NYUD-v2"
+    LAYOUT = LAYOUT
+    SPLIT_SIZES = {"train": 795, "val": 654}
 
     def __init__(
         self,
@@ -199,56 +232,65 @@ class NYUDDataset(Dataset):
         tasks: Sequence[str],
         transform: Callable[[Sample], Sample] | None = None,
     ) -> None:
-        self.root = Path(root)
-        self.split = split
-        self.tasks = tuple(tasks)
-        _check_folders(self.root, self.tasks)
-        self.ids = read_split(self.root, split)
-        self.transform = transform if transform is not None else ToTensorNormalize()
-        self._check_files(self.ids[0])
+        super().__init__(root, split, tasks, transform)
 
-    @staticmethod
-    def available_tasks(root: str | Path) -> list[str]:
-        """Tasks whose folders exist under ``root``, in canonical order."""
+    @classmethod
+    def available_tasks(cls, root: str | Path) -> list[str]:
         return [task for task, modality in TASKS.items() if (Path(root) / modality.folder).is_dir()]
+
+    @classmethod
+    def split_file(cls, root: Path, split: str) -> Path:
+        return root / "gt_sets" / f"{split}.txt"
+
+    def required_folders(self) -> list[Path]:
+        return [self.root / IMAGE.folder]
 
     def _modalities(self) -> dict[str, Modality]:
         return {"image": IMAGE, **{task: TASKS[task] for task in self.tasks}}
 
-    def _check_files(self, sample_id: str) -> None:
-        """Raise FileNotFoundError if any file of ``sample_id`` is missing."""
-        for modality in self._modalities().values():
-            find_file(self.root, modality, sample_id)
-
-    def load_sample(self, index: int) -> Sample:
-        """The untransformed numpy sample at ``index``."""
-        sample_id = self.ids[index]
-        sample: Sample = {
-            key: modality.reader(find_file(self.root, modality, sample_id))
+    def files(self, sample_id: str) -> dict[str, Path]:
+        return {
+            key: find_file(self.root, modality, sample_id)
             for key, modality in self._modalities().items()
         }
-        height, width = sample["image"].shape[:2]
-        for key in self.tasks:
-            if sample[key].shape[:2] != (height, width):
-                raise ValueError(
-                    f"{key} of id {sample_id!r} has size {sample[key].shape[:2]}, "
-                    f"image has {(height, width)} (root {self.root})"
-                )
-        sample["meta"] = {
-            "id": sample_id,
-            "orig_size": (int(height), int(width)),
-            "pad": (0, 0, 0, 0),
+
+    def load_sample(self, index: int) -> Sample:
+        sample_id = self.ids[index]
+        modalities = self._modalities()
+        sample: Sample = {
+            key: modalities[key].reader(_require(path, modalities[key], key, sample_id))
+            for key, path in self.files(sample_id).items()
         }
+        size = sample["image"].shape[:2]
+        for key in self.tasks:
+            if sample[key].shape[:2] != size:
+                raise DecodeError(
+                    f"{key} of id {sample_id!r} has size {sample[key].shape[:2]}, "
+                    f"image has {size} (root {self.root})"
+                )
+        sample["meta"] = self.meta(sample_id, size)
         return sample
 
-    def __len__(self) -> int:
-        return len(self.ids)
+    def missing_files(self, sample_id: str) -> list[Problem]:
+        modalities = self._modalities()
+        return [
+            Problem(_alternatives(path, modalities[role]), f"missing ({role} of id {sample_id!r})")
+            for role, path in self.files(sample_id).items()
+            if not path.is_file()
+        ]
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | dict[str, Any]]:
-        return self.transform(self.load_sample(index))
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, "
-            f"tasks={list(self.tasks)}, n={len(self)})"
-        )
+    def sample_problems(self, sample_id: str) -> list[Problem]:
+        missing = self.missing_files(sample_id)
+        if missing:
+            return missing
+        files = self.files(sample_id)
+        problems: list[Problem] = []
+        image_size = read_image(files["image"]).shape[:2]
+        for task in self.tasks:
+            path, modality = files[task], TASKS[task]
+            decoded = modality.reader(path)
+            if (problem := size_problem(path, decoded.shape, image_size)) is not None:
+                problems.append(problem)
+            if modality.check is not None and (message := modality.check(path)) is not None:
+                problems.append(Problem(str(path), message))
+        return problems

@@ -1,0 +1,116 @@
+"""The datamodule with the real-dataset configs: loaders, worker set-up, and every NYUD-v2 and
+PASCAL-Context experiment run for one batch on tiny folders written in the exact formats."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import cv2
+import pytest
+from hydra import compose, initialize_config_dir
+
+from mtl.data.datamodule import MultiTaskDataModule
+from mtl.data.formats import write_nyud, write_pascal
+from mtl.data.nyud import NYUDDataset
+from mtl.data.transforms import ToTensorNormalize, eval_transforms, train_transforms
+from mtl.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+REAL_DATA = {"nyud": "nyud", "pascal": "pascal_context"}
+SPLITS = {"train": ["t0", "t1", "t2", "t3"], "val": ["v0", "v1"]}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny datasets smaller than the test image size, so evaluation pads."""
+    base = tmp_path_factory.mktemp("real")
+    write_nyud(base / "NYUD_MT", SPLITS, "atrc", size=(30, 44))
+    write_pascal(base / "PASCAL_MT", SPLITS, size=(30, 44), persons=["t1", "v0"])
+    return {"nyud": base / "NYUD_MT", "pascal_context": base / "PASCAL_MT"}
+
+
+def _real_data_experiments() -> list[str]:
+    return [e for e in EXPERIMENTS if e.split("_")[0] in REAL_DATA]
+
+
+@pytest.mark.parametrize("experiment", _real_data_experiments())
+def test_real_data_experiment_runs_one_batch(experiment: str, folders, tmp_path: Path) -> None:
+    dataset = REAL_DATA[experiment.split("_")[0]]
+    overrides = [
+        f"experiment={experiment}",
+        "debug=fdr",
+        f"data.root={folders[dataset]}",
+        f"paths.root_dir={ROOT}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        "data.image_size=[32,48]",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "data.pin_memory=false",
+        "model.backbone.name=vit_tiny_patch16_224",
+        "+model.backbone.patch_size=8",
+        "trainer.enable_progress_bar=false",
+    ]
+    if dataset == "pascal_context":
+        overrides.append(f"data.cache_dir={tmp_path / 'cache'}")  # not under the repository
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(config_name="train", overrides=overrides)
+    assert cfg.data.name == dataset
+    scores = train(cfg)
+    for task in cfg.data.tasks:
+        assert f"val/{task}/loss" in scores, task
+    assert "val/semseg/mIoU" in scores
+    if dataset == "pascal_context":
+        assert "val/parts/mIoU" in scores
+
+
+def test_data_configs_have_the_published_loss_weights_and_protocols() -> None:
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        nyud = compose(config_name="train", overrides=["data=nyud"]).data
+        pascal = compose(config_name="train", overrides=["data=pascal_context"]).data
+        synthetic = compose(config_name="train").data
+    assert dict(nyud.loss_weights) == {"semseg": 1, "depth": 1, "normals": 10, "edge": 50}
+    assert dict(pascal.loss_weights) == {"semseg": 1, "parts": 2, "sal": 5, "normals": 10,
+                                         "edge": 50}  # fmt: skip
+    assert list(nyud.image_size) == [448, 576] and list(pascal.image_size) == [512, 512]
+    assert list(nyud.scale_range) == [0.5, 2.0] and nyud.cat_max_ratio == 0.75
+    assert len(nyud.class_names.semseg) == 40 and len(pascal.class_names.semseg) == 21
+    required = set(synthetic) - {"generate", "prepare"}
+    assert required <= set(nyud) and required <= set(pascal)
+
+
+def test_loader_workers_use_one_opencv_thread(folders) -> None:
+    class Record(ToTensorNormalize):
+        def __call__(self, sample):
+            out = super().__call__(sample)
+            out["meta"] = {**out["meta"], "cv2_threads": cv2.getNumThreads()}
+            return out
+
+    datamodule = MultiTaskDataModule(
+        dataset=partial(NYUDDataset, root=folders["nyud"]),
+        tasks=["semseg", "depth"],
+        batch_size=2,
+        train_transform=train_transforms((32, 48)),
+        val_transform=Record(),
+        num_workers=1,
+    )
+    datamodule.setup("validate")
+    batch = next(iter(datamodule.val_dataloader()))
+    assert batch["meta"]["cv2_threads"].tolist() == [1, 1]
+    assert batch["image"].shape == (2, 3, 30, 44)
+
+
+def test_eval_batches_pad_and_record_the_padding(folders) -> None:
+    datamodule = MultiTaskDataModule(
+        dataset=partial(NYUDDataset, root=folders["nyud"]),
+        tasks=["semseg", "depth", "normals", "edge"],
+        batch_size=2,
+        val_transform=eval_transforms((32, 48)),
+    )
+    datamodule.setup("validate")
+    batch = next(iter(datamodule.val_dataloader()))
+    assert batch["image"].shape == (2, 3, 32, 48)
+    assert [int(v[0]) for v in batch["meta"]["pad"]] == [0, 2, 0, 4]
+    assert (batch["semseg"][:, 30:] == 255).all() and (batch["depth"][..., 44:] == 0).all()
