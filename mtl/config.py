@@ -60,7 +60,24 @@ def config_problems(cfg: DictConfig) -> list[str]:
             f"model.backbone.name: '{backbone}' is not a timm model"
             + (f"; similar names: {close}" if close else "")
         )
+    else:
+        problems += _adapter_problems(cfg)
     return problems
+
+
+def _adapter_problems(cfg: DictConfig) -> list[str]:
+    """Adapter options out of range, or an adapter the backbone does not support."""
+    adapter = cfg.model.get("adapter")
+    if not adapter or not adapter.get("_target_"):
+        return []
+    from omegaconf import OmegaConf
+
+    from mtl.models.adapters.checks import adapter_problems
+
+    return adapter_problems(
+        OmegaConf.to_container(adapter, resolve=True),
+        OmegaConf.to_container(cfg.model.backbone, resolve=True),
+    )
 
 
 def _balancer_problems(cfg: DictConfig) -> list[str]:

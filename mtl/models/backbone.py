@@ -6,7 +6,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import timm
+from timm.models._features import FeatureGetterNet
 from torch import Tensor, nn
+
+from mtl.models.adapters.base import Adapter
+from mtl.models.adapters.task_batch import TaskBatch, block_names
 
 
 class Backbone(nn.Module):
@@ -16,6 +20,9 @@ class Backbone(nn.Module):
     Swin its stages. Some of them return NHWC maps (timm's `output_fmt`); this wrapper permutes
     those, so callers always receive a list of NCHW tensors, described by `out_channels` and
     `out_strides`.
+
+    After `adapt` with a task-aware adapter, `forward(images, tasks)` runs the task batch: the
+    maps have T*B rows, task-major (rows t*B..(t+1)*B-1 are the t-th task's).
 
     Args:
         name: timm model name, e.g. ``resnet18`` or ``vit_small_patch16_224``.
@@ -49,9 +56,55 @@ class Backbone(nn.Module):
         self.out_channels: list[int] = list(self.model.feature_info.channels())
         self.out_strides: list[int] = list(self.model.feature_info.reduction())
         self.channels_last_output = str(getattr(self.model, "output_fmt", "NCHW")).endswith("NHWC")
+        #: Shared by the task-aware layers an adapter inserted; None: the plain backbone.
+        self.task_batch: TaskBatch | None = None
 
-    def forward(self, images: Tensor) -> list[Tensor]:
-        features = self.model(images)
+    @property
+    def taps(self) -> list[str]:
+        """Per feature level, the name of the last transformer block feeding it (ViT: the
+        ``out_indices`` blocks, Swin: each stage's last block); empty for CNNs."""
+        blocks = block_names(self.model)
+        taps = []
+        for module in self.model.feature_info.module_name():
+            stage = {module, module.replace(".", "_")}
+            feeding = [
+                b
+                for b in blocks
+                if b.split(".", 1)[-1] == module
+                or b == module
+                or b.rsplit(".blocks.", 1)[0] in stage
+            ]
+            taps += feeding[-1:]
+        return taps
+
+    def adapt(self, adapter: Adapter, tasks: Sequence[str]) -> None:
+        """Apply `adapter` to the timm model in place (before moving or copying the module)."""
+        self.task_batch = adapter.apply(self.model, self.taps, list(tasks))
+
+    def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> list[Tensor]:
+        """NCHW maps; `tasks` (default: all) matter only for a task-aware backbone."""
+        if self.task_batch is None:
+            features = self.model(images)
+        else:
+            batch = self.task_batch
+            with batch.run(batch.tasks if tasks is None else tasks, images.shape[0]):
+                features = [batch.expand(f) for f in self._token_batch_features(images)]
         if self.channels_last_output:
             features = [f.permute(0, 3, 1, 2).contiguous() for f in features]
         return list(features)
+
+    def _token_batch_features(self, images: Tensor) -> list[Tensor]:
+        """Features whose batch size may grow inside the network (timm's ViT reshape assumes
+        it does not, so ask for tokens and reshape here)."""
+        if not isinstance(self.model, FeatureGetterNet) or self.channels_last_output:
+            return list(self.model(images))
+        vit = self.model.model
+        tokens = vit.forward_intermediates(
+            images,
+            indices=self.model.out_indices,
+            norm=self.model.norm,
+            output_fmt="NLC",
+            intermediates_only=True,
+        )
+        h, w = vit.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
+        return [t.reshape(t.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous() for t in tokens]

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtl.models.adapters import Adapter, MoEMlp
 from mtl.models.backbone import Backbone
 
 DecoderFactory = Callable[..., nn.Module]
@@ -19,14 +20,22 @@ class MultiTaskModel(nn.Module):
         backbone: the shared feature extractor.
         decoder: builds one head, called as ``decoder(in_channels=, in_strides=, out_channels=)``.
         task_channels: output channels per task, in task order.
+        adapter: modifies the backbone (LoRA, MTLoRA, MoE); None: the backbone as built.
     """
 
     def __init__(
-        self, backbone: Backbone, decoder: DecoderFactory, task_channels: Mapping[str, int]
+        self,
+        backbone: Backbone,
+        decoder: DecoderFactory,
+        task_channels: Mapping[str, int],
+        adapter: Adapter | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.tasks = list(task_channels)
+        if adapter is not None:
+            backbone.adapt(adapter, self.tasks)
+        self.task_aware_backbone = backbone.task_batch is not None
         self.decoders = nn.ModuleDict(
             {
                 task: decoder(
@@ -38,35 +47,94 @@ class MultiTaskModel(nn.Module):
             }
         )
 
+    def _backbone_task_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Backbone parameters of each task's own adapter layers (per-task LoRA, routers)."""
+        own: dict[str, list[nn.Parameter]] = {t: [] for t in self.tasks}
+        for module in self.backbone.modules():
+            if hasattr(module, "task_parameters"):
+                for task in self.tasks:
+                    own[task] += [p for p in module.task_parameters(task) if p.requires_grad]
+        return own
+
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters every task's loss depends on (the balancers act on these)."""
-        return [p for p in self.backbone.parameters() if p.requires_grad]
+        own = {id(p) for params in self._backbone_task_parameters().values() for p in params}
+        return [p for p in self.backbone.parameters() if p.requires_grad and id(p) not in own]
 
     def task_parameters(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters that only one task's loss depends on."""
+        """Parameters that only one task's loss depends on: its head and its adapter layers."""
+        own = self._backbone_task_parameters()
         return {
-            task: [p for p in head.parameters() if p.requires_grad]
+            task: own[task] + [p for p in head.parameters() if p.requires_grad]
             for task, head in self.decoders.items()
         }
 
     #: Whether the backbone computes differently per task (task-conditioned adapters); the
-    #: shared features then differ per task and `rep`-mode balancing does not apply.
+    #: shared features then differ per task and `rep`-mode balancing does not apply. Set per
+    #: instance from the adapter.
     task_aware_backbone: bool = False
+
+    def _moe_layers(self) -> list[MoEMlp]:
+        return [m for m in self.backbone.modules() if isinstance(m, MoEMlp)]
+
+    def auxiliary_losses(self) -> dict[str, Tensor]:
+        """Weighted auxiliary losses of the last forward, per task (MoE load balancing, summed
+        over layers); add each to its task's loss. Empty without such layers."""
+        losses: dict[str, Tensor] = {}
+        for layer in self._moe_layers():
+            for task, loss in layer.balance_loss.items():
+                weighted = layer.balance_weight * loss
+                losses[task] = losses[task] + weighted if task in losses else weighted
+        return losses
+
+    def routing_statistics(self, per_expert: bool = True) -> dict[str, float]:
+        """Routing of the last forward, per MoE layer and task: the fraction of routed tokens
+        of each expert (``moe/<layer>/<task>/expert<e>``) and its cv² (``.../load_cv2``)."""
+        stats: dict[str, float] = {}
+        for i, layer in enumerate(self._moe_layers()):
+            if layer.load is None:
+                continue
+            for task, load in zip(layer.load_tasks, layer.load, strict=True):
+                share = load.float() / load.sum().clamp(min=1)
+                prefix = f"moe/layer{i}/{task}"
+                stats[f"{prefix}/load_cv2"] = float(share.var() / share.mean().pow(2))
+                if per_expert:
+                    stats.update({f"{prefix}/expert{e}": float(s) for e, s in enumerate(share)})
+        return stats
+
+    def merge_adapters(self) -> None:
+        """Fold the shared LoRA updates into the base weights (inference)."""
+        for module in self.backbone.modules():
+            if hasattr(module, "merge"):
+                module.merge()
+
+    def unmerge_adapters(self) -> None:
+        """Undo `merge_adapters` (before training on)."""
+        for module in self.backbone.modules():
+            if hasattr(module, "unmerge"):
+                module.unmerge()
 
     def forward(
         self, images: Tensor, tasks: Sequence[str] | None = None, return_features: bool = False
     ) -> dict[str, Tensor] | tuple[dict[str, Tensor], list[Tensor]]:
         """Predictions for `tasks` (default: all), each at the input's spatial size; with
-        `return_features`, also the shared backbone features they were decoded from."""
+        `return_features`, also the backbone features they were decoded from (task-aware
+        backbone: the task batch, T*B rows, task-major in the order of `tasks`)."""
         tasks = self.tasks if tasks is None else list(tasks)
         unknown = set(tasks) - set(self.decoders)
         if unknown:
             raise KeyError(f"model has no head for {sorted(unknown)}; heads: {self.tasks}")
-        features = self.backbone(images)
         size = images.shape[-2:]
+        if self.task_aware_backbone:
+            features = self.backbone(images, tasks)
+            per_task = [f.chunk(len(tasks)) for f in features]
+            inputs = {task: [chunks[i] for chunks in per_task] for i, task in enumerate(tasks)}
+        else:
+            features = self.backbone(images)
+            inputs = dict.fromkeys(tasks, features)
         preds = {
             task: F.interpolate(
-                self.decoders[task](features), size=size, mode="bilinear", align_corners=False
+                self.decoders[task](inputs[task]), size=size, mode="bilinear", align_corners=False
             )
             for task in tasks
         }

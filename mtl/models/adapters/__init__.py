@@ -1,0 +1,20 @@
+"""Backbone adapters (``conf/model/adapter``): none, lora, mtlora, moe."""
+
+from mtl.models.adapters.base import Adapter, NoAdapter
+from mtl.models.adapters.lora import LoRALinear, TaskLoRALinear
+from mtl.models.adapters.moe import MoE, MoEMlp
+from mtl.models.adapters.mtlora import MTLoRA
+from mtl.models.adapters.shared_lora import LoRA
+from mtl.models.adapters.task_batch import TaskBatch
+
+__all__ = [
+    "Adapter",
+    "LoRA",
+    "LoRALinear",
+    "MTLoRA",
+    "MoE",
+    "MoEMlp",
+    "NoAdapter",
+    "TaskBatch",
+    "TaskLoRALinear",
+]
