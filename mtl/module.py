@@ -34,6 +34,7 @@ class MultiTaskModule(L.LightningModule):
         grad_clip_norm: clip the global gradient norm to this value (None: no clipping).
         seed: the run's seed, handed to balancers that draw random numbers.
         diagnostics_every: log gradient-conflict statistics every this many steps (0: never).
+        metrics: the evaluation metrics (default: each task's registry metrics, no options).
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class MultiTaskModule(L.LightningModule):
         grad_clip_norm: float | None = None,
         seed: int = 0,
         diagnostics_every: int = 0,
+        metrics: TaskMetrics | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -61,7 +63,7 @@ class MultiTaskModule(L.LightningModule):
         self.grad_clip_norm = grad_clip_norm
         self.seed = seed
         self.diagnostics_every = diagnostics_every
-        self.metrics = TaskMetrics(self.tasks, num_classes)
+        self.metrics = metrics if metrics is not None else TaskMetrics(self.tasks, num_classes)
 
     def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         return self.model(images, tasks)
@@ -87,7 +89,10 @@ class MultiTaskModule(L.LightningModule):
         def compute_losses(tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
             preds, feats = self.model(images, tasks or self.tasks, return_features=True)
             features[:] = feats
-            return self.weighted(self.task_losses(preds, batch, tasks))
+            losses = self.weighted(self.task_losses(preds, batch, tasks))
+            for task, extra in self.model.auxiliary_losses().items():  # e.g. MoE load balancing
+                losses[task] = losses[task] + extra
+            return losses
 
         losses = compute_losses()
         optimizer = self.optimizers()
@@ -128,6 +133,7 @@ class MultiTaskModule(L.LightningModule):
                 f"train/{task}/loss", loss.detach() / self.loss_weights[task], batch_size=batch_size
             )
             self.log(f"balancer/{task}/weight", result.weights[task], batch_size=batch_size)
+        self.log_dict(self.model.routing_statistics(per_expert=diagnose), batch_size=batch_size)
         gram = result.gramian if gram is None else gram
         if diagnose and gram is not None:
             self.log_dict(conflict_statistics(gram, list(losses)), batch_size=batch_size)

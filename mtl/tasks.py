@@ -16,8 +16,12 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from mtl import losses
-from mtl.metrics.depth import DepthRMSE
-from mtl.metrics.normals import NormalsMeanAngle
+from mtl.metrics.factories import (
+    depth_metrics,
+    edge_metrics,
+    normals_metrics,
+    saliency_metrics,
+)
 from mtl.metrics.segmentation import SegmentationScores
 
 
@@ -29,7 +33,7 @@ class Task:
     loss: Callable[[Tensor, Tensor], Tensor]
     loss_weight: float
     decode: Callable[[Tensor], Tensor]
-    metrics: Callable[[int | None], Mapping[str, Metric]]
+    metrics: Callable[..., Mapping[str, Metric]]  # factory(num_classes, **options)
     higher_is_better: Mapping[str, bool]
     main_metric: str
     out_channels: int | None = None  # None: number of classes, given by the dataset
@@ -88,8 +92,8 @@ register(
         loss=losses.depth_l1,
         loss_weight=1.0,
         decode=lambda pred: pred.clamp_min(0),
-        metrics=lambda _: {"rmse": DepthRMSE()},
-        higher_is_better={"rmse": False},
+        metrics=depth_metrics,
+        higher_is_better={"rmse": False, "abs_rel": False, "log_rmse": False, "delta1": True},
         main_metric="rmse",
         ignore_value=0,
     )
@@ -101,8 +105,14 @@ register(
         loss=losses.normals_l1,
         loss_weight=10.0,
         decode=lambda pred: F.normalize(pred, dim=1),
-        metrics=lambda _: {"mean_angle": NormalsMeanAngle()},
-        higher_is_better={"mean_angle": False},
+        metrics=normals_metrics,
+        higher_is_better={
+            "mean_angle": False,
+            "median_angle": False,
+            "within_11.25": True,
+            "within_22.5": True,
+            "within_30": True,
+        },
         main_metric="mean_angle",
         flip_negates_channel=0,
         ignore_value=0,
@@ -115,9 +125,9 @@ register(
         loss=losses.edge_bce,
         loss_weight=50.0,
         decode=torch.sigmoid,
-        metrics=lambda _: {},  # the loss is the online proxy; odsF is computed offline
-        higher_is_better={"loss": False},
-        main_metric="loss",
+        metrics=edge_metrics,  # the loss is the online proxy; odsF needs pyedgeeval
+        higher_is_better={"odsF": True, "oisF": True, "ap": True, "loss": False},
+        main_metric="odsF",
     )
 )
 register(
@@ -127,8 +137,21 @@ register(
         loss=losses.balanced_bce,
         loss_weight=5.0,
         decode=torch.sigmoid,
-        metrics=lambda _: {},
-        higher_is_better={"loss": False},
-        main_metric="loss",
+        metrics=saliency_metrics,
+        higher_is_better={"maxF": True, "mIoU": True, "loss": False},
+        main_metric="maxF",
+    )
+)
+register(
+    Task(
+        name="parts",
+        out_channels=7,  # background + head, torso, upper arm, lower arm, upper leg, lower leg
+        loss=losses.cross_entropy,
+        loss_weight=2.0,
+        decode=lambda pred: pred.argmax(dim=1),
+        metrics=lambda _: {"seg": SegmentationScores(7)},
+        higher_is_better={"mIoU": True, "pixel_acc": True},
+        main_metric="mIoU",
+        classification=True,
     )
 )

@@ -16,6 +16,11 @@ from rich.table import Table
 from mtl.balancers import build_balancer
 from mtl.config import validate_config
 from mtl.data.datamodule import MultiTaskDataModule
+from mtl.export import PredictionWriter
+from mtl.metrics.callback import MetricsCallback
+from mtl.metrics.collection import TaskMetrics
+from mtl.metrics.delta_m import find_baselines, load_baselines
+from mtl.metrics.tables import write_tables
 from mtl.models.multitask import MultiTaskModel
 from mtl.module import MultiTaskModule
 from mtl.tasks import get_task
@@ -34,6 +39,7 @@ def build_datamodule(data: DictConfig) -> MultiTaskDataModule:
         prepare=instantiate(data.prepare) if data.get("prepare") else None,
         num_workers=data.num_workers,
         pin_memory=data.pin_memory,
+        check_files=data.get("check_files", 8),
     )
 
 
@@ -42,6 +48,23 @@ def build_model(cfg: DictConfig) -> MultiTaskModel:
     num_classes = OmegaConf.to_container(cfg.data.get("num_classes") or {})
     channels = {task: get_task(task).channels(num_classes) for task in cfg.data.tasks}
     return instantiate(cfg.model, task_channels=channels, _convert_="all")
+
+
+def _plain(node: DictConfig | None) -> dict:
+    """A config node as plain, resolved containers ({} for a missing node)."""
+    return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+
+
+def build_metrics(cfg: DictConfig) -> TaskMetrics:
+    """The evaluation metrics: ``data.metric_options`` per task and the Δm baselines, if any."""
+    spec = cfg.get("delta_m_baselines")
+    baselines = load_baselines(find_baselines(spec)) if spec else None
+    return TaskMetrics(
+        list(cfg.data.tasks),
+        OmegaConf.to_container(cfg.data.get("num_classes") or {}),
+        options=_plain(cfg.data.get("metric_options")),
+        baselines=baselines,
+    )
 
 
 def build_module(cfg: DictConfig) -> MultiTaskModule:
@@ -55,6 +78,7 @@ def build_module(cfg: DictConfig) -> MultiTaskModule:
         grad_clip_norm=cfg.optim.get("grad_clip_norm"),
         seed=cfg.seed,
         diagnostics_every=cfg.get("diagnostics_every_n_steps", 0),
+        metrics=build_metrics(cfg),
     )
 
 
@@ -67,9 +91,21 @@ def count_parameters(module: torch.nn.Module) -> dict[str, int]:
     }
 
 
-def scores_table(scores: dict[str, float], tasks: list[str]) -> Table:
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The configured callbacks, the metrics' callback and, with ``save_predictions``, the
+    prediction writer (unless ``callbacks`` already has one)."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    class_names = _plain(cfg.data.get("class_names"))
+    callbacks.append(MetricsCallback(class_names=class_names))
+    has_writer = any(isinstance(c, PredictionWriter) for c in callbacks)
+    if cfg.get("save_predictions") and not has_writer:
+        callbacks.append(PredictionWriter(Path(cfg.paths.output_dir) / "predictions"))
+    return callbacks
+
+
+def scores_table(scores: dict[str, float], tasks: list[str], stage: str = "val") -> Table:
     """Final scores as a table: one row per task and metric, with its direction."""
-    table = Table(title="Final validation scores")
+    table = Table(title=f"Final {'test' if stage == 'test' else 'validation'} scores")
     for column in ("task", "metric", "value", "better"):
         table.add_column(column, justify="right" if column == "value" else "left")
     for task in tasks:
@@ -79,13 +115,16 @@ def scores_table(scores: dict[str, float], tasks: list[str]) -> Table:
             if len(parts) == 3 and parts[1] == task:
                 better = {True: "higher", False: "lower"}.get(directions.get(parts[2], False))
                 table.add_row(task, parts[2], f"{value:.4f}", better)
-    if "val/loss" in scores:
-        table.add_row("all", "loss", f"{scores['val/loss']:.4f}", "lower")
+    if f"{stage}/loss" in scores:
+        table.add_row("all", "loss", f"{scores[f'{stage}/loss']:.4f}", "lower")
+    if f"{stage}/delta_m" in scores:
+        table.add_row("all", "Δm (%)", f"{scores[f'{stage}/delta_m']:.2f}", "higher")
     return table
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit (unless ``cfg.train`` is false), then validate; write the run files; return scores."""
+    """Fit, then validate (``val/`` keys); or, with ``train=false``, test ``ckpt_path`` on one
+    device (``test/`` keys). Writes the run files; returns the scores."""
     validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -102,9 +141,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         f"{counts['params/total']:,}",
     )
 
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks = build_callbacks(cfg)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    one_device = {} if cfg.train else {"devices": 1, "num_nodes": 1, "strategy": "auto"}
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **one_device)
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
 
@@ -113,17 +153,30 @@ def train(cfg: DictConfig) -> dict[str, float]:
         checkpoint = (
             None if trainer.fast_dev_run else _evaluation_checkpoint(trainer, cfg.eval_ckpt)
         )
+        stage, evaluate = "val", trainer.validate
     else:
-        checkpoint = cfg.get("ckpt_path")
-    results = trainer.validate(module, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
+        if not cfg.get("ckpt_path"):
+            raise ValueError("train=false evaluates a checkpoint: set ckpt_path=PATH")
+        checkpoint, stage, evaluate = cfg.ckpt_path, "test", trainer.test
+    results = evaluate(module, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
     scores = {k: float(v) for k, v in results[0].items()} if results else {}
     scores.update(counts)
 
-    (output_dir / "metrics.json").write_text(json.dumps(scores, indent=2, sort_keys=True))
     if trainer.is_global_zero:
-        Console().print(scores_table(scores, list(cfg.data.tasks)))
+        write_run_scores(output_dir, scores, module.metrics, cfg, stage)
+        Console().print(scores_table(scores, list(cfg.data.tasks), stage))
         log.info("run directory: %s", output_dir)
     return scores
+
+
+def write_run_scores(
+    output_dir: Path, scores: dict[str, float], metrics: TaskMetrics, cfg: DictConfig, stage: str
+) -> None:
+    """``metrics.json`` (flat ``<stage>/<task>/<score>``) and the per-class tables
+    (``per_class.csv``/``.json``) of the final evaluation."""
+    (output_dir / "metrics.json").write_text(json.dumps(scores, indent=2, sort_keys=True))
+    class_names = _plain(cfg.data.get("class_names"))
+    write_tables(output_dir, metrics.tables, class_names, prefix=f"{stage}/")
 
 
 def _evaluation_checkpoint(trainer: L.Trainer, which: str) -> str | None:

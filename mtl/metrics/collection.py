@@ -3,34 +3,74 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torchmetrics import Metric
 
+from mtl.metrics.delta_m import Baselines, delta_m, task_gains
 from mtl.tasks import get_task
+
+
+def _wants_meta(metric: Metric) -> bool:
+    return bool(getattr(metric, "uses_meta", False))
 
 
 class TaskMetrics(nn.Module):
     """The registry's metrics of every task, updated per batch and computed per epoch.
 
+    Args:
+        tasks: the tasks of the run.
+        num_classes: class count per classification task.
+        options: per-task metric options (``data.metric_options``), passed to the registry's
+            factory as keyword arguments, e.g. ``{"sal": {"maxf": "B"}}``.
+        baselines: single-task scores ``{task: {metric: value}}``; when given, ``compute()`` adds
+            ``delta_m`` (if every task's main metric was computed) and ``delta/<task>``.
+
     ``compute()`` returns flat keys ``<task>/<score>`` with scalar values; non-scalar results
-    (such as per-class IoU vectors) are left to ``compute_tables()``.
+    (per-class IoU vectors) are kept in ``tables`` until the next ``compute()``.
     """
 
-    def __init__(self, tasks: Sequence[str], num_classes: Mapping[str, int]) -> None:
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        num_classes: Mapping[str, int],
+        options: Mapping[str, Mapping[str, Any]] | None = None,
+        baselines: Baselines | None = None,
+    ) -> None:
         super().__init__()
+        options = options or {}
         self.metrics = nn.ModuleDict(
-            {t: nn.ModuleDict(get_task(t).metrics(num_classes.get(t))) for t in tasks}
+            {
+                t: nn.ModuleDict(get_task(t).metrics(num_classes.get(t), **options.get(t, {})))
+                for t in tasks
+            }
         )
+        self.baselines = baselines
+        self.tables: dict[str, Tensor] = {}
 
-    def update(self, preds: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> None:
+    def begin_epoch(self, stage: str, epoch: int, fitting: bool) -> None:
+        """Tell metrics with a schedule (edge matching) which evaluation epoch comes next."""
+        for metrics in self.metrics.values():
+            for metric in metrics.values():
+                if hasattr(metric, "begin_epoch"):
+                    metric.begin_epoch(stage, epoch, fitting)
+
+    def update(self, preds: Mapping[str, Tensor], batch: Mapping[str, Any]) -> None:
         for task, metrics in self.metrics.items():
             for metric in metrics.values():
-                metric.update(preds[task], batch[task])
+                if _wants_meta(metric):
+                    metric.update(preds[task], batch[task], meta=batch.get("meta"))
+                else:
+                    metric.update(preds[task], batch[task])
 
     def _computed(self) -> dict[str, dict[str, Tensor]]:
         results: dict[str, dict[str, Tensor]] = {}
         for task, metrics in self.metrics.items():
             for name, metric in metrics.items():
+                if not getattr(metric, "active", True):
+                    continue
                 values = metric.compute()
                 results.setdefault(task, {}).update(
                     values if isinstance(values, dict) else {name: values}
@@ -39,12 +79,27 @@ class TaskMetrics(nn.Module):
 
     def compute(self) -> dict[str, Tensor]:
         """Scalar scores as ``{"<task>/<score>": value}`` (dataset-level, synced across ranks)."""
-        return {
-            f"{task}/{key}": value.float()
-            for task, values in self._computed().items()
-            for key, value in values.items()
-            if value.numel() == 1
-        }
+        scores: dict[str, Tensor] = {}
+        self.tables = {}
+        for task, values in self._computed().items():
+            for key, value in values.items():
+                if value.numel() == 1:
+                    scores[f"{task}/{key}"] = value.float()
+                else:
+                    self.tables[f"{task}/{key}"] = value.detach().cpu()
+        if self.baselines:
+            scores.update(self._gains(scores))
+        return scores
+
+    def _gains(self, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``delta_m`` and ``delta/<task>`` against the baselines."""
+        values = {key: float(value) for key, value in scores.items()}
+        tasks = list(self.metrics)
+        gains = {f"delta/{t}": g for t, g in task_gains(values, self.baselines, tasks).items()}
+        overall = delta_m(values, self.baselines, tasks)
+        if overall is not None:
+            gains["delta_m"] = overall
+        return {key: torch.tensor(value, dtype=torch.float32) for key, value in gains.items()}
 
     def reset(self) -> None:
         for metrics in self.metrics.values():

@@ -1,0 +1,265 @@
+"""Prediction export: per-task files at original size and side-by-side images for people.
+
+Layout under ``out_dir`` (the file layout of the MTI-Net/ATRC evaluation code and of SEISM)::
+
+    <task>/<id>.png        semseg, parts: uint8 class index (0-based, as predicted)
+                           depth: uint16 millimetres (or <id>.npy float32 metres)
+                           normals: uint8 RGB, decoded as 2v/255 - 1
+                           sal, edge: uint8 probability, sigmoid x 255 (truncated)
+    ids.txt                the evaluated ids in order (SEISM's gt_sets/<set>.txt)
+    seism_parameters.txt   the edge thresholds, one per line (SEISM's parameters/<method>.txt)
+    visual/<id>.png        one row per task: input | ground truth | prediction
+
+For the SEISM benchmark copy ``edge/`` to ``seism/datasets/<database>/<method>/``,
+``seism_parameters.txt`` to ``seism/parameters/<method>.txt`` and ``ids.txt`` to the database's
+``gt_sets/`` folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+from mtl.data.transforms import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, crop_to_original
+from mtl.metrics.boundary import threshold_set, to_uint8
+from mtl.tasks import get_task
+
+#: Anchor colours of the depth colour map (dark blue -> teal -> yellow, viridis-like).
+_DEPTH_COLOURS = np.array(
+    [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64
+)
+_IGNORE_COLOUR = (40, 40, 110)
+
+
+# --------------------------------------------------------------------------- file encodings
+
+
+def encode_prediction(task: str, pred: Tensor, depth_format: str = "png16") -> np.ndarray:
+    """One raw prediction [C,H,W] as the array written to disk (see the module docstring)."""
+    pred = pred.detach().float().cpu()
+    if get_task(task).classification:
+        return pred.argmax(0).numpy().astype(np.uint8)
+    if task == "depth":
+        metres = pred[0].clamp_min(0).numpy()
+        if depth_format == "npy":
+            return metres.astype(np.float32)
+        return np.clip(np.round(metres * 1000), 0, 65535).astype(np.uint16)
+    if task == "normals":
+        unit = F.normalize(pred, dim=0).permute(1, 2, 0).numpy()
+        return np.clip(np.round((unit + 1) * 255 / 2), 0, 255).astype(np.uint8)
+    if task in ("sal", "edge"):
+        return to_uint8(torch.sigmoid(pred[0]).numpy())
+    return pred.numpy()  # unknown task: raw values, saved as .npy
+
+
+def save_array(path: Path, array: np.ndarray) -> Path:
+    """Write ``array`` as PNG (uint8/uint16) or .npy (anything else); returns the path."""
+    if array.dtype in (np.uint8, np.uint16):
+        path = path.with_suffix(".png")
+        Image.fromarray(array).save(path)
+    else:
+        path = path.with_suffix(".npy")
+        np.save(path, array)
+    return path
+
+
+# --------------------------------------------------------------------------- colours
+
+
+def _palette(num_colours: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map (bit-interleaved), [256, 3] uint8."""
+    palette = np.zeros((num_colours, 3), dtype=np.uint8)
+    for index in range(num_colours):
+        label, colour = index, [0, 0, 0]
+        for shift in range(7, -1, -1):
+            for channel in range(3):
+                colour[channel] |= ((label >> channel) & 1) << shift
+            label >>= 3
+        palette[index] = colour
+    return palette
+
+
+def _depth_colours(depth: np.ndarray, valid: np.ndarray, max_depth: float) -> np.ndarray:
+    scaled = np.clip(depth / max(max_depth, 1e-6), 0, 1) * (len(_DEPTH_COLOURS) - 1)
+    anchors = np.arange(len(_DEPTH_COLOURS))
+    rgb = np.stack([np.interp(scaled, anchors, _DEPTH_COLOURS[:, c]) for c in range(3)], -1)
+    return np.where(valid[..., None], rgb, 0).astype(np.uint8)
+
+
+def colourise(task: str, value: Tensor, is_target: bool, max_depth: float = 10.0) -> np.ndarray:
+    """HxWx3 uint8 picture of a target or a raw prediction of ``task``; invalid pixels dark."""
+    value = value.detach().float().cpu()
+    spec = get_task(task)
+    if spec.classification:
+        labels = value.long() if is_target else value.argmax(0)
+        labels = labels.numpy()
+        rgb = _palette()[np.where(labels == IGNORE_INDEX, 0, labels % 255) + 1]
+        rgb[labels == IGNORE_INDEX] = _IGNORE_COLOUR
+        return rgb
+    if task == "depth":
+        depth = value[0].numpy() if is_target else value[0].clamp_min(0).numpy()
+        valid = depth > 0 if is_target else np.ones_like(depth, dtype=bool)
+        return _depth_colours(depth, valid, max_depth)
+    if task == "normals":
+        unit = value if is_target else F.normalize(value, dim=0)
+        valid = (value.abs().sum(0) > 0).numpy()
+        rgb = np.round((unit.permute(1, 2, 0).numpy() + 1) * 127.5)
+        return np.where(valid[..., None], rgb, 0).astype(np.uint8)
+    if value.shape[0] == 1:  # binary maps (sal, edge): probability or label as grey
+        grey = value[0] if is_target else torch.sigmoid(value[0])
+        ignore = (grey == IGNORE_INDEX).numpy()
+        rgb = np.repeat(to_uint8(grey.clamp(0, 1).numpy())[..., None], 3, axis=-1)
+        rgb[ignore] = _IGNORE_COLOUR
+        return rgb
+    return np.zeros((*value.shape[-2:], 3), dtype=np.uint8)
+
+
+def denormalise(image: Tensor) -> np.ndarray:
+    """Normalised [3,H,W] image -> HxWx3 uint8."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    rgb = (image.detach().float().cpu() * std + mean).clamp(0, 1)
+    return (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def side_by_side(image: np.ndarray, rows: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> Image:
+    """A panel with one row per task: input | ground truth | prediction, with labels."""
+    height, width = image.shape[:2]
+    gap, label_width, header = 4, 64, 16
+    panel = Image.new(
+        "RGB",
+        (label_width + 3 * width + 2 * gap, header + len(rows) * (height + gap)),
+        (255, 255, 255),
+    )
+    draw = ImageDraw.Draw(panel)
+    for column, title in enumerate(("input", "ground truth", "prediction")):
+        draw.text((label_width + column * (width + gap) + 2, 2), title, fill=(0, 0, 0))
+    for row, (task, target, prediction) in enumerate(rows):
+        top = header + row * (height + gap)
+        draw.text((2, top + height // 2 - 5), task, fill=(0, 0, 0))
+        for column, picture in enumerate((image, target, prediction)):
+            panel.paste(Image.fromarray(picture), (label_width + column * (width + gap), top))
+    return panel
+
+
+# --------------------------------------------------------------------------- callback
+
+
+class PredictionWriter(L.Callback):
+    """Writes the predictions of a stand-alone evaluation (``trainer.validate``/``test``, not the
+    validation epochs of a fit) at original size, cropping ``meta["pad"]`` away.
+
+    Args:
+        out_dir: folder of the export (see the module docstring for the layout).
+        depth_format: "png16" (uint16 millimetres) or "npy" (float32 metres).
+        max_visuals: side-by-side pictures to write (the first images; 0: none, -1: all).
+        edge_thresholds: threshold set written to ``seism_parameters.txt`` (99, "hed" or a list).
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        depth_format: str = "png16",
+        max_visuals: int = 16,
+        edge_thresholds: int | str | Sequence[float] = 99,
+    ) -> None:
+        if depth_format not in ("png16", "npy"):
+            raise ValueError(f"depth_format '{depth_format}': expected 'png16' or 'npy'")
+        self.out_dir = Path(out_dir)
+        self.depth_format = depth_format
+        self.max_visuals = max_visuals
+        self.edge_thresholds = edge_thresholds
+        self.ids: list[str] = []
+
+    @staticmethod
+    def _evaluating(trainer: L.Trainer) -> bool:
+        return trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING)
+
+    def _start(self, trainer: L.Trainer) -> None:
+        self.ids = []
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._start(trainer)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._start(trainer)
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, *args: Any
+    ) -> None:
+        if self._evaluating(trainer):
+            self.write_batch(outputs, batch)
+
+    def on_test_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, *args: Any
+    ) -> None:
+        self.write_batch(outputs, batch)
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self._evaluating(trainer):
+            self.write_lists(trainer.global_rank, trainer.world_size)
+
+    def on_test_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.write_lists(trainer.global_rank, trainer.world_size)
+
+    def write_batch(self, preds: Mapping[str, Tensor], batch: Mapping[str, Any]) -> None:
+        """Write every task's prediction (and a few pictures) of one batch."""
+        meta = batch.get("meta") or {}
+        ids = [str(i) for i in meta.get("id", [])]
+        if len(ids) != batch["image"].shape[0]:
+            raise ValueError("prediction export needs batch['meta']['id'] for every image")
+        pad = meta.get("pad", (0, 0, 0, 0))
+        images = crop_to_original(batch["image"], pad)
+        cropped = {task: crop_to_original(pred, pad) for task, pred in preds.items()}
+        targets = {task: crop_to_original(batch[task], pad) for task in preds if task in batch}
+        for index, sample_id in enumerate(ids):
+            for task, pred in cropped.items():
+                folder = self.out_dir / task
+                folder.mkdir(parents=True, exist_ok=True)
+                array = encode_prediction(task, pred[index], self.depth_format)
+                save_array(folder / sample_id, array)
+            if self.max_visuals < 0 or len(self.ids) < self.max_visuals:
+                self._write_visual(sample_id, images[index], cropped, targets, index)
+            self.ids.append(sample_id)
+
+    def _write_visual(
+        self,
+        sample_id: str,
+        image: Tensor,
+        preds: Mapping[str, Sequence[Tensor]],
+        targets: Mapping[str, Sequence[Tensor]],
+        index: int,
+    ) -> None:
+        rows = []
+        for task, pred in preds.items():
+            target = targets[task][index] if task in targets else None
+            max_depth = 10.0
+            if task == "depth" and target is not None and (target > 0).any():
+                max_depth = float(target[target > 0].max())
+            picture = colourise(task, pred[index], is_target=False, max_depth=max_depth)
+            truth = (
+                colourise(task, target, is_target=True, max_depth=max_depth)
+                if target is not None
+                else np.zeros_like(picture)
+            )
+            rows.append((task, truth, picture))
+        folder = self.out_dir / "visual"
+        folder.mkdir(parents=True, exist_ok=True)
+        side_by_side(denormalise(image), rows).save(folder / f"{sample_id}.png")
+
+    def write_lists(self, rank: int = 0, world_size: int = 1) -> None:
+        """Write the evaluated ids and the edge thresholds (SEISM's id list and parameters)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        suffix = "" if world_size == 1 else f"_rank{rank}"
+        (self.out_dir / f"ids{suffix}.txt").write_text("".join(f"{i}\n" for i in self.ids))
+        thresholds = threshold_set(self.edge_thresholds)
+        (self.out_dir / "seism_parameters.txt").write_text("".join(f"{t:g}\n" for t in thresholds))

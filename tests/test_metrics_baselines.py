@@ -1,0 +1,35 @@
+"""python -m mtl.metrics.baselines: single-task run folders -> a baselines YAML that Δm reads."""
+
+import json
+
+import pytest
+import yaml
+
+from mtl.metrics.baselines import collect, main
+from mtl.metrics.delta_m import load_baselines
+
+
+def _run(folder, tasks, scores):
+    folder.mkdir(parents=True)
+    config = {"data": {"name": "synthetic", "tasks": tasks, "batch_size": 4}, "seed": 1}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    (folder / "metrics.json").write_text(json.dumps(scores))
+
+
+def test_runs_are_collected_with_test_scores_preferred(tmp_path):
+    _run(tmp_path / "sweep" / "0", ["semseg"], {"val/semseg/mIoU": 0.4, "test/semseg/mIoU": 0.5})
+    _run(tmp_path / "sweep" / "1", ["depth"], {"val/depth/rmse": 0.7, "val/loss": 1.0})
+    out = tmp_path / "baselines.yaml"
+    main([str(tmp_path / "sweep"), "--out", str(out), "--note", "two epochs"])
+    assert load_baselines(out) == {"semseg": {"mIoU": 0.5}, "depth": {"rmse": 0.7}}
+    assert "# two epochs" in out.read_text()
+
+
+def test_multi_task_and_duplicate_runs_are_refused(tmp_path):
+    _run(tmp_path / "a", ["semseg", "depth"], {"val/semseg/mIoU": 0.4})
+    with pytest.raises(ValueError, match="one task"):
+        collect([tmp_path / "a"])
+    _run(tmp_path / "b" / "0", ["semseg"], {"val/semseg/mIoU": 0.4})
+    _run(tmp_path / "b" / "1", ["semseg"], {"val/semseg/mIoU": 0.5})
+    with pytest.raises(ValueError, match="two runs"):
+        collect([tmp_path / "b"])

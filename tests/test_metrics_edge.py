@@ -1,0 +1,152 @@
+"""Edge odsF/oisF/AP with the benchmark's matching (needs the optional pyedgeeval package)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mtl.metrics.boundary import (
+    HED_THRESHOLDS,
+    average_precision,
+    precision_recall,
+    pyedgeeval_available,
+    threshold_set,
+)
+
+pytestmark = pytest.mark.skipif(
+    not pyedgeeval_available(), reason="pyedgeeval not installed (pip install -e '.[edge]')"
+)
+
+H, W = 40, 60  # diagonal 72.1 px: max_dist 0.02 -> 1.44 px tolerance
+
+# The benchmark's matching adds random outlier edges (clock-seeded in its C++ code, as in the
+# MATLAB original); a perfect prediction then loses about 0.5% of its matches at random. Scores
+# of correct predictions are therefore checked to within 3%, impossible matches exactly.
+NEAR_ONE = 0.97
+
+
+def _edge_map(rows=(), cols=()) -> np.ndarray:
+    gt = np.zeros((H, W), dtype=np.float32)
+    for r in rows:
+        gt[r, 5:55] = 1
+    for c in cols:
+        gt[5:35, c] = 1
+    return gt
+
+
+def _as_batch(*maps: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.stack(maps)[:, None])
+
+
+def _logits(*maps: np.ndarray) -> torch.Tensor:
+    """Confident logits of binary maps (probability 1 on the map, 0 elsewhere)."""
+    return (_as_batch(*maps) * 2 - 1) * 30
+
+
+def _metric(preds: torch.Tensor, target: torch.Tensor, meta=None, **options):
+    from mtl.metrics.edge import EdgeBoundaryF
+
+    metric = EdgeBoundaryF(**{"max_dist": 0.02, "thresholds": 9, "workers": 0, **options})
+    metric.update(preds, target, meta=meta)
+    return metric
+
+
+def _scores(preds: torch.Tensor, target: torch.Tensor, **options) -> dict[str, float]:
+    return {k: v.item() for k, v in _metric(preds, target, **options).compute().items()}
+
+
+def _assert_same_counts(a, b) -> None:
+    """Equal pixel sums; matched counts equal up to the matching's random losses."""
+    a.compute(), b.compute()
+    assert torch.equal(a.counts[:, [1, 3]], b.counts[:, [1, 3]])
+    assert (a.counts[:, [0, 2]] - b.counts[:, [0, 2]]).abs().max() <= 3
+
+
+def test_perfect_prediction_scores_one():
+    gt = _edge_map(rows=[10], cols=[40])
+    scores = _scores(_logits(gt), _as_batch(gt))
+    assert scores["odsF"] >= NEAR_ONE and scores["oisF"] >= NEAR_ONE
+
+
+def test_one_pixel_shift_inside_tolerance_is_free_beyond_it_costs():
+    gt = _edge_map(rows=[10, 30])
+    assert _scores(_logits(np.roll(gt, 1, axis=0)), _as_batch(gt))["odsF"] >= NEAR_ONE
+    assert _scores(_logits(np.roll(gt, 3, axis=0)), _as_batch(gt))["odsF"] == 0.0
+
+
+def test_counts_are_summed_over_images_not_averaged():
+    small, large = _edge_map(rows=[10]), _edge_map(rows=[10, 20, 30])  # 50 and 150 pixels
+    preds = _logits(small, np.roll(large, 5, axis=0))  # image 1 perfect, image 2 all wrong
+    scores = _scores(preds, _as_batch(small, large))
+    # summed: P = 50/200, R = 50/200 -> F = 0.25 (a mean of per-image F would be 0.5)
+    assert 0.25 * NEAR_ONE <= scores["odsF"] <= 0.25
+    assert 0.25 * NEAR_ONE <= scores["oisF"] <= 0.25
+
+
+def test_best_single_threshold_over_the_dataset():
+    gt = _edge_map(rows=[10])
+    wrong = _edge_map(rows=[30])
+    probs = gt * 0.8 + wrong * 0.3  # the true line is stronger than the false one
+    logits = torch.logit(torch.from_numpy(probs).clamp(1e-6, 1 - 1e-6))[None, None]
+    scores = _scores(logits, _as_batch(gt))
+    assert scores["odsF"] >= NEAR_ONE  # a threshold in (0.3, 0.8) keeps only the true line
+    assert 0 < scores["ap"] <= 1
+
+
+def test_padding_and_ignore_pixels_are_removed():
+    gt = _edge_map(rows=[10], cols=[40])
+    plain = _metric(_logits(gt), _as_batch(gt))
+    padded_gt = np.pad(gt, ((0, 8), (0, 12)), constant_values=255)
+    junk = np.pad(gt, ((0, 8), (0, 12)), constant_values=1)  # edges predicted in the padding
+    meta = {"pad": [torch.tensor([0]), torch.tensor([8]), torch.tensor([0]), torch.tensor([12])]}
+    _assert_same_counts(_metric(_logits(junk), _as_batch(padded_gt), meta=meta), plain)
+    ignored_gt = gt.copy()
+    ignored_gt[:, 50:] = 255  # ignored pixels: neither ground truth nor prediction
+    cut = gt.copy()
+    cut[:, 50:] = 0
+    _assert_same_counts(
+        _metric(_logits(gt), _as_batch(ignored_gt)), _metric(_logits(cut), _as_batch(cut))
+    )
+
+
+def test_worker_processes_give_the_same_counts():
+    gt = _edge_map(rows=[10], cols=[20, 45])
+    rng = np.random.default_rng(0)
+    probs = np.clip(gt * 0.7 + rng.random(gt.shape) * 0.4, 0, 1)
+    logits = torch.logit(torch.from_numpy(probs).float().clamp(1e-4, 1 - 1e-4))[None, None]
+    _assert_same_counts(
+        _metric(logits, _as_batch(gt), workers=1), _metric(logits, _as_batch(gt), workers=0)
+    )
+
+
+def test_schedule_switches_matching_on_and_off():
+    from mtl.metrics.edge import EdgeBoundaryF
+
+    metric = EdgeBoundaryF(every_n_epochs=2, workers=0)
+    metric.begin_epoch("val", epoch=0, fitting=True)
+    assert not metric.active
+    metric.begin_epoch("val", epoch=1, fitting=True)
+    assert metric.active
+    metric.begin_epoch("sanity", epoch=1, fitting=True)
+    assert not metric.active
+    metric.begin_epoch("val", epoch=0, fitting=False)  # validation after the fit: scheduled
+    assert metric.active
+    metric.begin_epoch("test", epoch=0, fitting=False)
+    assert metric.active
+    unscheduled = EdgeBoundaryF(every_n_epochs=0, workers=0)
+    unscheduled.begin_epoch("val", epoch=0, fitting=False)
+    assert not unscheduled.active
+    unscheduled.begin_epoch("test", epoch=0, fitting=False)
+    assert unscheduled.active
+
+
+def test_threshold_sets_and_seism_rules():
+    assert np.allclose(threshold_set(99), np.arange(1, 100) / 100)
+    assert len(threshold_set("hed")) == 101 and threshold_set("hed")[0] == HED_THRESHOLDS[0]
+    # no ground truth: recall 1, precision 0; no prediction: recall 0, precision 1
+    precision, recall = precision_recall(np.array([[0, 0, 0, 5], [0, 5, 0, 0]]))
+    assert precision.tolist() == [0.0, 1.0] and recall.tolist() == [1.0, 0.0]
+    # AP: precision interpolated at recall 0, 0.01, ..., 1 inside the curve, / 100
+    ap = average_precision(np.array([1.0, 0.5]), np.array([0.5, 1.0]))
+    assert math.isclose(ap, sum(1.0 - (r - 0.5) for r in np.linspace(0.5, 1, 51)) / 100)
