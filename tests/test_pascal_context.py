@@ -25,11 +25,7 @@ from mtl.data.pascal_context import (
 
 TASKS = ("semseg", "parts", "sal", "normals", "edge")
 SIZE = (30, 40)
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "pascal_part_real"
-needs_fixture = pytest.mark.skipif(
-    not (FIXTURE / "human_parts").is_dir(),
-    reason=f"real PASCAL-Part files not found at {FIXTURE} (shared/ beside the clone)",
-)
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "pascal_part_real"  # see its SOURCE.md
 PERSON_IDS = {"2008_000652", "2008_000700", "2008_000726", "2008_000939", "2008_003228",
               "2009_001103", "2010_002526", "2010_005243"}  # fmt: skip
 
@@ -144,7 +140,6 @@ def test_edge_eval_list_selects_val_ids(pascal, tmp_path: Path) -> None:
 # ----------------------------------------------------------------------- real PASCAL-Part files
 
 
-@needs_fixture
 def test_real_part_files_give_part_maps_exactly_for_the_person_images() -> None:
     for path in sorted((FIXTURE / "human_parts").glob("*.mat")):
         target = read_parts(path)
@@ -159,7 +154,6 @@ def test_real_part_files_give_part_maps_exactly_for_the_person_images() -> None:
     assert set(np.unique(target)) == set(range(7))  # all six parts visible in this one
 
 
-@needs_fixture
 def test_real_files_through_the_dataset_read_only_root(tmp_path: Path) -> None:
     """The fixture root (read-only) as a dataset, with and without the shipped object lists."""
     for split in ("train", "val"):
