@@ -6,40 +6,66 @@ One step = forward, the balancer's backward, optimiser step, on the default mode
 HRNet-style heads, the synthetic dataset's 5 tasks) and a fixed random batch. Each figure is the
 median of several repetitions after a warm-up. Bounds: `rep` mode 1.3; `param` mode
 1.1 x (1 + 2T)/3 (the T backward passes it needs, a backward costing two forwards); SAM-MTL
-1.1 x (1 + 5T)/3 ((1 + T) forwards and 2T backwards). Peak memory is the process's peak resident
-set during the step (Linux), in MiB above the equal-weighting step's.
+1.1 x (1 + 5T)/3 ((1 + T) forwards and 2T backwards). Growth with T uses copies of the depth task
+under new names beyond the synthetic dataset's five tasks (registered in this process only).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import statistics
-import time
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from bench.table import Table
+from bench.timing import median_seconds
 from mtl.balancers import build_balancer
 from mtl.balancers.base import BalanceContext
-from mtl.tasks import get_task
+from mtl.tasks import TASKS, get_task, register
 from mtl.train import build_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 ALL_TASKS = ["semseg", "depth", "normals", "edge", "sal"]
+LOSS_METHODS = ["uncertainty", "dwa", "rlw", "famo"]
 GRADIENT_METHODS = ["pcgrad", "cagrad", "mgda", "imtl", "nash", "aligned", "upgrad"]
 
 
+@dataclasses.dataclass
+class Settings:
+    """Batch, input size and timing repetitions of the balancer benchmarks."""
+
+    batch_size: int = 16
+    size: tuple[int, int] = (96, 128)
+    repeats: int = 5
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(batch_size=4, size=(64, 64), repeats=2)
+
+
 def compose_cfg(overrides: list[str]):
+    """The training config with ``overrides`` (Hydra composition of ``conf/train.yaml``)."""
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         return compose(
             config_name="train", overrides=["paths.root_dir=.", "paths.output_dir=.", *overrides]
         )
 
 
+def task_names(count: int) -> list[str]:
+    """``count`` task names: the synthetic dataset's tasks, then registered copies of depth."""
+    names = ALL_TASKS[:count] + [f"depth{i}" for i in range(2, count - len(ALL_TASKS) + 2)]
+    for name in names:
+        if name not in TASKS:
+            register(dataclasses.replace(get_task("depth"), name=name))
+    return names
+
+
 def random_batch(tasks: list[str], batch: int, size: tuple[int, int], classes: int) -> dict:
+    """A fixed random batch with a valid target for every task (copies of depth get depth)."""
     g = torch.Generator().manual_seed(0)
     h, w = size
     normals = torch.nn.functional.normalize(torch.randn(batch, 3, h, w, generator=g), dim=1)
@@ -50,48 +76,36 @@ def random_batch(tasks: list[str], batch: int, size: tuple[int, int], classes: i
         "edge": (torch.rand(batch, 1, h, w, generator=g) > 0.9).float(),
         "sal": (torch.rand(batch, 1, h, w, generator=g) > 0.7).float(),
     }
-    return {"image": torch.randn(batch, 3, h, w, generator=g), **{t: targets[t] for t in tasks}}
+    image = torch.randn(batch, 3, h, w, generator=g)
+    return {"image": image, **{t: targets.get(t, targets["depth"]) for t in tasks}}
 
 
-def peak_rss_mib() -> float:
-    """Peak resident set of this process (Linux VmHWM), MiB; NaN elsewhere."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def reset_peak_rss() -> None:
-    with contextlib.suppress(OSError):  # Linux: reset the peak resident set
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def time_step(overrides: list[str], tasks: list[str], args) -> tuple[float, float]:
-    """Median step time (s) and peak RSS (MiB) of one configuration."""
+def make_step(overrides: list[str], tasks: list[str], settings: Settings) -> Callable[[], None]:
+    """One training step of a configuration (forward, balancer backward, SGD step) as a call."""
     cfg = compose_cfg(
         [
             f"data.tasks=[{','.join(tasks)}]",
-            f"data.image_size=[{args.size[0]},{args.size[1]}]",
+            f"data.image_size=[{settings.size[0]},{settings.size[1]}]",
             *overrides,
         ]
     )
     torch.manual_seed(0)
     model = build_model(cfg)
     balancer = build_balancer(cfg.balancer, cfg.get("flat"), tasks)
-    weights = OmegaConf.to_container(cfg.data.loss_weights)
+    configured = OmegaConf.to_container(cfg.data.loss_weights)
+    weights = {t: configured.get(t, get_task(t).loss_weight) for t in tasks}
     optimizer = torch.optim.SGD(list(model.parameters()) + list(balancer.parameters()), lr=1e-4)
-    batch = random_batch(tasks, args.batch_size, tuple(args.size), cfg.data.num_classes.semseg)
+    classes = cfg.data.num_classes.semseg
+    batch = random_batch(tasks, settings.batch_size, settings.size, classes)
     features: list[torch.Tensor] = []
+    counter = [0]
 
     def losses_of(subset=None):
         preds, feats = model(batch["image"], subset or tasks, return_features=True)
         features[:] = feats
         return {t: weights[t] * get_task(t).loss(preds[t], batch[t]) for t in subset or tasks}
 
-    def step(index: int) -> None:
+    def step() -> None:
         losses = losses_of()
         optimizer.zero_grad(set_to_none=True)
         context = BalanceContext(
@@ -100,74 +114,103 @@ def time_step(overrides: list[str], tasks: list[str], args) -> tuple[float, floa
             backward=lambda t: t.backward(),
             recompute_losses=losses_of,
             all_reduce_mean=lambda t: t,
-            step=index,
+            step=counter[0],
             features=list(features),
             model=model,
         )
         balancer.backward(losses, context)
         optimizer.step()
+        counter[0] += 1
 
-    step(0)  # warm-up
-    reset_peak_rss()
-    times = []
-    for i in range(args.repeats):
-        start = time.perf_counter()
-        step(i + 1)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), peak_rss_mib()
+    return step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions and methods")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--size", type=int, nargs=2, default=[96, 128])
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    if args.quick:
-        args.repeats = 2
-    torch.set_num_threads(torch.get_num_threads())
-
-    base_time, base_mem = time_step(["balancer=equal"], ALL_TASKS, args)
-    t = len(ALL_TASKS)
-    configs = [(m, [f"balancer={m}"], None) for m in ["uncertainty", "dwa", "rlw", "famo"]]
-    methods = ["pcgrad", "mgda"] if args.quick else GRADIENT_METHODS
-    for m in methods:
+def configurations(num_tasks: int) -> list[tuple[str, list[str], float | None]]:
+    """(name, config overrides, bound on the ratio to equal weighting) of every method."""
+    t = num_tasks
+    configs = [(m, [f"balancer={m}"], None) for m in LOSS_METHODS]
+    for m in GRADIENT_METHODS:
         configs.append((f"{m} (param)", [f"balancer={m}"], 1.1 * (1 + 2 * t) / 3))
         configs.append((f"{m} (rep)", [f"balancer={m}", "balancer.mode=rep"], 1.3))
     configs.append(("equal + sam", ["balancer=equal", "flat=sam"], 1.1 * (1 + 5 * t) / 3))
     configs.append(("pcgrad + asam", ["balancer=pcgrad", "flat=asam"], 1.1 * (1 + 5 * t) / 3))
-    print(
-        f"equal weighting: {base_time * 1000:.0f} ms/step, T={t}, batch {args.batch_size}, "
-        f"{args.size[0]}x{args.size[1]}, {torch.get_num_threads()} threads\n"
-    )
-    print("| method | step time / equal | bound | within | peak memory over equal (MiB) |")
-    print("|---|---|---|---|---|")
-    print("| equal | 1.00 | | | 0 |")
-    for name, overrides, bound in configs:
-        seconds, memory = time_step(overrides, ALL_TASKS, args)
-        ratio = seconds / base_time
-        within = "" if bound is None else ("yes" if ratio <= bound else "NO")
-        bound_text = "" if bound is None else f"{bound:.2f}"
-        print(
-            f"| {name} | {ratio:.2f} | {bound_text} | {within} | {memory - base_mem:.0f} |",
-            flush=True,
-        )
+    return configs
 
-    print("\nGrowth with the number of tasks T (ratio to equal weighting with the same T):\n")
-    print("| T | pcgrad (param) | bound | pcgrad (rep) | equal + sam | bound |")
-    print("|---|---|---|---|---|---|")
-    for count in (2, 3, 5):
-        tasks = ALL_TASKS[:count]
-        equal, _ = time_step(["balancer=equal"], tasks, args)
-        param, _ = time_step(["balancer=pcgrad"], tasks, args)
-        rep, _ = time_step(["balancer=pcgrad", "balancer.mode=rep"], tasks, args)
-        sam, _ = time_step(["balancer=equal", "flat=sam"], tasks, args)
-        print(
-            f"| {count} | {param / equal:.2f} | {1.1 * (1 + 2 * count) / 3:.2f} | "
-            f"{rep / equal:.2f} | {sam / equal:.2f} | {1.1 * (1 + 5 * count) / 3:.2f} |",
-            flush=True,
+
+def step_seconds(overrides: list[str], tasks: list[str], settings: Settings) -> float:
+    return median_seconds(make_step(overrides, tasks, settings), settings.repeats)
+
+
+def method_table(settings: Settings, methods: list[str] | None = None) -> Table:
+    """Step time of each method (all, or those named in ``methods``, e.g. "pcgrad (rep)").
+
+    Equal weighting is timed again right before each method and the ratio taken to that
+    timing, so that a change of load on the machine between methods does not bias it."""
+    equal = make_step(["balancer=equal"], ALL_TASKS, settings)
+    base = median_seconds(equal, settings.repeats)
+    table = Table(
+        "Balancers: training-step time vs equal weighting",
+        ["method", "step time / equal", "bound", "within"],
+        [["equal", 1.0, "", ""]],
+        [
+            f"Equal weighting: {base * 1000:.0f} ms/step; ResNet-18 + HRNet heads, "
+            f"T={len(ALL_TASKS)}, batch {settings.batch_size}, "
+            f"{settings.size[0]}x{settings.size[1]}, {torch.get_num_threads()} threads; "
+            f"median of {settings.repeats} steps after one warm-up, equal weighting timed "
+            "again next to each method. The bounds assume compute-bound steps; at small inputs "
+            "the per-task gradient bookkeeping (flattening, Gramian) dominates and exceeds them."
+        ],
+    )
+    for name, overrides, bound in configurations(len(ALL_TASKS)):
+        if methods and name not in methods:
+            continue
+        step = make_step(overrides, ALL_TASKS, settings)
+        ratio = median_seconds(step, settings.repeats) / median_seconds(equal, settings.repeats)
+        within = "" if bound is None else ("yes" if ratio <= bound else "NO")
+        table.rows.append([name, ratio, "" if bound is None else bound, within])
+    return table
+
+
+def growth_table(settings: Settings, counts: tuple[int, ...] = (2, 3, 5, 8)) -> Table:
+    """Ratio to equal weighting (same T) of the T-dependent methods, T = ``counts``."""
+    table = Table(
+        "Balancers: growth with the number of tasks T (ratio to equal weighting, same T)",
+        ["T", "equal (ms)", "pcgrad (param)", "bound", "pcgrad (rep)", "equal + sam", "bound"],
+        notes=["Tasks beyond the synthetic five are copies of depth under new names."],
+    )
+    for count in counts:
+        tasks = task_names(count)
+        equal = step_seconds(["balancer=equal"], tasks, settings)
+        param = step_seconds(["balancer=pcgrad"], tasks, settings)
+        rep = step_seconds(["balancer=pcgrad", "balancer.mode=rep"], tasks, settings)
+        sam = step_seconds(["balancer=equal", "flat=sam"], tasks, settings)
+        table.rows.append(
+            [
+                count,
+                equal * 1000,
+                param / equal,
+                1.1 * (1 + 2 * count) / 3,
+                rep / equal,
+                sam / equal,
+                1.1 * (1 + 5 * count) / 3,
+            ]
         )
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller batch and input")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--size", type=int, nargs=2)
+    parser.add_argument("--repeats", type=int)
+    args = parser.parse_args()
+    settings = Settings.quick() if args.quick else Settings()
+    settings.batch_size = args.batch_size or settings.batch_size
+    settings.size = tuple(args.size or settings.size)
+    settings.repeats = args.repeats or settings.repeats
+    print(method_table(settings).markdown())
+    print(growth_table(settings).markdown())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Data-pipeline throughput: samples per second of one loader worker, two pipelines.
+"""Data-pipeline throughput: samples per second of the loaders, next to the training step rate.
 
-    python bench/data.py [--samples 24] [--seconds 6]
+    python -m bench.data [--quick] [--samples 24] [--repeats 3]
 
 Writes NYUD-v2 (ATRC: 425x560 .png; NYUD_MT: 480x640 .jpg/.npy) and PASCAL_MT (375x500) folders
 in their real formats to a temporary directory, then times one process with one thread (as a
@@ -12,22 +12,30 @@ loader worker runs) turning files into training tensors with random scale 0.5-2.
 - mtl: this package's loaders and transforms (OpenCV decoding, uint8 until the last step, the
   crop window chosen before resampling so only the window is resampled).
 
-Both pipelines draw from the same seeds; the table prints samples/s and their ratio.
+Both pipelines draw from the same seeds; the first table prints samples/s and their ratio. The
+second table runs this package's pipeline through a `DataLoader` with 0 and 2 worker processes
+and puts the training step rate of ViT-S with the dataset's heads at the crop size (forward,
+backward, AdamW; this machine, float32) beside it, so that one sees whether loading keeps up.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from bench.models import NYUD_HEADS, PASCAL_HEADS, train_step, vit_model
+from bench.table import Table
+from bench.timing import median_seconds
 from mtl.data.edges import label_edges
 from mtl.data.formats import write_nyud, write_pascal
 from mtl.data.nyud import NYUDDataset
@@ -156,57 +164,140 @@ def pascal_float_sample(dataset: PASCALContextDataset, sample_id: str) -> dict:
     }
 
 
-# --------------------------------------------------------------------------- timing
+# --------------------------------------------------------------------------- benchmarks
 
 
-def throughput(step: Callable[[int], object], n: int, seconds: float) -> float:
-    """Samples per second of ``step(i)`` cycling over ``n`` samples for about ``seconds``."""
-    step(0)  # warm-up (imports, caches)
+@dataclass
+class Settings:
+    """Samples written per dataset, timing repetitions, loader batch and training batch."""
+
+    samples: int = 24
+    repeats: int = 3
+    loader_batch: int = 2
+    batches_per_repeat: int = 6
+    train_batch: int = 2
+    workers: tuple[int, ...] = (0, 2)
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(samples=8, repeats=3, batches_per_repeat=4, train_batch=1)
+
+
+@dataclass
+class Setup:
+    """One written dataset, its float ("straightforward") reader, crop and model heads."""
+
+    label: str
+    dataset: Dataset
+    float_sample: Callable
+    crop: tuple[int, int]
+    heads: dict[str, int]
+
+
+def write_datasets(tmp: Path, samples: int, variants: tuple[str, ...] = ("nyud_mt", "atrc")):
+    """NYUD-v2 (the given layouts) and PASCAL_MT folders with ``samples`` training ids each."""
+    labels = {"atrc": "NYUD-v2 ATRC .png 425x560", "nyud_mt": "NYUD-v2 NYUD_MT .jpg/.npy 480x640"}
+    ids = [f"{i:06d}" for i in range(samples)]
+    setups = []
+    for variant in variants:
+        root = tmp / variant
+        write_nyud(root, {"train": ids}, variant=variant)
+        ds = NYUDDataset(root, "train", NYUD_TASKS, train_transforms((448, 576)))
+        setups.append(Setup(labels[variant], ds, nyud_float_sample, (448, 576), NYUD_HEADS))
+    root = tmp / "pascal"
+    write_pascal(root, {"train": ids}, persons=ids[::3])
+    ds = PASCALContextDataset(root, "train", PASCAL_TASKS, train_transforms((512, 512)))
+    label = "PASCAL_MT .jpg/.png/.mat 375x500"
+    setups.append(Setup(label, ds, pascal_float_sample, (512, 512), PASCAL_HEADS))
+    return setups
+
+
+def samples_per_second(step: Callable[[int], object], n: int, repeats: int) -> float:
+    """Samples/s of ``step(i)`` over ``n`` samples: median of ``repeats`` passes after one."""
     torch.manual_seed(0)
-    done, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds or done < n:
-        step(done % n)
-        done += 1
-    return done / elapsed
+    return n / median_seconds(lambda: [step(i) for i in range(n)], repeats)
+
+
+def pipeline_table(settings: Settings) -> Table:
+    """One worker (one process, one thread): straightforward pipeline against this package's."""
+    cv2.setNumThreads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    table = Table(
+        "Data: samples/s of one loader worker (one process, one thread)",
+        ["data", "straightforward", "mtl", "speed-up"],
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for s in write_datasets(Path(tmp), settings.samples):
+            ds = s.dataset
+            plain = samples_per_second(
+                lambda i, s=s: straightforward(s.float_sample(s.dataset, s.dataset.ids[i]), s.crop),
+                len(ds),
+                settings.repeats,
+            )
+            ours = samples_per_second(lambda i, ds=ds: ds[i], len(ds), settings.repeats)
+            table.rows.append([s.label, plain, ours, ours / plain])
+    torch.set_num_threads(threads)
+    return table
+
+
+def loader_rate(dataset: Dataset, workers: int, settings: Settings) -> float:
+    """Samples/s of a `DataLoader` over ``dataset`` with ``workers`` processes, steady state."""
+    sampler = RandomSampler(dataset, replacement=True, num_samples=1 << 30)
+    loader = DataLoader(
+        dataset, batch_size=settings.loader_batch, sampler=sampler, num_workers=workers
+    )
+    batches = iter(loader)
+    per_repeat = settings.batches_per_repeat
+    seconds = median_seconds(
+        lambda: list(itertools.islice(batches, per_repeat)), settings.repeats, warmup=1
+    )
+    return per_repeat * settings.loader_batch / seconds
+
+
+def loader_table(settings: Settings) -> Table:
+    """Loader samples/s (0 and 2 workers) next to ViT-S training samples/s, at the crop size."""
+    cv2.setNumThreads(1)  # as the datamodule does before forking workers
+    table = Table(
+        "Data: loader throughput against the training step rate (samples/s)",
+        [
+            "data",
+            "crop",
+            *(f"loader, {w} workers" for w in settings.workers),
+            "ViT-S train step",
+            "loader / train (best)",
+        ],
+        notes=[
+            f"Loader: decode + augmentation + collate, batch {settings.loader_batch}, "
+            f"median of {settings.repeats} runs of {settings.batches_per_repeat} batches after "
+            f"one; {torch.get_num_threads()} threads in the main process. ViT-S: random init, "
+            f"HRNet heads, batch {settings.train_batch}, float32 on this machine's CPU."
+        ],
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for s in write_datasets(Path(tmp), settings.samples, variants=("nyud_mt",)):
+            rates = [loader_rate(s.dataset, w, settings) for w in settings.workers]
+            model = vit_model("vit_small", s.crop, s.heads)
+            g = torch.Generator().manual_seed(0)
+            images = torch.randn(settings.train_batch, 3, *s.crop, generator=g)
+            seconds = median_seconds(train_step(model, images), settings.repeats)
+            train = settings.train_batch / seconds
+            crop = f"{s.crop[0]}x{s.crop[1]}"
+            table.rows.append([s.label, crop, *rates, train, max(rates) / train])
+    return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=24, help="samples written per dataset")
-    parser.add_argument("--seconds", type=float, default=6.0, help="timing per pipeline")
+    parser.add_argument("--quick", action="store_true", help="fewer samples and repetitions")
+    parser.add_argument("--samples", type=int, help="samples written per dataset")
+    parser.add_argument("--repeats", type=int)
     args = parser.parse_args()
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        ids = [f"{i:06d}" for i in range(args.samples)]
-        setups = []
-        for variant, label in (("atrc", "NYUD-v2 ATRC .png 425x560"),
-                               ("nyud_mt", "NYUD-v2 NYUD_MT .jpg/.npy 480x640")):  # fmt: skip
-            root = Path(tmp) / variant
-            write_nyud(root, {"train": ids}, variant=variant)
-            ds = NYUDDataset(root, "train", NYUD_TASKS, train_transforms((448, 576)))
-            setups.append((label, ds, nyud_float_sample, (448, 576)))
-        root = Path(tmp) / "pascal"
-        write_pascal(root, {"train": ids}, persons=ids[::3])
-        ds = PASCALContextDataset(root, "train", PASCAL_TASKS, train_transforms((512, 512)))
-        setups.append(("PASCAL_MT .jpg/.png/.mat 375x500", ds, pascal_float_sample, (512, 512)))
-
-        for label, ds, float_sample, crop in setups:
-            plain = throughput(
-                lambda i, ds=ds, f=float_sample, c=crop: straightforward(f(ds, ds.ids[i]), c),
-                len(ds),
-                args.seconds,
-            )
-            ours = throughput(lambda i, ds=ds: ds[i], len(ds), args.seconds)
-            rows.append((label, plain, ours))
-
-    print("samples/s of one loader worker (one process, one thread)\n")
-    print("| data | straightforward | mtl | speed-up |")
-    print("|---|---|---|---|")
-    for label, plain, ours in rows:
-        print(f"| {label} | {plain:.1f} | {ours:.1f} | {ours / plain:.2f}x |")
+    settings = Settings.quick() if args.quick else Settings()
+    settings.samples = args.samples or settings.samples
+    settings.repeats = args.repeats or settings.repeats
+    print(pipeline_table(settings).markdown())
+    print(loader_table(settings).markdown())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,5 @@
+"""``python -m bench``: every benchmark, markdown tables (see `bench.run`)."""
+
+from bench.run import main
+
+main()

@@ -1,0 +1,93 @@
+"""The benchmark suite's tables, with tiny settings: rows, columns and sane values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench import adapters, balancers, gpu, overhead
+from bench.models import count_flops
+from bench.table import Table
+from bench.timing import median_interval, median_seconds, peak_rss_growth_mib
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: timings of a shared machine stay short and stable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_flops_are_exact_for_linear_and_conv():
+    linear, x = torch.nn.Linear(8, 4), torch.randn(3, 8)
+    assert count_flops(lambda: linear(x)) == 2 * 3 * 8 * 4
+    conv, image = torch.nn.Conv2d(2, 3, kernel_size=3, padding=1), torch.randn(1, 2, 5, 5)
+    assert count_flops(lambda: conv(image)) == 2 * (3 * 5 * 5) * (2 * 3 * 3)
+
+
+def test_timing_helpers():
+    calls = []
+    assert median_seconds(lambda: calls.append(1), repeats=3, warmup=2) >= 0
+    assert len(calls) == 5
+    assert median_interval([0.0, 5.0, 6.0, 8.0, 9.0], skip=1) == 1.0
+
+
+def test_peak_memory_sees_a_large_allocation():
+    growth = peak_rss_growth_mib(lambda: torch.ones(16 * 2**20))  # 64 MiB, always mmapped
+    assert math.isnan(growth) or 56 <= growth <= 100
+
+
+def test_table_markdown():
+    table = Table("t", ["a", "b"], [["x", 1.5], ["y", 1234]], ["note"])
+    text = table.markdown()
+    assert "| a | b |" in text and "| x | 1.50 |" in text and "| y | 1,234 |" in text
+    assert table.column("b") == [1.5, 1234]
+
+
+def test_adapter_tables():
+    settings = adapters.Settings(arch="vit_tiny_4", size=(32, 32), batch_size=1, repeats=1)
+    table = adapters.cost_table(settings)
+    assert table.column("adapter") == ["none", "lora", "mtlora", "moe"]
+    for one, every in zip(
+        table.column("GFLOPs semseg only"), table.column("GFLOPs all tasks"), strict=True
+    ):
+        assert 0 < one < every
+    assert all(r > 0 for r in table.column("step time / none"))
+    settings.experts, settings.top_k = (2,), (1, 2)
+    moe = adapters.moe_table(settings)
+    assert moe.column("E") == [2]
+    for row in moe.rows:
+        assert 0 < row[1] < row[2]  # top-2 costs more than top-1
+
+
+def test_balancer_tables():
+    settings = balancers.Settings(batch_size=2, size=(32, 32), repeats=1)
+    table = balancers.method_table(settings, methods=["pcgrad (rep)"])
+    assert table.column("method") == ["equal", "pcgrad (rep)"]
+    assert all(r > 0 for r in table.column("step time / equal"))
+    growth = balancers.growth_table(settings, counts=(6,))  # one registered copy of depth
+    assert growth.column("T") == [6]
+    assert all(r > 0 for r in growth.column("pcgrad (param)"))
+
+
+def test_overhead_table():
+    settings = overhead.Settings(steps=1, warmup=1, rounds=1, batch_size=2, size=(32, 32))
+    table = overhead.overhead_table(settings)
+    assert len(table.rows) == 5
+    assert table.rows[0][2] == 1.0
+    assert all(r > 0 for r in table.column("ratio to plain"))
+
+
+def test_gpu_peaks_and_skip_without_cuda():
+    assert gpu.peak_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert gpu.peak_tflops("NVIDIA H100 PCIe") == 756
+    assert gpu.peak_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert gpu.peak_tflops("Some GPU") is None
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the skip note does not apply")
+    table = gpu.gpu_table(gpu.Settings())
+    assert table.rows == [] and "Skipped" in table.notes[0]
