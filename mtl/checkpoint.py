@@ -1,0 +1,252 @@
+"""Checkpoint files: atomic writes, safe loading, compatibility signatures, finding where to resume.
+
+Lightning writes and reads checkpoints through a `CheckpointIO` plugin; `AtomicCheckpointIO`
+replaces its default so that a kill during a save never leaves a half-written file under the
+final name, and so that every load uses ``torch.load(weights_only=True)`` with a clear message
+for damaged files. Which file to resume from (`resolve_ckpt_path`) and whether a checkpoint
+fits the configured model (`model_signature`, `signature_differences`) are not Lightning
+features and are written here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+#: Key of the model signature inside a checkpoint.
+SIGNATURE_KEY = "mtl_signature"
+#: Key of the run's resolved config (plain containers) inside a checkpoint.
+CONFIG_KEY = "mtl_config"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read (truncated, corrupted, not a checkpoint)."""
+
+
+class IncompatibleCheckpointError(ValueError):
+    """A checkpoint written for another model (other tasks, classes, backbone, adapter...)."""
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    """The run directory (``paths.output_dir``). Stable across re-launches only when the user
+    fixes it (``paths.output_dir=...`` or ``hydra.run.dir=...``); resuming looks here."""
+    return Path(cfg.paths.output_dir)
+
+
+def checkpoint_dir(cfg: DictConfig) -> Path:
+    """Where the run's checkpoints are written (the ``model_checkpoint`` callback's dirpath)."""
+    node = (cfg.get("callbacks") or {}).get("model_checkpoint")
+    dirpath = node.get("dirpath") if node is not None else None
+    return Path(dirpath) if dirpath else run_dir(cfg) / "checkpoints"
+
+
+def step_checkpoint(cfg: DictConfig) -> list[ModelCheckpoint]:
+    """With ``ckpt_every_n_steps=N > 0``: a ModelCheckpoint that rewrites ``last.ckpt`` every N
+    optimiser steps (mid-epoch). Built here rather than in ``conf/callbacks`` because a
+    ModelCheckpoint that never saves still writes ``last.ckpt`` when training ends, replacing
+    the end-of-epoch one."""
+    every = int(cfg.get("ckpt_every_n_steps") or 0)
+    if every <= 0:
+        return []
+    return [
+        ModelCheckpoint(
+            dirpath=checkpoint_dir(cfg),
+            every_n_train_steps=every,
+            save_top_k=0,
+            save_last=True,
+            enable_version_counter=False,
+        )
+    ]
+
+
+# ---------------------------------------------------------------- writing and reading
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(checkpoint: Mapping[str, Any], path: str | Path) -> None:
+    """``torch.save`` to a temporary file next to `path`, fsync, then rename over `path`: the
+    file under `path` is always either the previous checkpoint or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)``.
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        CheckpointError: the file is truncated, corrupted or holds objects other than tensors
+            and plain containers; the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        detail = str(error).splitlines()[0] if str(error) else ""
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded (truncated, corrupted, or not a plain "
+            f"checkpoint): {type(error).__name__}: {detail}"
+        ) from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (no state_dict)")
+    return checkpoint
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's `TorchCheckpointIO` with atomic saves and ``weights_only=True`` loads."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        atomic_save(checkpoint, path)
+
+    def load_checkpoint(
+        self,
+        path: str | Path,
+        map_location: Callable | Any | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        if weights_only is False:  # an explicit request for a trusted, pickled checkpoint
+            return super().load_checkpoint(path, map_location, weights_only=False)
+        return load_checkpoint(path, map_location)
+
+
+# ---------------------------------------------------------------- compatibility
+def _name(node: Any) -> str | None:
+    if node is None:
+        return None
+    if isinstance(node, Mapping):
+        return node.get("name") or node.get("_target_")
+    return str(node)
+
+
+def model_signature(cfg: DictConfig, num_parameters: int | None = None) -> dict[str, Any]:
+    """What a checkpoint must match to be loaded into the configured model, as plain values:
+    tasks, head channels, class counts, backbone, adapter, decoder and the parameter count."""
+    from mtl.tasks import get_task  # local: keeps this module light for tools that only read
+
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    num_classes = OmegaConf.to_container(cfg.data.get("num_classes") or {}, resolve=True)
+    tasks = list(cfg.data.tasks)
+    signature: dict[str, Any] = {
+        "tasks": tasks,
+        "task_channels": {t: int(get_task(t).channels(num_classes)) for t in tasks},
+        "num_classes": {t: int(n) for t, n in num_classes.items() if t in tasks},
+        "backbone": _name(model.get("backbone")),
+        "adapter": _name(model.get("adapter")),
+        "decoder": _name(model.get("decoder")),
+    }
+    if num_parameters is not None:
+        signature["num_parameters"] = int(num_parameters)
+    return signature
+
+
+def signature_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """One line per key whose value differs: ``key: checkpoint X, config Y``."""
+    return [
+        f"{key}: checkpoint {saved.get(key)!r}, config {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        if key in saved and key in current and saved[key] != current[key]
+    ]
+
+
+def check_compatible(
+    checkpoint: Mapping[str, Any], current: Mapping[str, Any] | None, source: str = "checkpoint"
+) -> None:
+    """Raise `IncompatibleCheckpointError` naming what differs between the signature stored in
+    `checkpoint` and `current` (no check when either is missing)."""
+    saved = checkpoint.get(SIGNATURE_KEY)
+    if saved is None or current is None:
+        if saved is None:
+            log.warning("%s has no model signature: loading without a compatibility check", source)
+        return
+    differences = signature_differences(saved, current)
+    if differences:
+        raise IncompatibleCheckpointError(
+            f"{source} was written for another model:\n  " + "\n  ".join(differences)
+        )
+
+
+# ---------------------------------------------------------------- where to resume
+def checkpoint_candidates(directory: str | Path, extra: list[Path] | None = None) -> list[Path]:
+    """The ``*.ckpt`` files of `directory` and the `extra` files that exist, newest first
+    (modification time)."""
+    directory = Path(directory)
+    files = [p for p in directory.glob("*.ckpt") if p.is_file()] if directory.is_dir() else []
+    files += [p for p in extra or [] if p.is_file()]
+    return sorted(set(files), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def find_resume_checkpoint(directory: str | Path, extra: list[Path] | None = None) -> Path | None:
+    """The newest checkpoint of `directory` (or of `extra`) that loads; damaged ones are skipped
+    with a warning naming them. None when there is none."""
+    for path in checkpoint_candidates(directory, extra):
+        try:
+            load_checkpoint(path)
+        except CheckpointError as error:
+            log.warning("%s; falling back to the previous checkpoint", error)
+            continue
+        return path
+    return None
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """The checkpoint `trainer.fit` resumes from.
+
+    ``ckpt_path=PATH`` is used as given; ``ckpt_path=last`` or ``resume=auto`` take the newest
+    loadable checkpoint in the run's checkpoint directory, falling back past damaged files, and
+    start from scratch when there is none (so a requeued job can always pass them).
+    """
+    ckpt_path = cfg.get("ckpt_path")
+    resume = cfg.get("resume") or "never"
+    if resume not in ("never", "auto"):
+        raise ValueError(f"resume: {resume!r}; expected 'never' or 'auto'")
+    if ckpt_path not in (None, "last"):
+        return str(ckpt_path)
+    if ckpt_path is None and resume != "auto":
+        return None
+    directory = checkpoint_dir(cfg)
+    # Lightning's SLURM requeue handler (SIGUSR1) saves hpc_ckpt_N.ckpt in the root directory
+    hpc = sorted(run_dir(cfg).glob("hpc_ckpt_*.ckpt")) if run_dir(cfg).is_dir() else []
+    found = find_resume_checkpoint(directory, hpc)
+    if found is None:
+        log.info("no checkpoint to resume from in %s: starting from scratch", directory)
+        return None
+    log.info("resuming from %s", found)
+    return str(found)

@@ -1,0 +1,306 @@
+"""Checkpoints that survive kills: exact resumption, signals, atomic writes, damaged and
+incompatible files, ``weights_only`` loading."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import open_dict
+
+from mtl.checkpoint import (
+    CONFIG_KEY,
+    SIGNATURE_KEY,
+    AtomicCheckpointIO,
+    CheckpointError,
+    IncompatibleCheckpointError,
+    find_resume_checkpoint,
+    load_checkpoint,
+    resolve_ckpt_path,
+    signature_differences,
+)
+from mtl.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# A small model (timm's test ResNet, two tasks, narrow heads: 7 MB checkpoints)
+SMALL = (
+    "model.backbone.name=test_resnet",
+    "data.tasks=[semseg,depth]",
+    "model.decoder.hidden_channels=16",
+    "trainer.num_sanity_val_steps=0",
+)
+# 16 training images, batches of 4, 3 of them per epoch; 2 epochs; one validation batch
+RUN = (
+    *SMALL,
+    "trainer.max_epochs=2",
+    "+trainer.limit_train_batches=3",
+    "+trainer.limit_val_batches=1",
+)
+
+
+class SelfSignal(L.Callback):
+    """Sends `signum` to this process at the end of training step `step` (a scheduler's stop)."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM)) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def _with_self_signal(cfg, step: int, signum: int):
+    with open_dict(cfg):
+        cfg.callbacks["self_signal"] = {
+            "_target_": f"{SelfSignal.__module__}.SelfSignal",
+            "step": step,
+            "signum": int(signum),
+        }
+    return cfg
+
+
+def _final(run: Path) -> dict:
+    return load_checkpoint(run / "checkpoints" / "last.ckpt")
+
+
+def _assert_close(a, b, where: str = "") -> None:
+    """Nested containers equal, tensors up to float round-off."""
+    if isinstance(a, torch.Tensor):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{where}: {m}")
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_close(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_close(x, y, f"{where}/{i}")
+    else:
+        assert a == b, where
+
+
+def _assert_same_training_state(a: dict, b: dict) -> None:
+    for key in ("global_step", "state_dict", "optimizer_states", "lr_schedulers"):
+        _assert_close(a[key], b[key], key)
+
+
+def _cli(run: Path, data_root: Path, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "data.generate.n_train=16",
+        "data.generate.n_val=8",
+        "data.image_size=[48,64]",
+        f"data.root={data_root}",
+        f"hydra.run.dir={run}",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "trainer.enable_progress_bar=false",
+        *SMALL,
+        *overrides,
+    ]
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.02)
+
+
+def test_sigkill_then_auto_resume_gives_the_uninterrupted_parameters_and_famo_state(
+    make_cfg, tiny_data_root, tmp_path
+):
+    overrides = (*RUN, "balancer=famo", "ckpt_every_n_steps=2")
+    train(make_cfg(*overrides, output_dir=tmp_path / "full"))  # also generates the data
+    full = _final(tmp_path / "full")
+
+    run = tmp_path / "killed"
+    process = subprocess.Popen(
+        _cli(run, tiny_data_root, *overrides),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    _wait_for(run / "checkpoints" / "last.ckpt", process)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    killed_at = load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"]
+    assert 0 < killed_at < full["global_step"]  # killed mid-training
+
+    train(make_cfg(*overrides, "resume=auto", output_dir=run))
+    resumed = _final(run)
+    _assert_same_training_state(full, resumed)
+    for name in ("logits", "previous_loss"):  # FAMO's task logits and loss history
+        key = f"balancer.{name}"
+        assert not torch.equal(full["state_dict"][key], torch.zeros_like(full["state_dict"][key]))
+        torch.testing.assert_close(resumed["state_dict"][key], full["state_dict"][key])
+    famo_adam = "balancer._extra_state"
+    torch.testing.assert_close(
+        resumed["state_dict"][famo_adam]["state"], full["state_dict"][famo_adam]["state"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("balancer", "signum", "step", "position"),
+    [
+        # saved after step 4: mid-epoch
+        ("uncertainty", signal.SIGTERM, 3, {"epoch": 1, "batches": 1}),
+        # saved after step 3: the epoch's last batch, before its validation
+        ("dwa", signal.SIGINT, 2, {"epoch": 1, "batches": 0}),
+    ],
+)
+def test_signal_saves_and_resume_matches_uninterrupted(
+    make_cfg, tmp_path, balancer, signum, step, position
+):
+    overrides = (*RUN, f"balancer={balancer}")
+    train(make_cfg(*overrides, output_dir=tmp_path / "full"))
+    full = _final(tmp_path / "full")
+
+    run = tmp_path / "stopped"
+    before = signal.getsignal(signum)
+    with pytest.raises(SystemExit) as stop:
+        # the signal arrives at the end of `step`, the checkpoint follows the next step
+        train(_with_self_signal(make_cfg(*overrides, output_dir=run), step, signum))
+    assert stop.value.code == 128 + signum
+    saved = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert saved["global_step"] == step + 1 and saved["MultiTaskDataModule"] == position
+    assert signal.getsignal(signum) is before  # the handlers are given back
+
+    train(make_cfg(*overrides, "ckpt_path=last", output_dir=run))
+    resumed = _final(run)
+    _assert_same_training_state(full, resumed)
+    balancer_keys = [k for k in full["state_dict"] if k.startswith("balancer.")]
+    assert balancer_keys  # log_vars, or DWA's loss history
+    for key in balancer_keys:
+        torch.testing.assert_close(resumed["state_dict"][key], full["state_dict"][key])
+
+
+def test_sigterm_to_a_training_process_saves_a_loadable_checkpoint(tiny_data_root, tmp_path):
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        _cli(run, tiny_data_root, "trainer.max_epochs=1000", "ckpt_every_n_steps=1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    _wait_for(run / "checkpoints" / "last.ckpt", process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    last = run / "checkpoints" / "last.ckpt"
+    assert f"saved checkpoint {last} after signal SIGTERM" in output
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] >= 1
+
+
+def _checkpoint(make_cfg, run: Path, *overrides: str) -> Path:
+    """A checkpoint of one training step."""
+    limits = (
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=1",
+        "+trainer.limit_val_batches=1",
+    )
+    train(make_cfg(*SMALL, *limits, *overrides, output_dir=run))
+    return run / "checkpoints" / "last.ckpt"
+
+
+def test_checkpoint_loads_with_weights_only_and_holds_plain_config_and_signature(
+    make_cfg, tmp_path
+):
+    path = _checkpoint(make_cfg, tmp_path / "run")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    assert checkpoint[SIGNATURE_KEY]["tasks"] == ["semseg", "depth"]
+    assert type(checkpoint[CONFIG_KEY]) is dict and checkpoint[CONFIG_KEY]["seed"] == 42
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_interrupted_atomic_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 1}, path)
+
+    def half_written(obj, f, *args, **kwargs) -> None:
+        f.write(b"PK\x03\x04 partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 2}, path)
+    assert io.load_checkpoint(path)["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
+
+
+def test_sigkill_during_a_write_leaves_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.ckpt"
+    script = f"""
+import os, signal, torch
+from mtl.checkpoint import AtomicCheckpointIO
+io = AtomicCheckpointIO()
+io.save_checkpoint({{"state_dict": {{"w": torch.zeros(3)}}, "global_step": 1}}, {str(path)!r})
+def killed(obj, f, *args, **kwargs):
+    f.write(b"PK\\x03\\x04 partial"); f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = killed
+io.save_checkpoint({{"state_dict": {{"w": torch.ones(3)}}, "global_step": 2}}, {str(path)!r})
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT)
+    assert result.returncode == -signal.SIGKILL
+    assert load_checkpoint(path)["global_step"] == 1
+
+
+def test_damaged_checkpoint_is_named_and_auto_resume_falls_back(make_cfg, tmp_path, caplog):
+    good = _checkpoint(make_cfg, tmp_path / "run")
+    directory = good.parent
+    previous = directory / "epoch_000.ckpt"
+    for path in directory.glob("*.ckpt"):
+        if path != good:
+            path.unlink()
+    good.rename(previous)
+    last = directory / "last.ckpt"
+    data = previous.read_bytes()
+    last.write_bytes(data[: len(data) // 2])  # truncated, and newer
+    os.utime(previous, (time.time() - 60, time.time() - 60))
+
+    with pytest.raises(CheckpointError, match=f"checkpoint {last} cannot be loaded"):
+        load_checkpoint(last)
+    with caplog.at_level(logging.WARNING, logger="mtl.checkpoint"):
+        assert find_resume_checkpoint(directory) == previous
+    assert f"checkpoint {last} cannot be loaded" in caplog.text
+    assert "falling back to the previous checkpoint" in caplog.text
+    assert resolve_ckpt_path(make_cfg("resume=auto", output_dir=tmp_path / "run")) == str(previous)
+    # an explicit path is not second-guessed: the damaged file fails at load, named
+    cfg = make_cfg(*SMALL, f"ckpt_path={last}", output_dir=tmp_path / "run")
+    with pytest.raises(CheckpointError, match=f"checkpoint {last} cannot be loaded"):
+        train(cfg)
+
+
+def test_incompatible_checkpoint_is_refused_naming_the_difference(make_cfg, tmp_path):
+    path = _checkpoint(make_cfg, tmp_path / "two")
+    overrides = (*SMALL, "data.tasks=[semseg]", "model.decoder.hidden_channels=8")
+    cfg = make_cfg(*overrides, f"ckpt_path={path}", output_dir=tmp_path / "one")
+    with pytest.raises(IncompatibleCheckpointError) as error:
+        train(cfg)
+    message = str(error.value)
+    assert message.startswith("checkpoint was written for another model")
+    assert "tasks: checkpoint ['semseg', 'depth'], config ['semseg']" in message
+    assert "task_channels: checkpoint {'semseg': 5, 'depth': 1}, config {'semseg': 5}" in message
+    assert not (tmp_path / "one" / "checkpoints" / "last.ckpt").exists()  # nothing trained
+
+
+def test_signature_differences_name_backbone_adapter_and_classes():
+    saved = {"backbone": "resnet18", "adapter": "none", "num_classes": {"semseg": 5}}
+    current = {"backbone": "vit_tiny", "adapter": "lora", "num_classes": {"semseg": 5}}
+    assert signature_differences(saved, current) == [
+        "adapter: checkpoint 'none', config 'lora'",
+        "backbone: checkpoint 'resnet18', config 'vit_tiny'",
+    ]
