@@ -1,0 +1,73 @@
+"""The run's loggers (``logger`` config group) and what each needs: W&B run id, panel
+summaries and the prediction-image callback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger, WandbLogger
+from omegaconf import DictConfig, open_dict
+
+from mtl import wandb_run
+
+
+def build_loggers(cfg: DictConfig) -> list[Logger]:
+    """Instantiate every entry of ``cfg.logger`` (a dict keyed by logger name). A W&B logger
+    without an ``id`` gets the run directory's id (see `mtl.wandb_run.run_id`)."""
+    loggers: list[Logger] = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ValueError(f"logger.{name}: expected a node with _target_, got {node!r}")
+        if node._target_.endswith("WandbLogger"):
+            node = node.copy()
+            with open_dict(node):
+                node.id = node.get("id") or wandb_run.run_id(
+                    cfg.paths.output_dir, cfg.get("ckpt_path")
+                )
+                node.name = node.get("name") or run_name(cfg)
+        logger = instantiate(node)
+        if isinstance(logger, WandbLogger):
+            wandb_run.define_metrics(logger.experiment, list(cfg.data.tasks))
+        loggers.append(logger)
+    return loggers
+
+
+def run_name(cfg: DictConfig) -> str:
+    """A readable run name: the job's command-line overrides, else the run folder's name."""
+    overrides = ""
+    if HydraConfig.initialized():
+        overrides = HydraConfig.get().job.get("override_dirname") or ""
+    return overrides or Path(cfg.paths.output_dir).name
+
+
+def logger_callbacks(cfg: DictConfig, loggers: list[Logger]) -> list[L.Callback]:
+    """Callbacks that only make sense with a given logger: W&B prediction images
+    (``wandb_media``; ``every_n_val_epochs: 0`` turns them off)."""
+    media = cfg.get("wandb_media") or {}
+    if not any(isinstance(lg, WandbLogger) for lg in loggers) or not media.get(
+        "every_n_val_epochs"
+    ):
+        return []
+    from mtl.wandb_media import WandbPredictionImages
+
+    return [
+        WandbPredictionImages(
+            every_n_val_epochs=media.every_n_val_epochs,
+            max_images=media.get("max_images", 4),
+            class_names=_class_names(cfg),
+        )
+    ]
+
+
+def _class_names(cfg: DictConfig) -> dict[str, list[str]]:
+    """Class names per classification task (``data.class_names``)."""
+    names = cfg.data.get("class_names") or {}
+    return {task: list(values) for task, values in names.items()}
+
+
+def finish_loggers(failed: bool = False) -> None:
+    """End the job's W&B run (a no-op without one); called when a job ends, also on error."""
+    wandb_run.finish(failed)

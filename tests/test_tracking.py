@@ -1,0 +1,277 @@
+"""Experiment tracking and scale: W&B offline runs, multirun jobs, DDP on CPU processes, loggers.
+
+The subprocess tests run `train.py` the way users do; they are the slow part of this file."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mtl import wandb_run
+from mtl.loggers import build_loggers, finish_loggers
+from mtl.wandb_media import (
+    WandbPredictionImages,
+    class_labels,
+    colourise,
+    segmentation_masks,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.generate.n_train=16",
+    "data.generate.n_val=8",
+    "data.image_size=[48,64]",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "data.tasks=[semseg,depth]",
+    "model/decoder=conv",
+    "model.backbone.out_indices=[1,2]",  # a truncated ResNet-18: fast steps, small checkpoints
+    "trainer.enable_progress_bar=false",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.max_epochs=1",
+    "+trainer.limit_val_batches=1",
+    "diagnostics_every_n_steps=0",
+]
+
+
+def _run(args: list[str], tmp_path: Path, data_root: Path, timeout: int = 300) -> None:
+    """``python train.py [flags] <tiny overrides> <args>`` in `tmp_path`, W&B offline."""
+    flags = [a for a in args if a.startswith("-")]
+    args = [a for a in args if not a.startswith("-")]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
+    env.update(
+        {
+            k: str(tmp_path / "wandb_home")
+            for k in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR")
+        }
+    )
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *flags,
+        *TINY,
+        f"data.root={data_root}",
+        *args,
+    ]
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+
+def _sane_metrics(run_dir: Path) -> dict[str, float]:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    assert 0 <= metrics["val/semseg/mIoU"] <= 1 and metrics["val/depth/rmse"] > 0
+    return metrics
+
+
+def wandb_records(run_folder: Path) -> list:
+    """The records of an offline run's ``run-<id>.wandb`` file (a LevelDB-style log of
+    protobuf records: 7-byte header, 32 KiB blocks, chunks with a 7-byte header)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = next(run_folder.glob("run-*.wandb")).read_bytes()
+    assert data[:4] == b":W&B"
+    records, pos, block, buffer = [], 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if left < 7 or (kind == 0 and length == 0):  # block trailer / padding
+            pos += left
+            continue
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        buffer = chunk if kind in (1, 2) else buffer + chunk  # full/first, middle/last
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(buffer)
+            records.append(record)
+    return records
+
+
+def _offline_run(run_dir: Path) -> Path:
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_multirun_jobs_get_own_folders_and_own_wandb_runs(tmp_path, tiny_data_root):
+    sweep = tmp_path / "sweep"
+    _run(
+        [
+            "-m",
+            "seed=1,2",
+            "logger=[csv,wandb]",
+            "+trainer.limit_train_batches=2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+        tiny_data_root,
+    )
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    ids = []
+    for job in jobs:
+        _sane_metrics(job)
+        ids.append(wandb_run.read_run_id(job))
+        assert _offline_run(job).name.endswith(ids[-1])  # the stored id is the run's id
+    assert len(set(ids)) == 2  # wandb.finish between jobs: no shared run
+
+    folder = _offline_run(jobs[1])
+    records = wandb_records(folder)
+    kinds = [r.WhichOneof("record_type") for r in records]
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert run.run_id == ids[1] and list(run.tags) == ["dev"]
+    assert "seed=2" in run.display_name.split(",")  # named by the job's overrides
+    config = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "config":
+            config.update({i.key: json.loads(i.value_json) for i in r.config.update})
+    assert config["seed"] == 2 and config["data"]["tasks"] == ["semseg", "depth"]
+    history = [
+        {i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
+    scores = [h for h in history if "val/semseg/mIoU" in h]
+    assert scores and 0 <= float(scores[-1]["val/semseg/mIoU"]) <= 1
+    assert any("val/images/semseg/all_masks" in h for h in history)
+    summaries = {
+        r.metric.name: r.metric.summary.max
+        for r in records
+        if r.WhichOneof("record_type") == "metric" and r.metric.name
+    }
+    assert summaries["val/semseg/mIoU"] is True and summaries["val/depth/rmse"] is False
+    media = folder / "files" / "media"
+    for task in ("input", "semseg", "depth"):
+        assert list(media.glob(f"images/val/images/{task}_*.png")), task
+    assert list(media.glob("images/mask/val/images/semseg_*.mask.png"))
+    table = json.loads(next(media.glob("table/val/semseg/per_class_iou_*.table.json")).read_text())
+    assert [row[1] for row in table["data"]] == ["floor", "wall", "sphere", "box", "cylinder"]
+    assert "exit" in kinds  # finished
+
+
+def test_ddp_on_two_cpu_processes_splits_the_global_batch(tmp_path, tiny_data_root):
+    run = tmp_path / "run"
+    _run(
+        ["trainer=ddp_cpu", f"paths.output_dir={run}"],
+        tmp_path,
+        tiny_data_root,
+    )
+    _sane_metrics(run)
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    # data.batch_size=4 is global: 2 per process, 16 images -> 4 steps (2 if it were per process)
+    assert state["global_step"] == 16 // 4
+
+
+def test_wandb_run_id_is_stored_and_found_from_a_checkpoint(tmp_path):
+    first = tmp_path / "first"
+    run_id = wandb_run.run_id(first)
+    assert wandb_run.run_id(first) == run_id  # restarted job, same directory
+    (first / "checkpoints").mkdir()
+    ckpt = first / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(b"")
+    assert wandb_run.run_id(tmp_path / "second", ckpt) == run_id  # resumed in a new directory
+    assert wandb_run.read_run_id(tmp_path / "second") == run_id
+    assert wandb_run.run_id(tmp_path / "third") != run_id
+
+
+def test_metric_summaries_follow_the_task_registry():
+    summaries = wandb_run.metric_summaries(["semseg", "depth"], stages=("val",))
+    assert summaries["val/semseg/mIoU"] == "max" and summaries["val/depth/rmse"] == "min"
+    assert summaries["val/delta_m"] == "max" and summaries["val/loss"] == "min"
+
+
+def test_prediction_images_name_classes_and_ignore():
+    callback = WandbPredictionImages(class_names={"semseg": ["floor", "wall", "box"]})
+    semseg_target = torch.zeros(2, 8, 8, dtype=torch.long)
+    semseg_target[:, 0] = 255
+    batch = {
+        "image": torch.randn(2, 3, 8, 8),
+        "semseg": semseg_target,
+        "depth": torch.rand(2, 1, 8, 8) + 0.5,
+        "normals": torch.nn.functional.normalize(torch.randn(2, 3, 8, 8), dim=1),
+    }
+    preds = {
+        "semseg": torch.randn(2, 3, 8, 8),
+        "depth": torch.rand(2, 1, 8, 8),
+        "normals": torch.randn(2, 3, 8, 8),
+    }
+    media = callback.images(preds, batch)
+    assert sorted(media) == [f"val/images/{t}" for t in ("depth", "input", "normals", "semseg")]
+    assert all(len(images) == 2 for images in media.values())
+    assert np.asarray(media["val/images/depth"][1].image).shape == (8, 16, 3)  # pred | target
+
+    labels = class_labels("semseg", 3, callback.class_names["semseg"])
+    assert labels == {0: "floor", 1: "wall", 2: "box", 255: "ignore"}
+    masks = segmentation_masks(preds["semseg"][0].argmax(0), semseg_target[0], labels)
+    truth = masks["ground_truth"]["mask_data"]
+    assert truth.dtype == np.uint8 and truth[0].tolist() == [255] * 8
+    assert masks["prediction"]["class_labels"][255] == "ignore"
+    with pytest.raises(ValueError, match="every_n_val_epochs"):
+        WandbPredictionImages(every_n_val_epochs=0)
+
+
+def test_colourise_orders_values_and_blacks_out_invalid():
+    values = np.array([[0.0, 0.5, 1.0, 0.7]])
+    rgb = colourise(values, 0, 1, valid=np.array([[True, True, True, False]]))
+    assert rgb[0, 0].tolist() == [68, 1, 84] and rgb[0, 2].tolist() == [253, 231, 37]
+    assert rgb[0, 3].tolist() == [0, 0, 0]
+
+
+def test_tensorboard_and_csv_loggers_compose_and_write(make_cfg, tmp_path):
+    cfg = make_cfg("logger=[csv,tensorboard]")
+    loggers = build_loggers(cfg)
+    assert sorted(type(lg).__name__ for lg in loggers) == ["CSVLogger", "TensorBoardLogger"]
+    from omegaconf import OmegaConf
+
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_metrics({"val/loss": 1.0}, step=0)
+        logger.finalize("success")
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    finish_loggers()  # no W&B run: a no-op
+
+
+def test_wandb_logger_is_configured_from_config(make_cfg, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = make_cfg("logger=wandb", "logger.wandb.project=proj", "tags=[a,b]")
+    (logger,) = build_loggers(cfg)
+    try:
+        init = logger._wandb_init
+        assert init["project"] == "proj" and init["tags"] == ["a", "b"]
+        assert init["mode"] == "disabled" and init["id"] == wandb_run.read_run_id(
+            cfg.paths.output_dir
+        )
+    finally:
+        finish_loggers()
+    monkeypatch.delenv("WANDB_MODE")
+    assert make_cfg("logger=wandb").logger.wandb.mode == "offline"
+
+
+def test_wandb_run_is_finished_when_the_job_fails(make_cfg, monkeypatch):
+    import lightning as L
+    import wandb
+
+    from mtl.train import train
+
+    def fail(*args, **kwargs):
+        assert wandb.run is not None  # the job's W&B run has started
+        raise RuntimeError("failed during fit")
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setattr(L.Trainer, "fit", fail)
+    finish, seen = wandb.finish, []
+    monkeypatch.setattr(wandb, "finish", lambda exit_code=None: seen.append(exit_code) or finish())
+    with pytest.raises(RuntimeError, match="failed during fit"):
+        train(make_cfg("logger=wandb", "data.tasks=[semseg]"))
+    assert seen == [1] and wandb.run is None  # finished, marked failed
