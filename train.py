@@ -7,15 +7,26 @@ from omegaconf import DictConfig
 
 from mtl.config import ConfigError
 from mtl.data.base import DatasetError
+from mtl.numerics import NonFiniteError
 from mtl.train import train
+
+
+def user_message(error: Exception) -> str:
+    """The error's own message; for one re-raised from a loader worker, without the worker's
+    traceback that PyTorch puts in front of it."""
+    text = str(error)
+    marker = f"{type(error).__name__}: "
+    if "Original Traceback" in text and marker in text:
+        return text[text.rindex(marker) + len(marker) :].strip()
+    return text
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         scores = train(cfg)
-    except (ConfigError, DatasetError) as error:  # a report for the user, not a stack trace
-        sys.exit(f"error: {error}")
+    except (ConfigError, DatasetError, NonFiniteError) as error:  # a report, not a stack trace
+        sys.exit(f"error: {user_message(error)}")
     metric = cfg.get("optimized_metric")
     return scores.get(metric) if metric else None
 

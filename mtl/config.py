@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
+from typing import Any
 
 from hydra.utils import get_class
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mtl.tasks import TASKS
 
@@ -50,6 +52,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
                 )
 
     problems += _balancer_problems(cfg)
+    problems += _decoder_problems(cfg)
+    problems += range_problems(cfg)
 
     import timm  # imported here: timm's import is slow and the task checks do not need it
 
@@ -118,6 +122,134 @@ def _balancer_problems(cfg: DictConfig) -> list[str]:
             f"{' with flat regions' if flat else ''} cannot be exact; use ddp or a loss-weighting "
             "balancer (equal, uncertainty, dwa, rlw, famo)"
         )
+    return problems
+
+
+def _decoder_problems(cfg: DictConfig) -> list[str]:
+    """Every task needs a head: the decoder node must name a class."""
+    decoder = cfg.model.get("decoder")
+    if not decoder or not decoder.get("_target_"):
+        return [
+            f"model.decoder: {_show(decoder)}; every task in data.tasks needs a decoder (head): "
+            "choose model/decoder=conv or hrnet"
+        ]
+    try:
+        get_class(decoder._target_)
+    except Exception as error:  # hydra wraps import errors in several types
+        return [f"model.decoder._target_: cannot import '{decoder._target_}' ({error})"]
+    return []
+
+
+def _show(value: Any) -> str:
+    return repr(
+        OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
+    )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+#: Lightning's precision settings.
+PRECISIONS = {
+    "64", "32", "16", "bf16", "64-true", "32-true", "16-true", "bf16-true", "16-mixed",
+    "bf16-mixed", "transformer-engine", "transformer-engine-float16",
+}  # fmt: skip
+
+#: (key, test, what is allowed): plain range checks of scalar options; a key that is absent or
+#: null is not checked (the defaults apply).
+_RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("optim.optimizer.lr", lambda v: _number(v) and v > 0, "a number > 0"),
+    ("optim.optimizer.weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    ("optim.optimizer.momentum", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("optim.optimizer.eps", lambda v: _number(v) and v > 0, "a number > 0"),
+    (
+        "optim.optimizer.betas",
+        lambda v: len(v) == 2 and all(_number(b) and 0 <= b < 1 for b in v),
+        "two numbers in [0, 1)",
+    ),
+    ("optim.grad_clip_norm", lambda v: _number(v) and v > 0, "a number > 0, or null (no clip)"),
+    ("optim.scheduler.warmup_steps", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("optim.scheduler.power", lambda v: _number(v) and v > 0, "a number > 0"),
+    (
+        "trainer.max_epochs",
+        lambda v: _integer(v) and (v >= 1 or v == -1),
+        "an integer >= 1 (-1: no limit)",
+    ),
+    (
+        "trainer.max_steps",
+        lambda v: _integer(v) and (v >= 1 or v == -1),
+        "an integer >= 1 (-1: no limit)",
+    ),
+    ("trainer.num_nodes", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    (
+        "trainer.devices",
+        lambda v: (
+            (_integer(v) and (v >= 1 or v == -1)) or v == "auto" or isinstance(v, str | ListConfig)
+        ),
+        "an integer >= 1, -1 (all), 'auto' or a list of device ids",
+    ),
+    ("trainer.check_val_every_n_epoch", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("trainer.log_every_n_steps", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    (
+        "trainer.accumulate_grad_batches",
+        lambda v: v == 1,
+        "1 (training steps are manual: each batch is one update; raise data.batch_size)",
+    ),
+    (
+        "trainer.gradient_clip_val",
+        lambda v: v == 0,
+        "null (clipping is done in the training step: set optim.grad_clip_norm instead)",
+    ),
+    ("trainer.precision", lambda v: str(v) in PRECISIONS, f"one of {sorted(PRECISIONS)}"),
+    ("data.num_workers", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("data.check_files", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: no check)"),
+    ("data.skip_bad", lambda v: isinstance(v, bool), "true or false"),
+    (
+        "data.image_size",
+        lambda v: len(v) == 2 and all(_integer(x) and x > 0 for x in v),
+        "[height, width], positive integers",
+    ),
+    (
+        "data.scale_range",
+        lambda v: len(v) == 2 and all(_number(x) for x in v) and 0 < v[0] <= v[1],
+        "[low, high] with 0 < low <= high",
+    ),
+    ("model.decoder.hidden_channels", lambda v: _integer(v) and v > 0, "an integer > 0"),
+    ("model.decoder.norm", lambda v: v in ("batch", "group", "none"), "batch, group or none"),
+    ("model.adapter.alpha", lambda v: _number(v) and v > 0, "a number > 0"),
+    ("model.adapter.task_alpha", lambda v: _number(v) and v > 0, "a number > 0"),
+    ("model.adapter.dropout", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("model.adapter.noise_std", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    ("model.adapter.balance_weight", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    ("flat.rho", lambda v: _number(v) and v > 0, "a number > 0"),
+    ("seed", _integer, "an integer"),
+    ("max_bad_steps", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("diagnostics_every_n_steps", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: never)"),
+    ("eval_ckpt", lambda v: v in ("best", "last"), "best or last"),
+]
+
+
+def range_problems(cfg: DictConfig) -> list[str]:
+    """Scalar options out of range (`_RANGES`), and loss weights that are not numbers >= 0."""
+    problems = []
+    for key, test, allowed in _RANGES:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        try:
+            ok = bool(test(value))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            problems.append(f"{key}: {_show(value)}; expected {allowed}")
+    for task, weight in (cfg.data.get("loss_weights") or {}).items():
+        if not (_number(weight) and weight >= 0):
+            problems.append(f"data.loss_weights.{task}: {_show(weight)}; expected a number >= 0")
     return problems
 
 

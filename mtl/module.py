@@ -12,8 +12,11 @@ from torch.optim import Optimizer
 from mtl.balancers.base import BalanceContext, Balancer
 from mtl.balancers.diagnostics import conflict_statistics
 from mtl.balancers.jacobian import TaskGradients, gramian
+from mtl.checkpoint import CONFIG_KEY, SIGNATURE_KEY, check_compatible
+from mtl.data.skip import is_empty
 from mtl.metrics.collection import TaskMetrics
 from mtl.models.multitask import MultiTaskModel
+from mtl.numerics import StepGuard, agree, nonfinite_gradients, nonfinite_losses
 from mtl.tasks import get_task
 
 
@@ -35,6 +38,8 @@ class MultiTaskModule(L.LightningModule):
         seed: the run's seed, handed to balancers that draw random numbers.
         diagnostics_every: log gradient-conflict statistics every this many steps (0: never).
         metrics: the evaluation metrics (default: each task's registry metrics, no options).
+        max_bad_steps: consecutive steps with a non-finite loss or gradient (each skipped, see
+            ``mtl.numerics``) after which training stops.
     """
 
     def __init__(
@@ -49,6 +54,7 @@ class MultiTaskModule(L.LightningModule):
         seed: int = 0,
         diagnostics_every: int = 0,
         metrics: TaskMetrics | None = None,
+        max_bad_steps: int = 3,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -64,6 +70,7 @@ class MultiTaskModule(L.LightningModule):
         self.seed = seed
         self.diagnostics_every = diagnostics_every
         self.metrics = metrics if metrics is not None else TaskMetrics(self.tasks, num_classes)
+        self.guard = StepGuard(max_bad_steps)
 
     def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         return self.model(images, tasks)
@@ -82,7 +89,9 @@ class MultiTaskModule(L.LightningModule):
         return {t: self.loss_weights[t] * loss for t, loss in losses.items()}
 
     # ---------------------------------------------------------------- training
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        if is_empty(batch):  # every sample of the batch was bad (data.skip_bad)
+            return None
         images = batch["image"]
         features: list[Tensor] = []
 
@@ -97,6 +106,8 @@ class MultiTaskModule(L.LightningModule):
         losses = compute_losses()
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
+        if bad := agree(nonfinite_losses(losses), self._sum_over_processes, images.device):
+            return self._skip_step(optimizer, "loss", bad, losses)
         context = BalanceContext(
             shared_params=self.model.shared_parameters(),
             task_params=self.model.task_parameters(),
@@ -116,6 +127,11 @@ class MultiTaskModule(L.LightningModule):
             # Loss-only methods never form task gradients: form them on diagnostic steps only.
             gram = gramian(TaskGradients.compute(losses, context, retain_graph=True).jacobian)
         result = self.balancer.backward(losses, context)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        bad = nonfinite_gradients(params, context.task_params, result.gramian)
+        if bad := agree(bad, self._sum_over_processes, images.device):
+            return self._skip_step(optimizer, "gradient", bad, losses)
+        self.guard.good()
         if self.grad_clip_norm:
             self.clip_gradients(
                 optimizer, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm"
@@ -139,9 +155,23 @@ class MultiTaskModule(L.LightningModule):
             self.log_dict(conflict_statistics(gram, list(losses)), batch_size=batch_size)
         return total
 
+    def _sum_over_processes(self, value: Tensor) -> Tensor:
+        return self.trainer.strategy.reduce(value, reduce_op="sum")
+
+    def _skip_step(
+        self, optimizer: Optimizer, what: str, where: list[str], losses: Mapping[str, Tensor]
+    ) -> Tensor:
+        """Zero the gradients, leave optimiser and scheduler untouched, log the tasks."""
+        optimizer.zero_grad(set_to_none=True)
+        self.log("train/skipped_steps", float(self.guard.skipped + 1), reduce_fx="max")
+        self.guard.bad(what, where, self.global_step, self.current_epoch)
+        return torch.stack([loss.detach() for loss in losses.values()]).sum()
+
     # ---------------------------------------------------------------- evaluation
     def _evaluation_step(self, batch: dict, stage: str) -> dict[str, Tensor]:
         """Losses and metric updates of one batch; returns the predictions (for callbacks)."""
+        if is_empty(batch):  # every sample of the batch was bad (data.skip_bad)
+            return {}
         images = batch["image"]
         preds = self.model(images, self.tasks)
         losses = self.task_losses(preds, batch)
@@ -184,3 +214,22 @@ class MultiTaskModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    # ---------------------------------------------------------------- checkpoints
+    #: set by the caller (``mtl.train``): what a checkpoint must match (`model_signature`) and
+    #: the run's resolved config as plain containers; both are stored in every checkpoint.
+    checkpoint_signature: dict | None = None
+    checkpoint_config: dict | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The balancer is a submodule: its learned weights, loss history and optimiser state
+        # (uncertainty log-variances, DWA, FAMO) are in ``state_dict`` already.
+        if self.checkpoint_signature is not None:
+            checkpoint[SIGNATURE_KEY] = self.checkpoint_signature
+        if self.checkpoint_config is not None:
+            checkpoint[CONFIG_KEY] = self.checkpoint_config
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Runs before the weights are loaded: refuse another model with a message naming
+        # what differs instead of a list of mismatched tensor shapes.
+        check_compatible(checkpoint, self.checkpoint_signature)

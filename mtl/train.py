@@ -9,20 +9,31 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
 from mtl.balancers import build_balancer
+from mtl.callbacks import TrainingInterrupted
+from mtl.checkpoint import (
+    AtomicCheckpointIO,
+    model_signature,
+    resolve_ckpt_path,
+    step_checkpoint,
+)
+from mtl.compile import compile_backbone
 from mtl.config import validate_config
 from mtl.data.datamodule import MultiTaskDataModule
+from mtl.data.skip import SkippedSamples
 from mtl.export import PredictionWriter
+from mtl.loggers import build_loggers, finish_loggers, logger_callbacks
 from mtl.metrics.callback import MetricsCallback
 from mtl.metrics.collection import TaskMetrics
 from mtl.metrics.delta_m import find_baselines, load_baselines
 from mtl.metrics.tables import write_tables
 from mtl.models.multitask import MultiTaskModel
 from mtl.module import MultiTaskModule
+from mtl.redact import resolved_config
 from mtl.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -40,6 +51,7 @@ def build_datamodule(data: DictConfig) -> MultiTaskDataModule:
         num_workers=data.num_workers,
         pin_memory=data.pin_memory,
         check_files=data.get("check_files", 8),
+        skip_bad=data.get("skip_bad", False),
     )
 
 
@@ -47,7 +59,12 @@ def build_model(cfg: DictConfig) -> MultiTaskModel:
     """Backbone and one head per task, with output channels from the task registry."""
     num_classes = OmegaConf.to_container(cfg.data.get("num_classes") or {})
     channels = {task: get_task(task).channels(num_classes) for task in cfg.data.tasks}
-    return instantiate(cfg.model, task_channels=channels, _convert_="all")
+    node = cfg.model.copy()
+    with open_dict(node):
+        compile_value = node.pop("compile", False)  # model.compile: see mtl/compile.py
+    model = instantiate(node, task_channels=channels, _convert_="all")
+    compile_backbone(model, compile_value)
+    return model
 
 
 def _plain(node: DictConfig | None) -> dict:
@@ -79,6 +96,7 @@ def build_module(cfg: DictConfig) -> MultiTaskModule:
         seed=cfg.seed,
         diagnostics_every=cfg.get("diagnostics_every_n_steps", 0),
         metrics=build_metrics(cfg),
+        max_bad_steps=cfg.get("max_bad_steps", 3),
     )
 
 
@@ -97,6 +115,8 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     class_names = _plain(cfg.data.get("class_names"))
     callbacks.append(MetricsCallback(class_names=class_names))
+    if cfg.data.get("skip_bad"):
+        callbacks.append(SkippedSamples())  # logs data/skipped per epoch
     has_writer = any(isinstance(c, PredictionWriter) for c in callbacks)
     if cfg.get("save_predictions") and not has_writer:
         callbacks.append(PredictionWriter(Path(cfg.paths.output_dir) / "predictions"))
@@ -124,11 +144,22 @@ def scores_table(scores: dict[str, float], tasks: list[str], stage: str = "val")
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then validate (``val/`` keys); or, with ``train=false``, test ``ckpt_path`` on one
-    device (``test/`` keys). Writes the run files; returns the scores."""
+    device (``test/`` keys). Writes the run files; returns the scores. The job's W&B run is
+    finished on return and on error, so jobs of a multirun never share one."""
+    failed = True
+    try:
+        scores = _fit_and_evaluate(cfg)
+        failed = False
+        return scores
+    finally:
+        finish_loggers(failed)
+
+
+def _fit_and_evaluate(cfg: DictConfig) -> dict[str, float]:
     validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = resolved_config(cfg)  # credentials redacted (mtl/redact.py)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
 
     L.seed_everything(cfg.seed, workers=True)
@@ -141,23 +172,35 @@ def train(cfg: DictConfig) -> dict[str, float]:
         f"{counts['params/total']:,}",
     )
 
-    callbacks = build_callbacks(cfg)
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    # stored in every checkpoint: loading refuses another model; the config as plain containers
+    module.checkpoint_signature = model_signature(cfg, counts["params/total"])
+    module.checkpoint_config = resolved
+
+    callbacks = build_callbacks(cfg) + step_checkpoint(cfg)
+    loggers = build_loggers(cfg)
+    callbacks += logger_callbacks(cfg, loggers)
     one_device = {} if cfg.train else {"devices": 1, "num_nodes": 1, "strategy": "auto"}
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **one_device)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers, **_checkpoint_io(cfg), **one_device
+    )
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
 
     if cfg.train:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+        except TrainingInterrupted as stop:  # SIGTERM / SIGINT: checkpoint saved, exit non-zero
+            log.warning("%s; resume with ckpt_path=last or resume=auto", stop)
+            raise SystemExit(stop.exit_code) from None
         checkpoint = (
             None if trainer.fast_dev_run else _evaluation_checkpoint(trainer, cfg.eval_ckpt)
         )
         stage, evaluate = "val", trainer.validate
     else:
-        if not cfg.get("ckpt_path"):
+        checkpoint = resolve_ckpt_path(cfg) if cfg.get("ckpt_path") else None
+        if not checkpoint:
             raise ValueError("train=false evaluates a checkpoint: set ckpt_path=PATH")
-        checkpoint, stage, evaluate = cfg.ckpt_path, "test", trainer.test
+        stage, evaluate = "test", trainer.test
     results = evaluate(module, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
     scores = {k: float(v) for k, v in results[0].items()} if results else {}
     scores.update(counts)
@@ -177,6 +220,15 @@ def write_run_scores(
     (output_dir / "metrics.json").write_text(json.dumps(scores, indent=2, sort_keys=True))
     class_names = _plain(cfg.data.get("class_names"))
     write_tables(output_dir, metrics.tables, class_names, prefix=f"{stage}/")
+
+
+def _checkpoint_io(cfg: DictConfig) -> dict:
+    """Atomic checkpoint writes and ``weights_only`` loads, unless the strategy (FSDP,
+    DeepSpeed) brings its own checkpoint I/O or the config sets trainer plugins."""
+    strategy = str(cfg.trainer.get("strategy", ""))
+    if cfg.trainer.get("plugins") or "fsdp" in strategy or "deepspeed" in strategy:
+        return {}
+    return {"plugins": [AtomicCheckpointIO()]}
 
 
 def _evaluation_checkpoint(trainer: L.Trainer, which: str) -> str | None:

@@ -49,7 +49,7 @@ def nyud_mt(tmp_path: Path) -> Path:
     root = tmp_path / "nyud_mt"
     _write_common(root, IDS)
     normals = np.zeros((H, W, 3), dtype=np.float32)
-    normals[..., 2] = 2.0  # valid but not unit length
+    normals[..., 2] = 1.0 + 1e-3  # valid, within the unit-length tolerance
     normals[0, 0] = 0.0  # invalid
     for i, sample_id in enumerate(IDS):
         Image.fromarray(_image(i)).save(root / "images" / f"{sample_id}.jpg")
@@ -64,10 +64,10 @@ def atrc(tmp_path: Path) -> Path:
     root = tmp_path / "atrc"
     _write_common(root, IDS)
     (root / "saliency").mkdir()
-    normals = np.full((H, W, 3), 255, dtype=np.uint8)  # (1, 1, 1) / sqrt(3)
+    normals = np.full((H, W, 3), 201, dtype=np.uint8)  # (1, 1, 1) / sqrt(3), encoded
     normals[0, 0] = (127, 127, 127)  # decodes to ~0: invalid
     normals[0, 1] = (128, 128, 128)  # decodes to ~0: invalid
-    normals[0, 2] = (255, 0, 255)  # (1, -1, 1) / sqrt(3)
+    normals[0, 2] = (201, 54, 201)  # (1, -1, 1) / sqrt(3)
     for i, sample_id in enumerate(IDS):
         Image.fromarray(_image(i)).save(root / "images" / f"{sample_id}.png")
         Image.fromarray(normals).save(root / "normals" / f"{sample_id}.png")
@@ -174,7 +174,7 @@ def test_missing_item_file(nyud_mt: Path) -> None:
     (nyud_mt / "depth" / "a2.npy").unlink()
     ds = NYUDDataset(nyud_mt, "train", TASKS)
     ds[1]
-    with pytest.raises(FileNotFoundError, match=r"depth[/\\]a2\.npy"):
+    with pytest.raises(DatasetError, match=r"sample 'a2': missing depth .*depth[/\\]a2\.npy"):
         ds[2]
 
 

@@ -56,7 +56,7 @@ def _validation_losses(cfg) -> dict[str, float]:
 
 
 def test_training_lowers_every_validation_loss_and_writes_run_files(make_cfg, tmp_path):
-    overrides = ("trainer.max_epochs=6", "optim.scheduler.warmup_steps=5", "data.batch_size=4")
+    overrides = ("trainer.max_epochs=10", "optim.scheduler.warmup_steps=5", "data.batch_size=4")
     before = _validation_losses(make_cfg(*overrides))
     scores = train(make_cfg(*overrides))
     for task in ("semseg", "depth", "normals", "edge", "sal"):

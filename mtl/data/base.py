@@ -247,7 +247,24 @@ class MultiTaskDataset(Dataset, ABC):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | dict[str, Any]]:
-        return self.transform(self.load_sample(index))
+        return self.transform(self.load_checked(index))
+
+    def load_checked(self, index: int) -> Sample:
+        """`load_sample`, with every failure to read or accept a file a `DatasetError` that
+        names the sample and the file (a missing, truncated or undecodable file, a map of the
+        wrong size, a value out of range)."""
+        try:
+            return self.load_sample(index)
+        except DatasetError:
+            raise
+        except (DecodeError, OSError) as error:
+            raise DatasetError(f"{self.NAME} sample {self.ids[index]!r}: {error}") from error
+        except Exception as error:  # a damaged file can trip any decoder: name every file
+            files = ", ".join(str(path) for path in self.files(self.ids[index]).values())
+            raise DatasetError(
+                f"{self.NAME} sample {self.ids[index]!r}: {type(error).__name__}: {error} "
+                f"(files: {files})"
+            ) from error
 
     def __repr__(self) -> str:
         return (

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -10,9 +12,15 @@ import cv2
 import lightning as L
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 
+from mtl.data.base import DatasetError
+from mtl.data.sampling import ResumableSampler, SeededSamples
+from mtl.data.skip import SkipBad, collate_skipping
+
 DatasetFactory = Callable[..., Dataset]
+log = logging.getLogger(__name__)
 
 
 class MultiTaskDataModule(L.LightningDataModule):
@@ -28,6 +36,10 @@ class MultiTaskDataModule(L.LightningDataModule):
         num_workers: loader worker processes per training process.
         check_files: how many evenly spaced samples of each split are checked at setup (files
             present, decodable, sizes and values sound; see ``mtl.data.verify``); 0 skips it.
+        skip_bad: leave out samples whose files are bad instead of stopping, counted and
+            reported per epoch (see ``mtl.data.skip``); the setup check then only warns.
+        seed: seeds the training order and augmentation per (seed, epoch), see
+            ``mtl.data.sampling`` (None: the seed of ``seed_everything``, else 0).
     """
 
     def __init__(
@@ -43,6 +55,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         train_split: str = "train",
         val_split: str = "val",
         check_files: int = 8,
+        skip_bad: bool = False,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.dataset_factory = dataset
@@ -55,7 +69,11 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.splits = {"train": train_split, "val": val_split}
         self.check_files = check_files
+        self.skip_bad = skip_bad
         self.datasets: dict[str, Dataset] = {}
+        self.seed = seed
+        # (epoch, batches already trained in it) of the checkpoint being resumed, if any
+        self._resume_position: tuple[int, int] | None = None
 
     def prepare_data(self) -> None:
         if self.prepare is not None:
@@ -79,7 +97,12 @@ class MultiTaskDataModule(L.LightningDataModule):
                 )
                 spot_check = getattr(dataset, "spot_check", None)
                 if spot_check is not None:
-                    spot_check(self.check_files)  # raises DatasetError with a report
+                    try:
+                        spot_check(self.check_files)  # raises DatasetError with a report
+                    except DatasetError as error:
+                        if not self.skip_bad:
+                            raise
+                        log.warning("%s\n(data.skip_bad=true: bad samples are skipped)", error)
                 self.datasets[name] = dataset
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
@@ -87,10 +110,16 @@ class MultiTaskDataModule(L.LightningDataModule):
             # One OpenCV thread per worker: set here, before the workers are forked, because
             # OpenCV's thread pool cannot be reconfigured safely inside a forked child.
             cv2.setNumThreads(1)
+        dataset, sampler = self.datasets[name], None
+        if shuffle:
+            dataset, sampler = self._resumable(dataset)
+        if self.skip_bad:
+            dataset = SkipBad(dataset)
         return DataLoader(
-            self.datasets[name],
+            dataset,
+            collate_fn=collate_skipping if self.skip_bad else None,
             batch_size=self.per_process_batch_size(),
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=shuffle,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -100,6 +129,50 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     def _global_rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
+
+    # ---------------------------------------------------------------- resumable order
+    def _seed(self) -> int:
+        if self.seed is not None:
+            return int(self.seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def _resumable(self, dataset: Dataset) -> tuple[Dataset, ResumableSampler]:
+        """The training split seeded per (seed, epoch, sample) and its sampler, positioned at
+        the resumed checkpoint's epoch and batch (see ``mtl.data.sampling``)."""
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        sampler = ResumableSampler(
+            dataset, num_replicas=world_size, rank=self._global_rank(), seed=self._seed()
+        )
+        if self._resume_position is not None:
+            epoch, batches = self._resume_position
+            # Set now, not only at Lightning's set_epoch: Lightning creates the first iterator
+            # (and, with workers, draws its first indices) before it calls set_epoch.
+            sampler.set_epoch(epoch)
+            sampler.skip(epoch, batches * self.per_process_batch_size())
+            self._resume_position = None
+        return SeededSamples(dataset, self._seed()), sampler
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands in the data: the epoch and the batches trained in it (saved in
+        checkpoints by Lightning, handed back to `load_state_dict` on resume)."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        loop = trainer.fit_loop
+        epoch = int(loop.epoch_progress.current.processed)
+        batches = int(loop.epoch_loop.batch_progress.current.processed)
+        if batches >= trainer.num_training_batches:  # the epoch is complete
+            epoch, batches = epoch + 1, 0
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if "epoch" in state:
+            self._resume_position = (int(state["epoch"]), int(state["batches"]))
+            # Lightning warns on a mid-epoch resume unless the loader itself is stateful; the
+            # sampler positioned above resumes exactly, so the warning does not apply.
+            warnings.filterwarnings(
+                "ignore", message="You're resuming from a checkpoint that ended before the epoch"
+            )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

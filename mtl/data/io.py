@@ -7,6 +7,7 @@ RGB uint8. Single-channel label PNGs go through Pillow, because OpenCV expands p
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +25,52 @@ class DecodeError(ValueError):
 _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 
 
+#: How far from the end of a file its end marker is looked for (trailing padding is allowed).
+_TAIL = 1024
+
+
+def _read_bytes(path: Path) -> np.ndarray:
+    try:
+        return np.fromfile(path, dtype=np.uint8)
+    except OSError as error:
+        raise DecodeError(f"cannot read file: {path} ({error})") from None
+
+
+def truncation_problem(data: np.ndarray) -> str | None:
+    """Why the encoded JPEG/PNG bytes look cut short (no end marker), or None.
+
+    OpenCV decodes a truncated JPEG with only a warning, filling the missing rows grey; the
+    end marker (JPEG EOI, PNG IEND) is what tells a complete file from a cut one.
+    """
+    head, tail = data[:8].tobytes(), data[-_TAIL:].tobytes()
+    if head.startswith(b"\xff\xd8"):
+        return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
+    if head.startswith(b"\x89PNG"):
+        end = tail.rfind(b"IEND")  # the chunk type, then its 4-byte CRC
+        return None if 0 <= end <= len(tail) - 8 else "truncated PNG (no complete IEND chunk)"
+    return None
+
+
+def _decode(path: Path, flags: int, kind: str) -> np.ndarray:
+    """Decode an image file with OpenCV; a truncated or undecodable file is a `DecodeError`."""
+    data = _read_bytes(path)
+    image = cv2.imdecode(data, flags) if data.size else None
+    if image is None:
+        raise DecodeError(f"cannot decode {kind}: {path}")
+    if (problem := truncation_problem(data)) is not None:
+        raise DecodeError(f"cannot decode {kind}: {path} ({problem})")
+    return image
+
+
 def read_rgb(path: Path) -> np.ndarray:
     """Colour image (.jpg/.png, grey or with alpha too) as uint8 HxWx3 RGB."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR if _IMREAD_RGB is None else _IMREAD_RGB)
-    if image is None:
-        raise DecodeError(f"cannot decode image: {path}")
+    image = _decode(path, cv2.IMREAD_COLOR if _IMREAD_RGB is None else _IMREAD_RGB, "image")
     return image if _IMREAD_RGB is not None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def read_rgb_png(path: Path) -> np.ndarray:
     """An RGB-encoded map (e.g. normals) as uint8 HxWx3, without colour conversion quirks."""
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise DecodeError(f"cannot decode PNG: {path}")
+    image = _decode(path, cv2.IMREAD_UNCHANGED, "PNG")
     if image.ndim != 3 or image.shape[2] < 3 or image.dtype != np.uint8:
         raise DecodeError(f"expected an 8-bit RGB PNG, got {image.dtype} {image.shape}: {path}")
     return cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB)
@@ -44,10 +78,13 @@ def read_rgb_png(path: Path) -> np.ndarray:
 
 def read_label_png(path: Path) -> np.ndarray:
     """Single-channel PNG (grey or palette indices) as its raw HxW integer array."""
+    data = _read_bytes(path)
+    if (problem := truncation_problem(data)) is not None:
+        raise DecodeError(f"cannot decode PNG: {path} ({problem})")
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data.tobytes())) as image:
             array = np.array(image)  # a writable copy (np.asarray gives a read-only view)
-    except OSError as error:
+    except Exception as error:  # Pillow raises several types for damaged files
         raise DecodeError(f"cannot decode PNG: {path} ({error})") from None
     if array.ndim == 3:  # an RGB(A) mask whose channels agree, e.g. 0/255 edge maps
         if not (array[..., :1] == array[..., : min(3, array.shape[2])]).all():
@@ -59,16 +96,23 @@ def read_label_png(path: Path) -> np.ndarray:
 def read_npy(path: Path) -> np.ndarray:
     """A ``.npy`` array."""
     try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
+        array = np.load(path, allow_pickle=False)
+    except Exception as error:  # damaged headers raise several types (ValueError, EOFError, ..)
         raise DecodeError(f"cannot read .npy file: {path} ({error})") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+        raise DecodeError(f"expected a numeric array in .npy file: {path}")
+    return array
 
 
 def read_mat(path: Path) -> dict[str, Any]:
     """Variables of a MATLAB (v5) ``.mat`` file."""
+    from mtl.data.matcheck import check_mat  # here: matcheck imports DecodeError from this module
+
+    data = _read_bytes(path).tobytes()
+    check_mat(path, data)  # scipy's compiled reader can crash on a damaged struct
     try:
-        return scipy.io.loadmat(path)
-    except (OSError, ValueError, TypeError) as error:
+        return scipy.io.loadmat(io.BytesIO(data))
+    except Exception as error:  # scipy raises many types for damaged files
         raise DecodeError(f"cannot read .mat file: {path} ({error})") from None
 
 

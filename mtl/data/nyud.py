@@ -13,8 +13,10 @@ extensions present (so mixed folders work too)::
 
 Decoded (see ``mtl.data.transforms`` for the numpy sample contract): semseg 0 -> 255 (ignore)
 and 1..40 -> 0..39; normals re-normalised to unit length, near-zero vectors -> zero (invalid;
-PNG normals stay uint8 until ``ToTensorNormalize`` decodes them); edge/saliency {0, 1};
-non-finite or negative depth -> 0 (invalid).
+PNG normals stay uint8 until ``ToTensorNormalize`` decodes them); edge/saliency {0, 1}.
+A file that cannot be decoded or holds impossible values (a label outside 0..40/255, non-finite
+or negative depth, a valid normal far from unit length, a binary value outside 0/1/255) is a
+``DecodeError`` naming the file, never a silently repaired target.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from mtl.data.base import (
     normals_problem,
     size_problem,
 )
+from mtl.data.checks import allowed_values, require_depth, require_unit, require_values
 from mtl.data.io import DecodeError, read_label_png, read_npy, read_rgb, read_rgb_png
 from mtl.data.transforms import ENCODED_NORMAL_MIN_NORM, IGNORE_INDEX
 
@@ -48,6 +51,7 @@ NORMAL_TOLERANCE = 0.05
 # Raw label -> training label: 0 (unlabeled) -> 255, c -> c - 1, 255 stays 255.
 _SEMSEG_LUT = np.full(256, IGNORE_INDEX, dtype=np.uint8)
 _SEMSEG_LUT[1:255] = np.arange(254)
+_SEMSEG_ALLOWED = allowed_values((*range(NUM_CLASSES + 1), IGNORE_INDEX))
 
 
 # --------------------------------------------------------------------------- decoders
@@ -65,29 +69,41 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def read_semseg(path: Path) -> np.ndarray:
-    """Segmentation (.png) as uint8 HxW: 0 -> 255 (ignore), 1..C -> 0..C-1, 255 stays 255."""
+    """Segmentation (.png) as uint8 HxW: 0 -> 255 (ignore), 1..C -> 0..C-1, 255 stays 255.
+    Raw values other than 0..C and 255 are a `DecodeError`."""
     if path.suffix != ".png":
         raise _unsupported(path)
-    raw = read_label_png(path)
-    if raw.dtype != np.uint8:
-        if raw.min(initial=0) < 0 or raw.max(initial=0) > 255:
-            raise DecodeError(f"segmentation values outside 0..255: {path}")
-        raw = raw.astype(np.uint8)
+    raw = require_values(read_label_png(path), _SEMSEG_ALLOWED, path, "segmentation label")
     return _SEMSEG_LUT[raw]
 
 
+def _plane(raw: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """An HxW (or HxWx1) array as HxW."""
+    if raw.ndim == 3 and raw.shape[2] == 1:
+        raw = raw[..., 0]
+    if raw.ndim != 2:
+        raise DecodeError(f"{path}: expected an HxW {what} map, got shape {raw.shape}")
+    return raw
+
+
 def read_depth(path: Path) -> np.ndarray:
-    """Depth (.npy, metres) as float32 HxW; non-finite or negative values become 0 (invalid)."""
+    """Depth (.npy, metres) as float32 HxW (0 = invalid); non-finite or negative values are a
+    `DecodeError`."""
     if path.suffix != ".npy":
         raise _unsupported(path)
-    depth = np.asarray(read_npy(path), dtype=np.float32)
-    depth = depth.reshape(depth.shape[:2])
-    return np.where(np.isfinite(depth) & (depth > 0), depth, np.float32(0)).astype(np.float32)
+    depth = _plane(np.asarray(read_npy(path), dtype=np.float32), path, "depth")
+    require_depth(depth, path)
+    return depth
 
 
-def unit_normals(normals: np.ndarray, min_norm: float) -> np.ndarray:
-    """Re-normalise vectors; those shorter than ``min_norm`` become zero (invalid)."""
-    norm = np.sqrt(np.einsum("...c,...c->...", normals, normals))[..., None]
+def unit_normals(
+    normals: np.ndarray, min_norm: float, norm: np.ndarray | None = None
+) -> np.ndarray:
+    """Re-normalise vectors; those shorter than ``min_norm`` become zero (invalid).
+    ``norm``: their lengths, when already computed."""
+    if norm is None:
+        norm = np.sqrt(np.einsum("...c,...c->...", normals, normals))
+    norm = norm[..., None]
     scale = np.where(norm >= min_norm, 1.0 / np.maximum(norm, min_norm), 0.0)
     return (normals * scale).astype(np.float32)
 
@@ -97,31 +113,52 @@ def decode_png_normals(raw: np.ndarray) -> np.ndarray:
     return raw.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
 
 
+#: uint8 code -> squared normal component ``(2 * v / 255 - 1) ** 2``.
+_SQUARED_CODES = (np.arange(256, dtype=np.float32) * np.float32(2 / 255) - np.float32(1)) ** 2
+
+
+def encoded_normal_lengths(raw: np.ndarray) -> np.ndarray:
+    """Length of each uint8-encoded normal, by table lookup (no float image is formed)."""
+    squared = np.take(_SQUARED_CODES, raw)
+    return np.sqrt(squared[..., 0] + squared[..., 1] + squared[..., 2])
+
+
 def read_normals(path: Path) -> np.ndarray:
     """Normals: .npy floats in [-1, 1] -> float32 HxWx3 unit vectors (zero vector = invalid);
     .png -> its uint8 HxWx3 encoding ``2 * v / 255 - 1``, kept compact through the transforms
-    and decoded by ``ToTensorNormalize`` (a pixel decoding to about zero length is invalid)."""
+    and decoded by ``ToTensorNormalize`` (a pixel decoding to about zero length is invalid).
+    A valid normal (not about zero) that is not unit length is a `DecodeError`."""
     if path.suffix == ".npy":
-        return unit_normals(np.asarray(read_npy(path), dtype=np.float32), NPY_NORMAL_MIN_NORM)
+        normals = np.asarray(read_npy(path), dtype=np.float32)
+        if normals.ndim != 3 or normals.shape[2] != 3:
+            raise DecodeError(f"{path}: expected HxWx3 normals, got shape {normals.shape}")
+        norm = np.sqrt(np.einsum("...c,...c->...", normals, normals))
+        require_unit(norm, ~(norm < NPY_NORMAL_MIN_NORM), NORMAL_TOLERANCE, path)
+        return unit_normals(normals, NPY_NORMAL_MIN_NORM, norm)
     if path.suffix == ".png":
-        return read_rgb_png(path)
+        encoded = read_rgb_png(path)
+        norm = encoded_normal_lengths(encoded)
+        require_unit(norm, norm >= ENCODED_NORMAL_MIN_NORM, NORMAL_TOLERANCE, path)
+        return encoded
     raise _unsupported(path)
+
+
+_BINARY_ALLOWED = allowed_values((0, 1, 255))
 
 
 def read_binary(path: Path) -> np.ndarray:
     """Binary map (edge/saliency) as uint8 HxW in {0, 1} (255 = ignore).
 
-    .npy {0, 1} floats are thresholded at 0.5 (255 stays 255); .png 0/255 is thresholded at 128
-    (a PNG already holding 0/1 is kept).
+    .npy {0, 1} (255 = ignore) is kept; .png 0/255 is mapped to {0, 1} (a PNG holding 0/1 is
+    kept). Any other value is a `DecodeError`.
     """
     if path.suffix == ".npy":
-        raw = np.asarray(read_npy(path))
-        raw = raw.reshape(raw.shape[:2])
-        return np.where(raw == 255, IGNORE_INDEX, raw >= 0.5).astype(np.uint8)
+        raw = _plane(np.asarray(read_npy(path)), path, "binary")
+        return require_values(raw, _BINARY_ALLOWED, path, "binary map").copy()
     if path.suffix == ".png":
-        raw = read_label_png(path)
+        raw = require_values(read_label_png(path), _BINARY_ALLOWED, path, "binary map")
         if raw.max(initial=0) <= 1:
-            return raw.astype(np.uint8)
+            return raw
         return (raw >= 128).astype(np.uint8)
     raise _unsupported(path)
 
@@ -257,16 +294,17 @@ class NYUDDataset(MultiTaskDataset):
     def load_sample(self, index: int) -> Sample:
         sample_id = self.ids[index]
         modalities = self._modalities()
+        files = self.files(sample_id)
         sample: Sample = {
             key: modalities[key].reader(_require(path, modalities[key], key, sample_id))
-            for key, path in self.files(sample_id).items()
+            for key, path in files.items()
         }
         size = sample["image"].shape[:2]
         for key in self.tasks:
             if sample[key].shape[:2] != size:
                 raise DecodeError(
-                    f"{key} of id {sample_id!r} has size {sample[key].shape[:2]}, "
-                    f"image has {size} (root {self.root})"
+                    f"{files[key]}: {key} has size {sample[key].shape[:2]}, "
+                    f"the image {files['image'].name} has {size}"
                 )
         sample["meta"] = self.meta(sample_id, size)
         return sample
@@ -288,9 +326,14 @@ class NYUDDataset(MultiTaskDataset):
         image_size = read_image(files["image"]).shape[:2]
         for task in self.tasks:
             path, modality = files[task], TASKS[task]
-            decoded = modality.reader(path)
-            if (problem := size_problem(path, decoded.shape, image_size)) is not None:
-                problems.append(problem)
             if modality.check is not None and (message := modality.check(path)) is not None:
                 problems.append(Problem(str(path), message))
+                continue
+            try:
+                decoded = modality.reader(path)
+            except DecodeError as error:  # what the loader would refuse, named by its file
+                problems.append(Problem(str(path), str(error).removeprefix(f"{path}: ")))
+                continue
+            if (problem := size_problem(path, decoded.shape, image_size)) is not None:
+                problems.append(problem)
         return problems

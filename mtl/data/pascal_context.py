@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from mtl.data.base import (
+    DatasetError,
     MultiTaskDataset,
     Problem,
     Sample,
@@ -43,9 +44,10 @@ from mtl.data.base import (
     read_id_list,
     size_problem,
 )
+from mtl.data.checks import allowed_values, require_unit, require_values
 from mtl.data.edges import label_edges
 from mtl.data.io import DecodeError, read_label_png, read_mat, read_rgb, read_rgb_png
-from mtl.data.nyud import decode_png_normals
+from mtl.data.nyud import decode_png_normals, encoded_normal_lengths
 from mtl.data.transforms import ENCODED_NORMAL_MIN_NORM, ENCODED_NORMAL_PAD_VALUE, IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,8 @@ NORMALS_VALID_CLASSES = {
 _NORMALS_VALID_LUT = np.zeros(NUM_CONTEXT_CLASSES + 1, dtype=bool)
 _NORMALS_VALID_LUT[list(NORMALS_VALID_CLASSES)] = True
 
+_SEMSEG_ALLOWED = allowed_values((*range(len(VOC_CLASSES)), IGNORE_INDEX))
+
 #: How far from unit length a distilled normal (a network output quantised to uint8) may be.
 NORMAL_TOLERANCE = 0.1
 
@@ -125,11 +129,8 @@ LAYOUT = """\
 
 
 def read_semseg(path: Path) -> np.ndarray:
-    """21-class segmentation as uint8 HxW (255 = void)."""
-    raw = read_label_png(path)
-    if raw.dtype != np.uint8:
-        raw = np.clip(raw, 0, 255).astype(np.uint8)
-    return raw
+    """21-class segmentation as uint8 HxW (255 = void); other values are a `DecodeError`."""
+    return require_values(read_label_png(path), _SEMSEG_ALLOWED, path, "segmentation label")
 
 
 def read_saliency(path: Path) -> np.ndarray:
@@ -139,6 +140,19 @@ def read_saliency(path: Path) -> np.ndarray:
 
 def read_context_labels(path: Path) -> np.ndarray:
     """The 459-class Context label map (``LabelMap``) as an integer HxW array."""
+    labels = _label_map(path)
+    if labels.ndim != 2 or labels.dtype.kind not in "iu":
+        raise DecodeError(
+            f"{path}: expected an integer HxW LabelMap, got {labels.dtype} {labels.shape}"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() > NUM_CONTEXT_CLASSES):
+        outside = np.unique(labels[(labels < 0) | (labels > NUM_CONTEXT_CLASSES)])[:8].tolist()
+        raise DecodeError(f"{path}: LabelMap values {outside} outside 0..{NUM_CONTEXT_CLASSES}")
+    return labels
+
+
+def _label_map(path: Path) -> np.ndarray:
+    """The ``LabelMap`` variable of a Context ``.mat`` file, unchecked."""
     mat = read_mat(path)
     if "LabelMap" not in mat:
         raise DecodeError(f"no variable 'LabelMap' in {path}")
@@ -158,7 +172,10 @@ def read_normals(path: Path, context_labels: np.ndarray) -> np.ndarray:
         raise DecodeError(
             f"normals {normals.shape[:2]} and Context labels {context_labels.shape} differ: {path}"
         )
-    normals[~normals_valid(context_labels)] = ENCODED_NORMAL_PAD_VALUE
+    valid = normals_valid(context_labels)
+    norm = encoded_normal_lengths(normals)
+    require_unit(norm, valid & (norm >= ENCODED_NORMAL_MIN_NORM), NORMAL_TOLERANCE, path)
+    normals[~valid] = ENCODED_NORMAL_PAD_VALUE
     return normals
 
 
@@ -181,10 +198,22 @@ def read_parts(path: Path, objects: np.ndarray | None = None) -> np.ndarray | No
     """7-class human-part map (uint8 HxW) of a PASCAL-Part file; None without annotated persons.
 
     Every part of every person is painted in file order (later objects win); pixels outside
-    all parts are background (0). ``objects``: the file's objects, when already read.
+    all parts are background (0). ``objects``: the file's objects, when already read. A file
+    whose struct is malformed is a `DecodeError`.
     """
+    try:
+        return _paint_parts(path, _objects(path) if objects is None else objects)
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as error:
+        if isinstance(error, DecodeError):
+            raise
+        raise DecodeError(
+            f"{path}: malformed PASCAL-Part struct ({type(error).__name__}: {error})"
+        ) from None
+
+
+def _paint_parts(path: Path, objects: np.ndarray) -> np.ndarray | None:
     target = None
-    for obj in _objects(path) if objects is None else objects:
+    for obj in objects:
         parts = obj["parts"].ravel()
         if int(obj["class_ind"].ravel()[0]) != PERSON or parts.size == 0:
             continue
@@ -276,7 +305,10 @@ class PASCALContextDataset(MultiTaskDataset):
         self.edge_eval_ids = self._edge_eval_ids(edge_eval_list)
         self._has_person: dict[str, bool] | None = None
         if "parts" in self.tasks and list_objects:
-            lists = object_lists(self.root, split, self.ids, self.cache_dir)
+            try:
+                lists = object_lists(self.root, split, self.ids, self.cache_dir)
+            except DecodeError as error:
+                raise DatasetError(f"{self.NAME} '{split}' object lists: {error}") from error
             self._has_person = {i: PERSON in lists[i] for i in self.ids}
 
     def _edge_eval_ids(self, edge_eval_list: str | Path | None) -> list[str]:
@@ -360,8 +392,8 @@ class PASCALContextDataset(MultiTaskDataset):
                 sample[task] = label_edges(context)
             if sample[task].shape[:2] != size:
                 raise DecodeError(
-                    f"{task} of id {sample_id!r} has size {sample[task].shape[:2]}, image has "
-                    f"{size} ({files.get(task, files.get('context'))})"
+                    f"{files.get(task, files.get('context'))}: {task} has size "
+                    f"{sample[task].shape[:2]}, the image {files['image'].name} has {size}"
                 )
         sample["meta"] = self.meta(sample_id, size)
         return sample
@@ -394,7 +426,7 @@ class PASCALContextDataset(MultiTaskDataset):
 
         context = None
         if "context" in files:
-            context = read_context_labels(files["context"])
+            context = _label_map(files["context"])
             add(files["context"], label_problem(context, NUM_CONTEXT_CLASSES, void=None))
             add_size(files["context"], context.shape)
         if "semseg" in files:

@@ -1,0 +1,125 @@
+"""A structural check of MATLAB v5 ``.mat`` files before ``scipy.io.loadmat`` reads them.
+
+scipy's compiled reader trusts the sizes inside the file: a damaged struct (e.g. a block of
+zeroed bytes) can crash the whole process (a segmentation fault, not an exception). This walks
+the element tree in Python, checking every size against its container, and raises
+``DecodeError`` for a file that does not add up, so a damaged file is reported by name.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from mtl.data.io import DecodeError
+
+_HEADER = 128
+_MATRIX, _COMPRESSED = 14, 15
+#: Bytes per element of the numeric data types (miINT8 .. miUTF32).
+_ITEM = {1: 1, 2: 1, 3: 2, 4: 2, 5: 4, 6: 4, 7: 4, 9: 8, 12: 8, 13: 8, 16: 1, 17: 2, 18: 4}
+_CELL, _STRUCT, _OBJECT, _CHAR, _SPARSE = 1, 2, 3, 4, 5
+_MAX_DEPTH = 32
+
+
+class _Walker:
+    def __init__(self, data: bytes, path: Path, endian: str) -> None:
+        self.data, self.path, self.endian = data, path, endian
+
+    def fail(self, what: str) -> DecodeError:
+        return DecodeError(f"cannot read .mat file: {self.path} (damaged: {what})")
+
+    def tag(self, pos: int, end: int) -> tuple[int, int, int, int]:
+        """(type, nbytes, data start, next element) of the element at ``pos``."""
+        if pos + 8 > end:
+            raise self.fail(f"element tag at byte {pos} runs past its container")
+        first, second = np.frombuffer(self.data, f"{self.endian}u4", 2, pos)
+        if first >> 16:  # small data element: type and size packed in 4 bytes, data in 4
+            kind, nbytes = int(first & 0xFFFF), int(first >> 16)
+            if nbytes > 4:
+                raise self.fail(f"small element of {nbytes} bytes at byte {pos}")
+            return kind, nbytes, pos + 4, pos + 8
+        kind, nbytes, start = int(first), int(second), pos + 8
+        stop = start + nbytes if kind == _COMPRESSED else start + (nbytes + 7) // 8 * 8
+        if start + nbytes > end:
+            raise self.fail(f"element of {nbytes} bytes at byte {pos} runs past its container")
+        return kind, nbytes, start, min(stop, end)
+
+    def ints(self, pos: int, end: int, what: str) -> np.ndarray:
+        kind, nbytes, start, following = self.tag(pos, end)
+        if kind not in (5, 6) or nbytes % 4:
+            raise self.fail(f"{what} of type {kind} and {nbytes} bytes")
+        self.next = following
+        return np.frombuffer(self.data, f"{self.endian}i4", nbytes // 4, start)
+
+    def skip(self, pos: int, end: int) -> tuple[int, int]:
+        kind, nbytes, _, following = self.tag(pos, end)
+        return kind, nbytes, following
+
+    def matrix(self, start: int, end: int, depth: int) -> None:
+        """Check the contents of one miMATRIX element spanning [start, end)."""
+        if start == end:
+            return  # an empty matrix (e.g. an empty cell)
+        if depth > _MAX_DEPTH:
+            raise self.fail("nested too deeply")
+        flags = self.ints(start, end, "array flags")
+        if flags.size < 2:
+            raise self.fail("array flags")
+        cls = int(flags[0]) & 0xFF
+        dims = self.ints(self.next, end, "dimensions")
+        if dims.size < 2 or (dims < 0).any():
+            raise self.fail(f"dimensions {dims.tolist()}")
+        count = int(np.prod(dims.astype(np.int64)))
+        _, _, pos = self.skip(self.next, end)  # the array name
+        if cls in (_STRUCT, _OBJECT):
+            if cls == _OBJECT:
+                _, _, pos = self.skip(pos, end)  # the class name
+            length = self.ints(pos, end, "field name length")
+            if length.size != 1 or length[0] <= 0:
+                raise self.fail(f"field name length {length.tolist()}")
+            _, nbytes, pos = self.skip(self.next, end)
+            if nbytes % int(length[0]):
+                raise self.fail("field names")
+            children = count * (nbytes // int(length[0]))
+        elif cls == _CELL:
+            children = count
+        else:
+            if cls not in (_SPARSE, _CHAR):
+                kind, nbytes, _ = self.skip(pos, end)
+                if kind not in _ITEM or nbytes != count * _ITEM[kind]:
+                    raise self.fail(f"{nbytes} data bytes of type {kind} for {count} values")
+            return
+        for _ in range(children):
+            kind, nbytes, data_start, following = self.tag(pos, end)
+            if kind != _MATRIX:
+                raise self.fail(f"element of type {kind} where a matrix belongs")
+            self.matrix(data_start, data_start + nbytes, depth + 1)
+            pos = following
+
+
+def check_mat(path: Path, data: bytes) -> None:
+    """Raise ``DecodeError`` unless ``data`` (the bytes of ``path``) is a structurally sound
+    MATLAB v5 file; v4 and v7.3 (HDF5) files are left to the reader."""
+    if len(data) < _HEADER or not data.startswith(b"MATLAB 5.0"):
+        return
+    endian = {b"IM": "<", b"MI": ">"}.get(data[126:128])
+    if endian is None:
+        raise DecodeError(f"cannot read .mat file: {path} (damaged: endian indicator)")
+    _check_elements(_Walker(data, path, endian), _HEADER, len(data), 0)
+
+
+def _check_elements(walker: _Walker, pos: int, end: int, depth: int) -> None:
+    while pos < end:
+        if end - pos < 8 and not any(walker.data[pos:end]):
+            return  # padding
+        kind, nbytes, start, following = walker.tag(pos, end)
+        if kind == _COMPRESSED:
+            try:
+                inner = zlib.decompress(walker.data[start : start + nbytes])
+            except zlib.error as error:
+                raise walker.fail(f"compressed element at byte {pos}: {error}") from None
+            _check_elements(_Walker(inner, walker.path, walker.endian), 0, len(inner), depth)
+        elif kind == _MATRIX:
+            walker.matrix(start, start + nbytes, depth)
+        pos = following

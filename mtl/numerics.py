@@ -1,0 +1,112 @@
+"""Non-finite training steps: find them, name the task, skip the update, stop when they persist.
+
+A step whose loss or gradient holds NaN or inf is skipped whole: the gradients are zeroed and
+neither the optimiser nor the learning-rate scheduler steps, so Adam's moments and step count,
+the schedule and Lightning's ``global_step`` (which counts optimiser steps) all stay where the
+last good step left them and in step with each other. After ``max_bad_steps`` consecutive bad
+steps the run stops with `NonFiniteError`.
+
+Under DDP every process must take the same decision, or one process would step (and enter the
+next collective) while another skips: the local verdict is summed over processes (one scalar
+all-reduce for the losses, one for the gradients) and the step is skipped everywhere when any
+process saw a non-finite value.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+#: Sums a tensor over processes (identity on one process).
+ReduceSum = Callable[[Tensor], Tensor]
+#: Names a non-finite value that another process saw.
+ELSEWHERE = "another process"
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced non-finite losses or gradients for too many consecutive steps."""
+
+
+def nonfinite_losses(losses: Mapping[str, Tensor]) -> list[str]:
+    """Tasks whose loss is NaN or infinite."""
+    if not losses:
+        return []
+    values = torch.stack([loss.detach().float().reshape(()) for loss in losses.values()])
+    finite = torch.isfinite(values).tolist()
+    return [task for task, ok in zip(losses, finite, strict=True) if not ok]
+
+
+def _finite(params: Iterable[nn.Parameter]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    norms = torch._foreach_norm(grads)  # fused; a NaN or inf entry makes its norm non-finite
+    return bool(torch.isfinite(torch.stack(norms)).all())
+
+
+def nonfinite_gradients(
+    params: Sequence[nn.Parameter],
+    task_params: Mapping[str, Sequence[nn.Parameter]],
+    gramian: Tensor | None = None,
+) -> list[str]:
+    """Where the gradients of ``params`` are not finite: the tasks whose own parameters (head,
+    per-task adapter) have a non-finite gradient, or whose shared gradient is non-finite (the
+    Gramian's diagonal, when the balancer formed one); ``["gradient"]`` when no task can be
+    singled out; ``[]`` when every gradient is finite."""
+    if _finite(params):
+        return []
+    tasks = [task for task, own in task_params.items() if not _finite(own)]
+    if gramian is not None:
+        diagonal = torch.isfinite(torch.diagonal(gramian)).tolist()
+        tasks += [t for t, ok in zip(task_params, diagonal, strict=False) if not ok]
+    return list(dict.fromkeys(tasks)) or ["gradient"]
+
+
+def agree(local: list[str], reduce_sum: ReduceSum, device: torch.device) -> list[str]:
+    """The same verdict on every process: ``local`` when this process saw a bad value,
+    ``[ELSEWHERE]`` when only another did, ``[]`` when none did."""
+    count = reduce_sum(torch.tensor(float(bool(local)), device=device))
+    if float(count) == 0:
+        return []
+    return local or [ELSEWHERE]
+
+
+class StepGuard:
+    """Counts consecutive non-finite steps; logs each one and raises when they persist.
+
+    Args:
+        max_bad_steps: consecutive bad steps after which `NonFiniteError` stops the run.
+    """
+
+    def __init__(self, max_bad_steps: int = 3) -> None:
+        if max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps: {max_bad_steps}; expected >= 1")
+        self.max_bad_steps = max_bad_steps
+        self.consecutive = 0
+        self.skipped = 0
+
+    def good(self) -> None:
+        """A step was taken: the consecutive count starts again."""
+        self.consecutive = 0
+
+    def bad(self, what: str, where: Sequence[str], step: int, epoch: int) -> None:
+        """Record a skipped step: ``what`` is "loss" or "gradient", ``where`` the tasks."""
+        self.consecutive += 1
+        self.skipped += 1
+        message = (
+            f"non-finite {what} at step {step} (epoch {epoch}) in {', '.join(where)}; "
+            f"optimiser step skipped ({self.consecutive} consecutive, "
+            f"stopping at max_bad_steps={self.max_bad_steps})"
+        )
+        log.warning(message)
+        if self.consecutive >= self.max_bad_steps:
+            raise NonFiniteError(
+                f"{self.consecutive} consecutive training steps had non-finite values; last: "
+                f"{message}. Lower optim.optimizer.lr, set optim.grad_clip_norm, check the data "
+                "(python -m mtl.data.verify) or locate the operation with debug=anomaly."
+            )

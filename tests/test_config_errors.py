@@ -1,0 +1,135 @@
+"""Every invalid choice is reported before anything is built, in one message naming the key,
+the value and what is allowed."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mtl.train
+from mtl.config import ConfigError
+from mtl.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+VIT = "model/backbone=vit_tiny"
+
+CASES = [
+    (["data.tasks=[semseg,parts]"],
+     ["data.tasks: task 'parts' is not provided by dataset 'synthetic'; available: ['semseg'"]),
+    (["data.tasks=[semseg,albedo]"], ["data.tasks: unknown task 'albedo'; registered tasks:"]),
+    (["model.decoder=null"],
+     ["model.decoder: None; every task in data.tasks needs a decoder (head)", "conv or hrnet"]),
+    (["model/adapter=moe"], ["model.adapter: moe needs a plain ViT backbone"]),
+    ([VIT, "model/adapter=lora", "model.adapter.rank=0"],
+     ["model.adapter.rank: 0; expected a positive integer"]),
+    ([VIT, "model/adapter=moe", "model.adapter.num_experts=4", "model.adapter.top_k=5"],
+     ["model.adapter.top_k: 5; expected 1..num_experts (4)"]),
+    ([VIT, "model/adapter=moe", "model.adapter.top_k=0"],
+     ["model.adapter.top_k: 0; expected 1..num_experts (16)"]),
+    ([VIT, "model/adapter=mtlora", "balancer=pcgrad", "balancer.mode=rep"],
+     ["balancer.mode: 'rep' needs one shared representation, but the adapter is task-aware"]),
+    (["balancer=equal", "balancer.mode=rep"], ["balancer.mode: 'rep' is for gradient methods"]),
+    (["data.batch_size=6", "trainer.devices=4"],
+     ["data.batch_size: 6 is the global batch and must be divisible by trainer.devices x "
+      "trainer.num_nodes = 4"]),
+    (["optim.optimizer.lr=0"], ["optim.optimizer.lr: 0; expected a number > 0"]),
+    (["optim=sgd", "optim.optimizer.momentum=1.5"],
+     ["optim.optimizer.momentum: 1.5; expected a number in [0, 1)"]),
+    (["optim.grad_clip_norm=-1"], ["optim.grad_clip_norm: -1; expected a number > 0, or null"]),
+    (["optim.scheduler.warmup_steps=-5"],
+     ["optim.scheduler.warmup_steps: -5; expected an integer >= 0"]),
+    (["trainer.max_epochs=0"], ["trainer.max_epochs: 0; expected an integer >= 1 (-1: no limit)"]),
+    (["trainer.precision=17"], ["trainer.precision: 17; expected one of ["]),
+    (["+trainer.accumulate_grad_batches=4"], ["trainer.accumulate_grad_batches: 4; expected 1"]),
+    (["+trainer.gradient_clip_val=1.0"],
+     ["trainer.gradient_clip_val: 1.0; expected null", "optim.grad_clip_norm"]),
+    (["data.num_workers=-1"], ["data.num_workers: -1; expected an integer >= 0"]),
+    (["data.image_size=[0,64]"], ["data.image_size: [0, 64]; expected [height, width]"]),
+    (["data.loss_weights.depth=-1"], ["data.loss_weights.depth: -1; expected a number >= 0"]),
+    (["data.skip_bad=maybe"], ["data.skip_bad: 'maybe'; expected true or false"]),
+    (["max_bad_steps=0"], ["max_bad_steps: 0; expected an integer >= 1"]),
+    (["eval_ckpt=first"], ["eval_ckpt: 'first'; expected best or last"]),
+]  # fmt: skip
+
+
+@pytest.fixture
+def nothing_built(monkeypatch):
+    """Fail the test if a datamodule, model or trainer is built."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("built before the config was validated")
+
+    for name in ("build_datamodule", "build_module", "build_model", "build_callbacks"):
+        monkeypatch.setattr(mtl.train, name, refuse)
+
+
+@pytest.mark.parametrize(("overrides", "expected"), CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_invalid_choice_is_reported_before_building(
+    make_cfg, nothing_built, tmp_path, overrides, expected
+):
+    data_root = tmp_path / "never_generated"
+    cfg = make_cfg(f"data.root={data_root}", *overrides)
+    with pytest.raises(ConfigError) as info:
+        train(cfg)
+    message = str(info.value)
+    assert message.startswith("invalid configuration:\n  - ")
+    for part in expected:
+        assert part in message, message
+    assert not data_root.exists()
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_all_problems_come_in_one_message(make_cfg, nothing_built):
+    cfg = make_cfg(
+        "data.tasks=[semseg,parts]",
+        "optim.optimizer.lr=-1",
+        "trainer.max_epochs=0",
+        "data.num_workers=-2",
+        "max_bad_steps=0",
+    )
+    with pytest.raises(ConfigError) as info:
+        train(cfg)
+    lines = str(info.value).splitlines()[1:]
+    keys = [line.split(":")[0].strip(" -") for line in lines]
+    assert keys == [
+        "data.tasks",
+        "optim.optimizer.lr",
+        "trainer.max_epochs",
+        "data.num_workers",
+        "max_bad_steps",
+    ]
+
+
+def test_unknown_group_option_is_a_short_hydra_message():
+    result = subprocess.run(
+        [sys.executable, "train.py", "balancer=foo"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "Could not find 'balancer/foo'" in result.stderr
+    assert "Available options in 'balancer'" in result.stderr and "pcgrad" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_worker_errors_are_shown_without_the_worker_traceback():
+    spec = importlib.util.spec_from_file_location("entry", ROOT / "train.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    from mtl.data.base import DatasetError
+
+    wrapped = DatasetError(
+        "Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+        'call last):\n  File "x.py", line 1, in f\nmtl.data.base.DatasetError: NYUD-v2 sample '
+        "'s1': cannot decode image: /data/images/s1.jpg\n"
+    )
+    assert entry.user_message(wrapped) == (
+        "NYUD-v2 sample 's1': cannot decode image: /data/images/s1.jpg"
+    )
+    assert entry.user_message(DatasetError("plain")) == "plain"
