@@ -28,7 +28,9 @@ def main(cfg: DictConfig) -> float | None:
     except (ConfigError, DatasetError, NonFiniteError) as error:  # a report, not a stack trace
         sys.exit(f"error: {user_message(error)}")
     metric = cfg.get("optimized_metric")
-    return scores.get(metric) if metric else None
+    if metric and metric not in scores:  # a sweeper must never receive None as the objective
+        sys.exit(f"error: optimized_metric '{metric}' is not a score of this run: {sorted(scores)}")
+    return scores[metric] if metric else None
 
 
 if __name__ == "__main__":
