@@ -1,6 +1,6 @@
 """Training-step cost of every balancer, as a ratio to equal weighting measured in the same run.
 
-    python bench/balancers.py [--quick] [--batch-size 16] [--size 96 128]
+    python -m bench.balancers [--quick] [--batch-size 16] [--size 96 128]
 
 One step = forward, the balancer's backward, optimiser step, on the default model (ResNet-18,
 HRNet-style heads, the synthetic dataset's 5 tasks) and a fixed random batch. Each figure is the

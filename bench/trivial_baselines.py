@@ -1,6 +1,6 @@
 """Scores of trivial predictors on a dataset's validation split, next to a run's scores.
 
-    python bench/trivial_baselines.py --root data/synthetic [--metrics outputs/.../metrics.json]
+    python -m bench.trivial_baselines --root data/synthetic [--metrics outputs/.../metrics.json]
 
 Trivial predictors, all fitted on the training split: the most frequent class everywhere
 (semseg mIoU), the mean valid depth everywhere (depth RMSE) and the mean valid normal
