@@ -38,6 +38,7 @@ from bench.table import Table
 from bench.timing import median_seconds
 from mtl.data.edges import label_edges
 from mtl.data.formats import write_nyud, write_pascal
+from mtl.data.gpu_augment import BatchAugment, decode_transforms
 from mtl.data.nyud import NYUDDataset
 from mtl.data.pascal_context import PASCALContextDataset, read_context_labels, read_parts
 from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transforms
@@ -255,6 +256,28 @@ def loader_rate(dataset: Dataset, workers: int, settings: Settings) -> float:
     return per_repeat * settings.loader_batch / seconds
 
 
+def gpu_augment_rate(
+    dataset: Dataset, workers: int, settings: Settings, crop: tuple[int, int]
+) -> float:
+    """Samples/s of decode-only workers, then transfer and ``BatchAugment`` on the GPU."""
+    augment = BatchAugment(crop)
+    sampler = RandomSampler(dataset, replacement=True, num_samples=1 << 30)
+    loader = DataLoader(
+        dataset, batch_size=settings.loader_batch, sampler=sampler, num_workers=workers
+    )
+    batches = iter(loader)
+
+    def step() -> None:
+        for batch in itertools.islice(batches, settings.batches_per_repeat):
+            batch = {k: v.cuda(non_blocking=True) if isinstance(v, torch.Tensor) else v
+                     for k, v in batch.items()}  # fmt: skip
+            augment(batch)
+        torch.cuda.synchronize()
+
+    seconds = median_seconds(step, settings.repeats, warmup=1)
+    return settings.batches_per_repeat * settings.loader_batch / seconds
+
+
 def loader_table(settings: Settings) -> Table:
     """Loader samples/s (0 and 2 workers) next to ViT-S training samples/s, at the crop size."""
     cv2.setNumThreads(1)  # as the datamodule does before forking workers
@@ -284,6 +307,11 @@ def loader_table(settings: Settings) -> Table:
             train = settings.train_batch / seconds
             crop = f"{s.crop[0]}x{s.crop[1]}"
             table.rows.append([s.label, crop, *rates, train, max(rates) / train])
+            if torch.cuda.is_available():  # data.gpu_augment: workers decode, the GPU augments
+                s.dataset.transform = decode_transforms(s.crop)
+                rates = [gpu_augment_rate(s.dataset, w, settings, s.crop) for w in settings.workers]
+                row = [f"{s.label}, gpu_augment", crop, *rates, train, max(rates) / train]
+                table.rows.append(row)
     return table
 
 

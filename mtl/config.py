@@ -209,6 +209,7 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.num_workers", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     ("data.check_files", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: no check)"),
     ("data.skip_bad", lambda v: isinstance(v, bool), "true or false"),
+    ("data.gpu_augment", lambda v: isinstance(v, bool), "true or false"),
     (
         "data.image_size",
         lambda v: len(v) == 2 and all(_integer(x) and x > 0 for x in v),

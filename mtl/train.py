@@ -24,6 +24,7 @@ from mtl.checkpoint import (
 from mtl.compile import compile_backbone
 from mtl.config import validate_config
 from mtl.data.datamodule import MultiTaskDataModule
+from mtl.data.gpu_augment import gpu_augment_pipeline
 from mtl.data.skip import SkippedSamples
 from mtl.export import PredictionWriter
 from mtl.loggers import build_loggers, finish_loggers, logger_callbacks
@@ -40,18 +41,24 @@ log = logging.getLogger(__name__)
 
 
 def build_datamodule(data: DictConfig) -> MultiTaskDataModule:
-    """The datamodule of `data` (a `conf/data/*.yaml` node)."""
+    """The datamodule of `data` (a `conf/data/*.yaml` node). With ``data.gpu_augment`` the
+    workers only decode and pad; the train transform's augmentation runs on the device."""
+    train_transform, gpu_augment = None, None
+    if data.get("gpu_augment", False):
+        node = OmegaConf.to_container(data.train_transform, resolve=True)
+        train_transform, gpu_augment = gpu_augment_pipeline(node)
     return MultiTaskDataModule(
         dataset=instantiate(data.dataset),
         tasks=list(data.tasks),
         batch_size=data.batch_size,
-        train_transform=instantiate(data.train_transform),
+        train_transform=train_transform or instantiate(data.train_transform),
         val_transform=instantiate(data.val_transform),
         prepare=instantiate(data.prepare) if data.get("prepare") else None,
         num_workers=data.num_workers,
         pin_memory=data.pin_memory,
         check_files=data.get("check_files", 8),
         skip_bad=data.get("skip_bad", False),
+        gpu_augment=gpu_augment,
     )
 
 

@@ -7,9 +7,11 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import cv2
 import lightning as L
+import numpy as np
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.trainer.states import TrainerFn
@@ -40,6 +42,9 @@ class MultiTaskDataModule(L.LightningDataModule):
             reported per epoch (see ``mtl.data.skip``); the setup check then only warns.
         seed: seeds the training order and augmentation per (seed, epoch), see
             ``mtl.data.sampling`` (None: the seed of ``seed_everything``, else 0).
+        gpu_augment: optional batch augmentation run on the device on training batches
+            (``mtl.data.gpu_augment.BatchAugment``), seeded per (seed, epoch, batch, rank);
+            ``train_transform`` then only decodes and pads.
     """
 
     def __init__(
@@ -57,6 +62,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         check_files: int = 8,
         skip_bad: bool = False,
         seed: int | None = None,
+        gpu_augment: Callable[..., dict] | None = None,
     ) -> None:
         super().__init__()
         self.dataset_factory = dataset
@@ -72,6 +78,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.skip_bad = skip_bad
         self.datasets: dict[str, Dataset] = {}
         self.seed = seed
+        self.gpu_augment = gpu_augment
         # (epoch, batches already trained in it) of the checkpoint being resumed, if any
         self._resume_position: tuple[int, int] | None = None
 
@@ -173,6 +180,16 @@ class MultiTaskDataModule(L.LightningDataModule):
             warnings.filterwarnings(
                 "ignore", message="You're resuming from a checkpoint that ended before the epoch"
             )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches, once on the device: the ``gpu_augment`` augmentation, if any."""
+        trainer = self.trainer
+        if self.gpu_augment is None or trainer is None or not trainer.training:
+            return batch
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        key = [self._seed(), trainer.current_epoch, batches, self._global_rank()]
+        seed = int(np.random.SeedSequence(key).generate_state(1)[0])
+        return self.gpu_augment(batch, seed=seed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
