@@ -70,8 +70,13 @@ def test_training_lowers_every_validation_loss_and_writes_run_files(make_cfg, tm
         assert isinstance(metrics[key], float)
     assert (run / "checkpoints" / "last.ckpt").is_file()
     with open(run / "csv" / "metrics.csv") as f:
-        columns = next(csv.reader(f))
-    assert "train/loss" in columns and "val/semseg/mIoU" in columns
+        rows = list(csv.DictReader(f))
+    assert "train/loss" in rows[0] and "val/semseg/mIoU" in rows[0]
+    step_rows = [row for row in rows if row["train/loss"]]
+    assert step_rows  # every row a logger wrote for a step holds every task's loss and weight
+    for row in step_rows:
+        for task in ("semseg", "depth", "normals", "edge", "sal"):
+            assert row[f"train/{task}/loss"] and row[f"balancer/{task}/weight"], row["step"]
 
 
 def test_resume_from_last_checkpoint_continues_from_its_step(make_cfg, tmp_path):
