@@ -22,9 +22,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from bench.table import Table
-from bench.timing import median_seconds
+from bench.timing import median_paired_ratio, median_seconds
 from mtl.balancers import build_balancer
 from mtl.balancers.base import BalanceContext
+from mtl.models.multitask import Decoded
 from mtl.tasks import TASKS, get_task, register
 from mtl.train import build_model
 
@@ -97,13 +98,15 @@ def make_step(overrides: list[str], tasks: list[str], settings: Settings) -> Cal
     optimizer = torch.optim.SGD(list(model.parameters()) + list(balancer.parameters()), lr=1e-4)
     classes = cfg.data.num_classes.semseg
     batch = random_batch(tasks, settings.batch_size, settings.size, classes)
-    features: list[torch.Tensor] = []
+    decoded: list[Decoded] = []
     counter = [0]
 
     def losses_of(subset=None):
-        preds, feats = model(batch["image"], subset or tasks, return_features=True)
-        features[:] = feats
-        return {t: weights[t] * get_task(t).loss(preds[t], batch[t]) for t in subset or tasks}
+        out = model.decode(
+            batch["image"], subset or tasks, detach_features=balancer.uses_representation
+        )
+        decoded[:] = [out]
+        return {t: weights[t] * get_task(t).loss(out.preds[t], batch[t]) for t in subset or tasks}
 
     def step() -> None:
         losses = losses_of()
@@ -115,7 +118,8 @@ def make_step(overrides: list[str], tasks: list[str], settings: Settings) -> Cal
             recompute_losses=losses_of,
             all_reduce_mean=lambda t: t,
             step=counter[0],
-            features=list(features),
+            features=decoded[0].features,
+            head_inputs=decoded[0].head_inputs,
             model=model,
         )
         balancer.backward(losses, context)
@@ -137,15 +141,18 @@ def configurations(num_tasks: int) -> list[tuple[str, list[str], float | None]]:
     return configs
 
 
-def step_seconds(overrides: list[str], tasks: list[str], settings: Settings) -> float:
-    return median_seconds(make_step(overrides, tasks, settings), settings.repeats)
+def step_ratio(
+    overrides: list[str], reference: Callable[[], None], tasks: list[str], settings: Settings
+) -> float:
+    """Step time of a configuration over that of ``reference``, timed in alternation."""
+    return median_paired_ratio(make_step(overrides, tasks, settings), reference, settings.repeats)
 
 
 def method_table(settings: Settings, methods: list[str] | None = None) -> Table:
     """Step time of each method (all, or those named in ``methods``, e.g. "pcgrad (rep)").
 
-    Equal weighting is timed again right before each method and the ratio taken to that
-    timing, so that a change of load on the machine between methods does not bias it."""
+    Each step of a method is timed right after a step of equal weighting and the ratio is the
+    median of those pairs, so that a change of load on the machine does not bias it."""
     equal = make_step(["balancer=equal"], ALL_TASKS, settings)
     base = median_seconds(equal, settings.repeats)
     table = Table(
@@ -156,16 +163,16 @@ def method_table(settings: Settings, methods: list[str] | None = None) -> Table:
             f"Equal weighting: {base * 1000:.0f} ms/step; ResNet-18 + HRNet heads, "
             f"T={len(ALL_TASKS)}, batch {settings.batch_size}, "
             f"{settings.size[0]}x{settings.size[1]}, {torch.get_num_threads()} threads; "
-            f"median of {settings.repeats} steps after one warm-up, equal weighting timed "
-            "again next to each method. The bounds assume compute-bound steps; at small inputs "
-            "the per-task gradient bookkeeping (flattening, Gramian) dominates and exceeds them."
+            f"median over {settings.repeats} pairs (a step of equal weighting, then one of the "
+            "method) after one warm-up pair. The bounds assume compute-bound steps; at small "
+            "inputs the per-task gradient bookkeeping (flattening, Gramian) dominates and "
+            "exceeds them."
         ],
     )
     for name, overrides, bound in configurations(len(ALL_TASKS)):
         if methods and name not in methods:
             continue
-        step = make_step(overrides, ALL_TASKS, settings)
-        ratio = median_seconds(step, settings.repeats) / median_seconds(equal, settings.repeats)
+        ratio = step_ratio(overrides, equal, ALL_TASKS, settings)
         within = "" if bound is None else ("yes" if ratio <= bound else "NO")
         table.rows.append([name, ratio, "" if bound is None else bound, within])
     return table
@@ -180,18 +187,15 @@ def growth_table(settings: Settings, counts: tuple[int, ...] = (2, 3, 5, 8)) -> 
     )
     for count in counts:
         tasks = task_names(count)
-        equal = step_seconds(["balancer=equal"], tasks, settings)
-        param = step_seconds(["balancer=pcgrad"], tasks, settings)
-        rep = step_seconds(["balancer=pcgrad", "balancer.mode=rep"], tasks, settings)
-        sam = step_seconds(["balancer=equal", "flat=sam"], tasks, settings)
+        equal = make_step(["balancer=equal"], tasks, settings)
         table.rows.append(
             [
                 count,
-                equal * 1000,
-                param / equal,
+                median_seconds(equal, settings.repeats) * 1000,
+                step_ratio(["balancer=pcgrad"], equal, tasks, settings),
                 1.1 * (1 + 2 * count) / 3,
-                rep / equal,
-                sam / equal,
+                step_ratio(["balancer=pcgrad", "balancer.mode=rep"], equal, tasks, settings),
+                step_ratio(["balancer=equal", "flat=sam"], equal, tasks, settings),
                 1.1 * (1 + 5 * count) / 3,
             ]
         )

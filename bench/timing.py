@@ -23,6 +23,25 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
     return statistics.median(times)
 
 
+def median_paired_ratio(
+    fn: Callable[[], object], reference: Callable[[], object], repeats: int = 5, warmup: int = 1
+) -> float:
+    """Median over ``repeats`` pairs of (time of ``fn`` / time of ``reference``), the two
+    called back to back in each pair, after ``warmup`` untimed calls of each. Pairing keeps a
+    change of load on the machine from landing on one side of the ratio only."""
+    for _ in range(warmup):
+        reference()
+        fn()
+    ratios = []
+    for _ in range(max(repeats, 1)):
+        start = time.perf_counter()
+        reference()
+        middle = time.perf_counter()
+        fn()
+        ratios.append((time.perf_counter() - middle) / (middle - start))
+    return statistics.median(ratios)
+
+
 def median_interval(stamps: list[float], skip: int = 1) -> float:
     """Median gap between consecutive time stamps, ignoring the first ``skip`` gaps."""
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][skip:]

@@ -15,7 +15,7 @@ from mtl.balancers.jacobian import TaskGradients, gramian
 from mtl.checkpoint import CONFIG_KEY, SIGNATURE_KEY, check_compatible
 from mtl.data.skip import is_empty
 from mtl.metrics.collection import TaskMetrics
-from mtl.models.multitask import MultiTaskModel
+from mtl.models.multitask import Decoded, MultiTaskModel
 from mtl.numerics import StepGuard, agree, nonfinite_gradients, nonfinite_losses
 from mtl.tasks import get_task
 
@@ -93,12 +93,14 @@ class MultiTaskModule(L.LightningModule):
         if is_empty(batch):  # every sample of the batch was bad (data.skip_bad)
             return None
         images = batch["image"]
-        features: list[Tensor] = []
+        decoded: list[Decoded] = []
 
         def compute_losses(tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
-            preds, feats = self.model(images, tasks or self.tasks, return_features=True)
-            features[:] = feats
-            losses = self.weighted(self.task_losses(preds, batch, tasks))
+            out = self.model.decode(
+                images, tasks or self.tasks, detach_features=self.balancer.uses_representation
+            )
+            decoded[:] = [out]
+            losses = self.weighted(self.task_losses(out.preds, batch, tasks))
             for task, extra in self.model.auxiliary_losses().items():  # e.g. MoE load balancing
                 losses[task] = losses[task] + extra
             return losses
@@ -118,7 +120,8 @@ class MultiTaskModule(L.LightningModule):
             epoch=self.current_epoch,
             seed=self.seed,
             world_size=self.trainer.world_size,
-            features=list(features),
+            features=decoded[0].features,
+            head_inputs=decoded[0].head_inputs,
             model=self.model,
         )
         diagnose = bool(self.diagnostics_every) and self.global_step % self.diagnostics_every == 0

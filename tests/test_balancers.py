@@ -21,6 +21,9 @@ from mtl.balancers.gramian import (
 )
 from mtl.balancers.jacobian import gramian
 from mtl.balancers.weighting import DWA, FAMO, Equal, RandomLossWeighting, Uncertainty
+from mtl.models.backbone import Backbone
+from mtl.models.decoders import HRNetDecoder
+from mtl.models.multitask import MultiTaskModel
 
 
 def _context(step: int = 0, seed: int = 0, epoch: int = 0, **kwargs) -> BalanceContext:
@@ -251,12 +254,13 @@ class Toy(nn.Module):
         features = self.features() if features is None else features
         return {t: ((self.heads[t](features) - self.y[t]) ** 2).mean() for t in tasks or ("a", "b")}
 
-    def context(self, features=None) -> BalanceContext:
+    def context(self, features=None, head_inputs=None) -> BalanceContext:
         return _context(
             shared_params=list(self.shared.parameters()) + list(self.norm.parameters()),
             task_params={t: list(h.parameters()) for t, h in self.heads.items()},
             recompute_losses=lambda tasks=None: self.losses(tasks),
             features=features,
+            head_inputs=head_inputs,
             model=self,
         )
 
@@ -285,8 +289,9 @@ def test_param_mode_writes_the_weighted_sum_to_shared_and_own_gradients_to_heads
 def test_rep_mode_weights_from_feature_gradients_and_one_backward():
     toy = Toy()
     features = toy.features()
-    losses = toy.losses(features=features)
-    context = toy.context(features=[features])
+    leaf = features.detach().requires_grad_()
+    losses = toy.losses(features=leaf)
+    context = toy.context(features=[features], head_inputs=[leaf])
     result = MGDA(mode="rep").backward(losses, context)
     weights = torch.tensor([result.weights["a"], result.weights["b"]])
     # the weights are MGDA's on the Gramian of the feature gradients
@@ -306,6 +311,45 @@ def test_rep_mode_weights_from_feature_gradients_and_one_backward():
     )
     for p, e in zip(context.shared_params, expected, strict=True):
         assert torch.allclose(p.grad, e, atol=1e-6)
+    own = torch.autograd.grad(toy.losses()["b"], list(toy.heads["b"].parameters()))
+    for p, e in zip(toy.heads["b"].parameters(), own, strict=True):
+        assert torch.allclose(p.grad, e, atol=1e-6)
+
+
+def test_rep_mode_on_a_multi_scale_backbone_gives_the_gradient_of_the_weighted_loss():
+    """Each scale of a ResNet is computed from the previous one: the update must still be
+    exactly the gradient of Σ w_i L_i, each stage's contribution counted once."""
+    torch.manual_seed(0)
+    model = MultiTaskModel(
+        Backbone("resnet18", out_indices=(1, 2, 3)), HRNetDecoder, {"a": 3, "b": 1}
+    )
+    images = torch.randn(2, 3, 32, 32)
+    targets = {"a": torch.randn(2, 3, 32, 32), "b": torch.randn(2, 1, 32, 32)}
+
+    def losses_of(decoded):
+        return {t: ((decoded.preds[t] - targets[t]) ** 2).mean() for t in ("a", "b")}
+
+    decoded = model.decode(images, detach_features=True)
+    context = _context(
+        shared_params=model.shared_parameters(),
+        task_params=model.task_parameters(),
+        features=decoded.features,
+        head_inputs=decoded.head_inputs,
+        model=model,
+    )
+    result = PCGrad(mode="rep").backward(losses_of(decoded), context)
+    fresh = losses_of(model.decode(images))
+    weighted = sum(result.weights[t] * fresh[t] for t in ("a", "b"))
+    expected = torch.autograd.grad(weighted, model.shared_parameters())
+    for p, e in zip(model.shared_parameters(), expected, strict=True):
+        assert torch.allclose(p.grad, e, rtol=1e-4, atol=1e-7)
+
+
+def test_rep_mode_without_detached_head_inputs_is_refused():
+    toy = Toy()
+    features = toy.features()
+    with pytest.raises(ValueError, match="detach_features=True"):
+        MGDA(mode="rep").backward(toy.losses(features=features), toy.context([features]))
 
 
 # ----------------------------------------------------------------------------- SAM-MTL

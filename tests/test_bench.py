@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -10,7 +11,12 @@ import torch
 from bench import adapters, balancers, gpu, overhead
 from bench.models import count_flops
 from bench.table import Table
-from bench.timing import median_interval, median_seconds, peak_rss_growth_mib
+from bench.timing import (
+    median_interval,
+    median_paired_ratio,
+    median_seconds,
+    peak_rss_growth_mib,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +40,14 @@ def test_timing_helpers():
     assert median_seconds(lambda: calls.append(1), repeats=3, warmup=2) >= 0
     assert len(calls) == 5
     assert median_interval([0.0, 5.0, 6.0, 8.0, 9.0], skip=1) == 1.0
+    order = []
+    ratio = median_paired_ratio(
+        lambda: (order.append("f"), time.sleep(0.03)),
+        lambda: (order.append("r"), time.sleep(0.01)),
+        repeats=3,
+    )
+    assert order == ["r", "f"] * 4  # one warm-up pair, then three timed pairs
+    assert 2.0 < ratio < 4.5
 
 
 def test_peak_memory_sees_a_large_allocation():

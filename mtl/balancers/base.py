@@ -40,6 +40,8 @@ class BalanceContext:
         seed: the run's seed (with ``step``, seeds any randomness identically on every rank).
         world_size: number of processes sharing the global batch.
         features: the shared representation the losses were computed from (``rep`` mode).
+        head_inputs: the detached leaf copies of ``features`` the heads decoded from, when the
+            balancer `uses_representation` (see ``MultiTaskModel.decode``).
         model: the model (for methods that must handle its normalisation statistics).
     """
 
@@ -53,6 +55,7 @@ class BalanceContext:
     seed: int = 0
     world_size: int = 1
     features: Sequence[Tensor] | None = None
+    head_inputs: Sequence[Tensor] | None = None
     model: nn.Module | None = None
 
     def generator(self) -> torch.Generator:
@@ -74,6 +77,12 @@ class Balancer(nn.Module):
 
     #: True for methods that need the per-task gradients (a Jacobian), False for loss weighting.
     needs_task_gradients: bool = False
+
+    @property
+    def uses_representation(self) -> bool:
+        """Whether the balancer differentiates the losses with respect to the shared features
+        (``rep`` mode): the heads must then decode from detached copies of them."""
+        return False
 
     def write_own_gradients(self, losses: Mapping[str, Tensor], context: BalanceContext) -> None:
         """Set ``.grad`` of the balancer's own learnable parameters, for wrappers that do not

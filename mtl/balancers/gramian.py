@@ -38,6 +38,10 @@ class GramianMethod(Balancer):
             raise ValueError(f"balancer.mode={mode!r}; expected one of {MODES}")
         self.mode = mode
 
+    @property
+    def uses_representation(self) -> bool:
+        return self.mode == "rep"
+
     def weights(self, gram: Tensor, context: BalanceContext) -> Tensor:
         """Weights (float64, length T) from the T x T Gramian (float64, CPU)."""
         raise NotImplementedError
@@ -58,17 +62,21 @@ class GramianMethod(Balancer):
         return BalanceResult(dict(zip(losses, weights.tolist(), strict=True)), gram)
 
     def _backward_rep(self, losses: Mapping[str, Tensor], context: BalanceContext) -> BalanceResult:
-        if context.features is None:
-            raise ValueError("balancer.mode=rep needs the shared features of the forward pass")
-        features = list(context.features)
+        if context.features is None or context.head_inputs is None:
+            raise ValueError(
+                "balancer.mode=rep needs the shared features and the detached copies the heads "
+                "decoded from (MultiTaskModel.decode(..., detach_features=True))"
+            )
+        features, leaves = list(context.features), list(context.head_inputs)
+        # Each task's backward stops at the leaves: it covers that task's head only.
         rows, heads = [], {}
         for task, loss in losses.items():
             own = list(context.task_params.get(task, ()))
-            grads = torch.autograd.grad(loss, features + own, retain_graph=True, allow_unused=True)
-            rows.append(flatten(grads[: len(features)], features))
+            grads = torch.autograd.grad(loss, leaves + own, retain_graph=True, allow_unused=True)
+            rows.append(flatten(grads[: len(leaves)], leaves))
             heads[task] = [
                 g if g is not None else torch.zeros_like(p)
-                for g, p in zip(grads[len(features) :], own, strict=True)
+                for g, p in zip(grads[len(leaves) :], own, strict=True)
             ]
         local = torch.stack(rows)  # T x (local batch feature size)
         # The global loss is the mean of the processes' losses, so its feature gradients are the
@@ -80,7 +88,7 @@ class GramianMethod(Balancer):
         # gradient (and each head's own gradient), so DDP averages all of it as usual.
         surrogate = sum(
             (f * g.view_as(f)).sum()
-            for f, g in zip(features, _split_like(feature_grad, features), strict=True)
+            for f, g in zip(features, _split_like(feature_grad, leaves), strict=True)
         )
         for task, grads in heads.items():
             own = context.task_params.get(task, ())

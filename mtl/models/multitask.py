@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -114,28 +115,51 @@ class MultiTaskModel(nn.Module):
             if hasattr(module, "unmerge"):
                 module.unmerge()
 
-    def forward(
-        self, images: Tensor, tasks: Sequence[str] | None = None, return_features: bool = False
-    ) -> dict[str, Tensor] | tuple[dict[str, Tensor], list[Tensor]]:
-        """Predictions for `tasks` (default: all), each at the input's spatial size; with
-        `return_features`, also the backbone features they were decoded from (task-aware
-        backbone: the task batch, T*B rows, task-major in the order of `tasks`)."""
+    def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Predictions for `tasks` (default: all), each at the input's spatial size."""
+        return self.decode(images, tasks).preds
+
+    def decode(
+        self, images: Tensor, tasks: Sequence[str] | None = None, detach_features: bool = False
+    ) -> Decoded:
+        """Predictions for `tasks` (default: all) with the backbone features they came from.
+
+        With `detach_features`, the heads decode from leaf copies of the features
+        (``Decoded.head_inputs``), so a task's gradient with respect to them covers its head
+        alone. Differentiating with respect to the features themselves would not: a
+        multi-scale backbone computes each scale from the previous one, so the gradient of a
+        coarse-to-fine list is the total derivative through the later stages. Task-aware
+        backbone: the features are the task batch, T*B rows, task-major in `tasks` order.
+        """
         tasks = self.tasks if tasks is None else list(tasks)
         unknown = set(tasks) - set(self.decoders)
         if unknown:
             raise KeyError(f"model has no head for {sorted(unknown)}; heads: {self.tasks}")
         size = images.shape[-2:]
+        features = (
+            self.backbone(images, tasks) if self.task_aware_backbone else self.backbone(images)
+        )
+        head_inputs = (
+            [f.detach().requires_grad_() for f in features] if detach_features else features
+        )
         if self.task_aware_backbone:
-            features = self.backbone(images, tasks)
-            per_task = [f.chunk(len(tasks)) for f in features]
+            per_task = [f.chunk(len(tasks)) for f in head_inputs]
             inputs = {task: [chunks[i] for chunks in per_task] for i, task in enumerate(tasks)}
         else:
-            features = self.backbone(images)
-            inputs = dict.fromkeys(tasks, features)
+            inputs = dict.fromkeys(tasks, head_inputs)
         preds = {
             task: F.interpolate(
                 self.decoders[task](inputs[task]), size=size, mode="bilinear", align_corners=False
             )
             for task in tasks
         }
-        return (preds, features) if return_features else preds
+        return Decoded(preds, list(features), list(head_inputs))
+
+
+class Decoded(NamedTuple):
+    """One forward pass: the predictions per task, the backbone features and the tensors the
+    heads decoded from (the features, or their detached leaf copies)."""
+
+    preds: dict[str, Tensor]
+    features: list[Tensor]
+    head_inputs: list[Tensor]
