@@ -111,10 +111,15 @@ def _balancer_problems(cfg: DictConfig) -> list[str]:
     if mode == "rep" and flat:
         problems.append("balancer.mode: 'rep' cannot be combined with flat=sam|asam; use param")
     precision = str(cfg.trainer.get("precision", "32-true"))
-    if (method.needs_task_gradients or flat) and precision.startswith("16"):
+    if precision in LOSS_SCALING:
+        # The training step optimises manually (balancers write .grad), and Lightning unscales
+        # float16 gradients only inside its own optimizer step: clipping and the non-finite
+        # check would see scaled gradients, and a skipped overflow step would never lower the
+        # scale.
         problems.append(
-            f"trainer.precision: '{precision}' scales the loss for float16, and per-task "
-            f"gradients of {name} would be aggregated before unscaling; use bf16-mixed or 32-true"
+            f"trainer.precision: '{precision}' scales the loss for float16, which the manual "
+            "training step (balancers, clipping, non-finite checks) cannot unscale in time; "
+            "use bf16-mixed or 32-true"
         )
     if (method.needs_task_gradients or flat) and any(s in strategy for s in SHARDED):
         problems.append(
@@ -154,6 +159,8 @@ def _integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+#: Precision settings that use a float16 gradient scaler.
+LOSS_SCALING = ("16", "16-mixed")
 #: Lightning's precision settings.
 PRECISIONS = {
     "64", "32", "16", "bf16", "64-true", "32-true", "16-true", "bf16-true", "16-mixed",

@@ -104,6 +104,7 @@ def test_resume_from_last_checkpoint_continues_from_its_step(make_cfg, tmp_path)
         (["balancer=equal", "flat=asam", "+trainer.strategy=deepspeed"], "with flat regions"),
         (["balancer=mgda", "balancer.mode=fast"], "balancer.mode: 'fast'"),
         (["balancer=cagrad", "trainer.precision=16-mixed"], "use bf16-mixed or 32-true"),
+        (["balancer=equal", "trainer.precision=16"], "'16' scales the loss for float16"),
     ],
 )
 def test_invalid_balancer_combinations_fail_before_building(make_cfg, overrides, message):
