@@ -66,8 +66,31 @@ def _fit(cfg, devices: int) -> dict[str, torch.Tensor]:
 )
 def test_two_processes_equal_one_process_on_the_global_batch(make_cfg, balancer):
     cfg = make_cfg(EXACT_TASKS, *DETERMINISTIC, *balancer, "trainer=ddp_cpu")
-    single = _fit(cfg, devices=1)
-    double = _fit(cfg, devices=2)
+    _assert_same_training(cfg, _fit(cfg, devices=1), _fit(cfg, devices=2))
+
+
+def test_mixture_of_experts_under_ddp_equals_one_process(make_cfg):
+    """Plain DDP (no unused-parameter search) is exact for MoE with deterministic routing (no
+    routing noise, no batch-dependent balance loss): the experts of a layer are slices of one
+    parameter, so experts no token of a process reaches still get a (zero) gradient there."""
+    cfg = make_cfg(
+        EXACT_TASKS,
+        *DETERMINISTIC,
+        "trainer=ddp_cpu",
+        "model/adapter=moe",
+        # 64 experts, top-1, one MoE block, 12 tokens per image: each process's batch leaves
+        # most experts unused, and not the same ones.
+        "model.backbone.patch_size=16",
+        "model.adapter.blocks=[1]",
+        "model.adapter.num_experts=64",
+        "model.adapter.top_k=1",
+        "model.adapter.noise_std=0",
+        "model.adapter.balance_weight=0",
+    )
+    _assert_same_training(cfg, _fit(cfg, devices=1), _fit(cfg, devices=2))
+
+
+def _assert_same_training(cfg, single: dict, double: dict) -> None:
     initial = build_module(cfg).model.state_dict()
     moved = 0
     for name, value in single.items():
