@@ -234,6 +234,17 @@ def test_loss_weighting_refuses_rep_mode(method):
         method(mode="rep")
 
 
+def test_gramian_matches_the_float64_product():
+    torch.manual_seed(0)
+    # a million columns: a plain float32 product is off by about 3e-5 here
+    jacobian = torch.randn(3, 250 * 4096 + 123) * torch.tensor([[1.0], [1e-3], [50.0]])
+    jacobian[1] = jacobian[0] * -0.5 + 1e-4 * jacobian[1]  # nearly opposed rows
+    exact = jacobian.double() @ jacobian.double().T
+    got = gramian(jacobian)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, exact, rtol=1e-6, atol=1e-9 * exact.abs().max().item())
+
+
 # ----------------------------------------------------------------------------- toy model
 class Toy(nn.Module):
     """Shared linear layer and one linear head per task, with a BatchNorm in between."""

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from mtl.balancers.base import BalanceContext, Balancer, BalanceResult
-from mtl.balancers.jacobian import TaskGradients, flatten, gramian
+from mtl.balancers.jacobian import TaskGradients, empty_jacobian, flatten, gramian
 
 
 @contextmanager
@@ -68,7 +68,7 @@ class FlatRegions(Balancer):
 
     def _sam_gradients(self, plain: TaskGradients, context: BalanceContext) -> TaskGradients:
         shared = list(context.shared_params)
-        rows, heads = [], {}
+        jacobian, heads = empty_jacobian(len(plain.heads), shared), {}
         for i, task in enumerate(plain.heads):
             own = list(context.task_params.get(task, ()))
             params = shared + own
@@ -86,9 +86,9 @@ class FlatRegions(Balancer):
                 with torch.no_grad():
                     for p, saved in zip(params, backup, strict=True):
                         p.copy_(saved)
-            rows.append(flatten(grads[: len(shared)], shared))
+            flatten(grads[: len(shared)], shared, out=jacobian[i])
             heads[task] = flatten(grads[len(shared) :], own)
-        sam = TaskGradients(torch.stack(rows), heads)
+        sam = TaskGradients(jacobian, heads)
         return sam.all_reduced(context) if context.world_size > 1 else sam
 
     def backward(self, losses: Mapping[str, Tensor], context: BalanceContext) -> BalanceResult:
