@@ -52,9 +52,9 @@ GRAMIAN_BLOCK = 4096
 def gramian(jacobian: Tensor) -> Tensor:
     """G = J Jᵀ in float64 on the CPU (solvers run there, deterministically).
 
-    Products of column blocks are formed in float32 (one batched matmul) and summed in float64:
-    within about 1e-8 of the float64 product, at a tenth of its time, and without a float64
-    copy of J (T x P floats, P the shared parameters).
+    Products of column blocks are formed in float32 (float64 for a float64 J; one batched
+    matmul) and summed in float64: within about 1e-8 of the float64 product, at a tenth of its
+    time, and without a float64 copy of J (T x P floats, P the shared parameters).
     """
     j = jacobian if jacobian.dtype in (torch.float32, torch.float64) else jacobian.float()
     rows, cols = j.shape
