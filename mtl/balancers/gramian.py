@@ -16,7 +16,7 @@ from scipy.optimize import least_squares, minimize, nnls
 from torch import Tensor
 
 from mtl.balancers.base import BalanceContext, Balancer, BalanceResult
-from mtl.balancers.jacobian import TaskGradients, flatten, gramian
+from mtl.balancers.jacobian import TaskGradients, empty_jacobian, flatten, gramian
 
 MODES = ("param", "rep")
 
@@ -69,16 +69,15 @@ class GramianMethod(Balancer):
             )
         features, leaves = list(context.features), list(context.head_inputs)
         # Each task's backward stops at the leaves: it covers that task's head only.
-        rows, heads = [], {}
-        for task, loss in losses.items():
+        local, heads = empty_jacobian(len(losses), leaves), {}  # T x (local feature size)
+        for i, (task, loss) in enumerate(losses.items()):
             own = list(context.task_params.get(task, ()))
             grads = torch.autograd.grad(loss, leaves + own, retain_graph=True, allow_unused=True)
-            rows.append(flatten(grads[: len(leaves)], leaves))
+            flatten(grads[: len(leaves)], leaves, out=local[i])
             heads[task] = [
                 g if g is not None else torch.zeros_like(p)
                 for g, p in zip(grads[len(leaves) :], own, strict=True)
             ]
-        local = torch.stack(rows)  # T x (local batch feature size)
         # The global loss is the mean of the processes' losses, so its feature gradients are the
         # local ones divided by the world size: G = mean over processes of Z Zᵀ / world size.
         gram = context.all_reduce_mean(gramian(local).to(local.device)).cpu() / context.world_size

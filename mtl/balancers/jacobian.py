@@ -29,8 +29,9 @@ def flatten(
     return torch.cat(parts) if out is None else torch.cat(parts, out=out)
 
 
-def empty_jacobian(rows: int, params: Sequence[nn.Parameter]) -> Tensor:
-    """An uninitialised ``rows`` x (number of elements of `params`) buffer for task gradients."""
+def empty_jacobian(rows: int, params: Sequence[Tensor]) -> Tensor:
+    """An uninitialised ``rows`` x (elements of `params`) buffer for task gradients with
+    respect to them (parameters, or the shared features in ``rep`` mode)."""
     first = params[0] if params else torch.zeros(0)
     return first.new_empty(rows, sum(p.numel() for p in params))
 

@@ -11,14 +11,13 @@ from typing import Any
 
 import cv2
 import lightning as L
-import numpy as np
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 
 from mtl.data.base import DatasetError
-from mtl.data.sampling import ResumableSampler, SeededSamples
+from mtl.data.sampling import ResumableSampler, SeededSamples, sample_seed
 from mtl.data.skip import SkipBad, collate_skipping
 
 DatasetFactory = Callable[..., Dataset]
@@ -187,9 +186,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         if self.gpu_augment is None or trainer is None or not trainer.training:
             return batch
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        key = [self._seed(), trainer.current_epoch, batches, self._global_rank()]
-        seed = int(np.random.SeedSequence(key).generate_state(1)[0])
-        return self.gpu_augment(batch, seed=seed)
+        index = batches * trainer.world_size + self._global_rank()  # one per (batch, rank)
+        return self.gpu_augment(batch, seed=sample_seed(self._seed(), trainer.current_epoch, index))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -35,6 +35,7 @@ from mtl.data.transforms import (
     _hue_rotation_matrix,
     _luma_weights,
     _pads_per_sample,
+    _scale_range,
     _target,
 )
 from mtl.tasks import get_task
@@ -109,12 +110,7 @@ class BatchAugment:
         seed: int = 0,
     ) -> None:
         self.height, self.width = _as_hw(crop_size)
-        if scale_range is not None:
-            low, high = (float(v) for v in scale_range)
-            if not 0 < low <= high:
-                raise ValueError(f"need 0 < min_scale <= max_scale, got {low}, {high}")
-            scale_range = (low, high)
-        self.scale_range = scale_range
+        self.scale_range = _scale_range(scale_range)
         self.flip = flip
         self.photometric = photometric
         self.cat_max_ratio = cat_max_ratio

@@ -88,6 +88,16 @@ def _coin(p: float = 0.5) -> bool:
     return float(torch.rand(())) < p
 
 
+def _scale_range(scale_range: Sequence[float] | None) -> tuple[float, float] | None:
+    """``(low, high)`` of a random-scale range as floats, checked 0 < low <= high; None: none."""
+    if scale_range is None:
+        return None
+    low, high = (float(v) for v in scale_range)
+    if not 0 < low <= high:
+        raise ValueError(f"need 0 < min_scale <= max_scale, got {low}, {high}")
+    return low, high
+
+
 def _as_hw(size: int | Sequence[int]) -> tuple[int, int]:
     """Normalise an int or (H, W) pair to (H, W)."""
     if isinstance(size, int):
@@ -243,12 +253,7 @@ class RandomScaleCrop:
         max_tries: int = 10,
     ) -> None:
         self.height, self.width = _as_hw(crop_size)
-        if scale_range is not None:
-            low, high = (float(v) for v in scale_range)
-            if not 0 < low <= high:
-                raise ValueError(f"need 0 < min_scale <= max_scale, got {low}, {high}")
-            scale_range = (low, high)
-        self.scale_range = scale_range
+        self.scale_range = _scale_range(scale_range)
         self.cat_max_ratio = cat_max_ratio
         self.ignore_index = ignore_index
         self.max_tries = max(1, max_tries)
