@@ -1,0 +1,22 @@
+"""OmegaConf resolvers the configs in ``conf/`` use (registered when ``mtl`` is imported).
+
+``${mtl.cwd:}`` is the directory the program was started from. Hydra's own
+``${hydra:runtime.cwd}`` is not set yet when Hydra resolves ``hydra.sweep.dir`` in a multirun,
+so every path that a sweep directory depends on must be resolvable without Hydra.
+"""
+
+from __future__ import annotations
+
+import os
+
+from omegaconf import OmegaConf
+
+#: The working directory when ``mtl`` was first imported: the launch directory, since runs never
+#: change directory (``hydra.job.chdir: false``).
+_LAUNCH_DIR = os.getcwd()
+
+
+def register_resolvers() -> None:
+    """Register ``mtl.cwd`` (idempotent)."""
+    if not OmegaConf.has_resolver("mtl.cwd"):
+        OmegaConf.register_new_resolver("mtl.cwd", lambda: _LAUNCH_DIR)
