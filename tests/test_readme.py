@@ -1,0 +1,273 @@
+"""Every shell command in README.md and datasets/README.md runs as written.
+
+The commands are read from the ```bash blocks of both files and run, in the order the files give
+them, in a scratch copy of the repository root (its entry points and ``conf/``; the package is
+the installed one), so they create ``data/`` and ``outputs/`` there exactly as they would for a
+user. The only arguments a test adds are size-reducing ones (``debug=fdr`` or a one-epoch limit,
+tiny generated data, fewer Optuna trials), and placeholders the README asks the user to fill in
+(``<run>``, ``...``, ``/data/NYUD_MT``, a weights file) become small folders and files written
+here in the official formats. A command no rule below knows fails: a command added to the README
+must come with a way to run it here, or a stated reason why it cannot.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = ("README.md", "datasets/README.md")
+
+#: What a user's checkout has at its root that the commands read (copied, never linked, so that
+#: nothing a command writes can reach the repository).
+ENTRY_POINTS = ("train.py", "eval.py", "predict.py")
+FOLDERS = ("conf", "baselines", "bench")
+
+#: Size-reducing overrides for the built-in synthetic scenes.
+TINY_SYNTHETIC = ("data.generate.n_train=16", "data.generate.n_val=8", "data.image_size=[48,64]")
+#: ... and for the real datasets' small generated copies (images of 48x64).
+TINY_REAL = ("data.image_size=[48,64]", "data.batch_size=2", "data.num_workers=0")
+#: A short fit (2 epochs of a few batches) that writes checkpoints, which debug=fdr does not.
+ONE_EPOCH = ("debug=limit",)
+
+#: Modules that read what earlier commands wrote and run as they are.
+READ_ONLY_MODULES = ("bench.trivial_baselines", "mtl.metrics.baselines", "mtl.compare")
+#: Words of a training command that needs the checkpoints a real fit writes.
+NEEDS_CHECKPOINTS = ("resume=", "ckpt_path=", "ckpt_every", "output_dir")
+GPU_ONLY = "needs a CUDA GPU: composed with --cfg instead of run"
+CLUSTER_ONLY = "needs a SLURM cluster (sbatch): composed with --cfg instead of launched"
+NOT_RUN = {
+    "pip": "the install step: CI runs it itself (.ci/run)",
+    "wget": "downloads a dataset (no network here; mtl.data.formats writes the layouts)",
+    "tar": "unpacks a downloaded dataset",
+    "ln": "links a downloaded dataset",
+    "mkdir": "prepares the download folder",
+    "cd": "changes to the download folder",
+    "export": "switches W&B to online logging (needs an account and network)",
+}
+BENCHMARK = "a benchmark (minutes to tens of minutes); tests/test_bench.py runs every section small"
+
+
+@dataclass
+class Command:
+    """One command of a README: where it is, its words, and how this test runs it."""
+
+    document: str
+    line: int
+    argv: list[str]
+    extra: list[str] = field(default_factory=list)
+    skip: str | None = None
+    compose_only: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"{self.document}:{self.line}:{' '.join(self.argv)[:70]}"
+
+
+def shell_lines(text: str) -> list[tuple[int, str]]:
+    """The lines of the ```bash blocks, continuation lines joined, with their line numbers."""
+    lines, inside, pending, start = [], False, "", 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip().startswith("```"):
+            inside = line.strip() in ("```bash", "```sh", "```shell")
+            continue
+        if not inside:
+            continue
+        if not pending:
+            start = number
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        lines.append((start, pending + line))
+        pending = ""
+    return lines
+
+
+def readme_commands() -> list[Command]:
+    """Every command of the documents, split at ``&&``, with its plan."""
+    commands = []
+    for document in DOCUMENTS:
+        for line, text in shell_lines((ROOT / document).read_text()):
+            words = shlex.split(text, comments=True)
+            while words:
+                cut = words.index("&&") if "&&" in words else len(words)
+                commands.append(plan(Command(document, line, words[:cut])))
+                words = words[cut + 1 :]
+    return commands
+
+
+def _dataset(argv: list[str]) -> str:
+    joined = " ".join(argv)
+    if "experiment=nyud" in joined or "--dataset nyud" in joined:
+        return "nyud"
+    if "experiment=pascal" in joined or "--dataset pascal" in joined:
+        return "pascal"
+    return "synthetic"
+
+
+def plan(command: Command) -> Command:
+    """Decide how ``command`` runs here: the size-reducing arguments it gets, or why it cannot."""
+    argv = command.argv
+    program = argv[0]
+    if program in NOT_RUN:
+        command.skip = NOT_RUN[program]
+        return command
+    if program != "python":
+        return command  # unknown: fails in the test, naming the command
+    if argv[1:3] == ["-m", "pytest"]:
+        command.skip = "the test command itself"
+        return command
+    if argv[1] == "-m":
+        module = argv[2]
+        if module in READ_ONLY_MODULES:
+            pass
+        elif module == "bench" or module.startswith("bench."):
+            command.skip = BENCHMARK
+        elif module == "mtl.data.synthetic":
+            command.extra = ["--n-train", "16", "--n-val", "8", "--size", "48", "64"]
+        elif module == "mtl.data.verify":
+            command.extra = ["--allow-subset"]  # the generated copies hold a few ids per split
+        else:
+            command.extra = ["<no rule>"]  # unknown module: the test fails naming it
+        return command
+    script = argv[1]
+    if script not in ENTRY_POINTS:
+        command.extra = ["<no rule>"]
+        return command
+    words = " ".join(argv)
+    size = TINY_REAL if _dataset(argv) != "synthetic" else TINY_SYNTHETIC
+    if "hydra/launcher=slurm" in words:
+        command.compose_only, command.skip = True, CLUSTER_ONLY
+        command.extra = [*size, "--cfg", "job"]
+        return command
+    if "trainer=gpu" in words:
+        command.compose_only, command.skip = True, GPU_ONLY
+        command.extra = [*size, "--cfg", "job"]
+        return command
+    evaluates = script in ("eval.py", "predict.py") or "train=false" in words
+    if evaluates or "debug=" in words:
+        command.extra = [*size]
+    elif "hparams_search=optuna" in words:
+        command.extra = [*size, "debug=fdr", "hydra.sweeper.n_trials=2"]
+    elif "ddp" in words or any(key in words for key in NEEDS_CHECKPOINTS):
+        command.extra = [*size, *ONE_EPOCH]  # real checkpoints, or several processes
+    else:
+        command.extra = [*size, "debug=fdr"]
+    return command
+
+
+COMMANDS = readme_commands()
+
+
+# ------------------------------------------------------------------------- the scratch checkout
+@dataclass
+class Checkout:
+    """The scratch repository root and the placeholders of the README resolved in it."""
+
+    root: Path
+    placeholders: dict[str, str]
+
+
+def _run(argv: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MTL_"))}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.run(
+        [sys.executable if argv[0] == "python" else argv[0], *argv[1:]],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _weights(path: Path, model_name: str) -> None:
+    """A random-init timm state dict, as a downloaded weights file holds."""
+    import timm
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(timm.create_model(model_name, pretrained=False).state_dict(), path)
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory: pytest.TempPathFactory) -> Checkout:
+    from mtl.data.formats import write_nyud, write_pascal
+
+    root = tmp_path_factory.mktemp("checkout")
+    for name in ENTRY_POINTS:
+        if (ROOT / name).exists():
+            shutil.copy2(ROOT / name, root / name)
+    for name in FOLDERS:
+        if (ROOT / name).exists():
+            shutil.copytree(ROOT / name, root / name)
+    (root / "datasets").mkdir()
+    splits = {"train": ["t0", "t1", "t2", "t3"], "val": ["v0", "v1", "v2"]}
+    write_nyud(root / "data" / "NYUD_MT", splits, variant="nyud_mt", size=(48, 64))
+    write_pascal(root / "data" / "PASCAL_MT", splits, size=(48, 64), persons=("t0", "v0"))
+
+    # the README's "<run>": a finished short run of the default experiment
+    done = _run(["python", "train.py", *TINY_SYNTHETIC, *ONE_EPOCH], root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = sorted((root / "outputs" / "train" / "runs").iterdir())[-1]
+    ckpt = f"outputs/train/runs/{run.name}/checkpoints/last.ckpt"
+    placeholders = {
+        "<run>": run.name,
+        "ckpt_path=...": f"ckpt_path={ckpt}",
+        "/data/NYUD_MT": str(root / "data" / "NYUD_MT"),
+        "/data/PASCAL_MT": str(root / "data" / "PASCAL_MT"),
+        "/path/to/scenes": str(root / "scenes"),
+    }
+    return Checkout(root, placeholders)
+
+
+def _resolve(command: Command, checkout: Checkout) -> list[str]:
+    """The command's words with the README's placeholders filled in, then the extra ones."""
+    words = []
+    dataset = _dataset(command.argv)
+    for word in command.argv:
+        if word == "data.root=...":
+            word = {"nyud": "data.root=/data/NYUD_MT", "pascal": "data.root=/data/PASCAL_MT"}.get(
+                dataset, "data.root=/path/to/scenes"
+            )
+        for key, value in checkout.placeholders.items():
+            word = word.replace(key, value)
+        match = re.search(r"(/weights/([\w.]+?)\.pth)", word)
+        if match:
+            target = checkout.root / "weights" / f"{match.group(2)}.pth"
+            if not target.exists():
+                _weights(target, match.group(2))
+            word = word.replace(match.group(1), str(target))
+        words.append(word)
+    return [*words, *command.extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", COMMANDS, ids=[c.id for c in COMMANDS])
+def test_readme_command_runs_as_written(command: Command, checkout: Checkout) -> None:
+    if not _has_rule(command):
+        pytest.fail(f"no rule runs this README command; add one to {Path(__file__).name}")
+    if command.skip and not command.compose_only:
+        pytest.skip(command.skip)
+    argv = _resolve(command, checkout)
+    done = _run(argv, checkout.root)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{' '.join(argv)}\nexit {done.returncode}\n{output[-4000:]}"
+    assert "Traceback" not in output, f"{' '.join(argv)}\n{output[-4000:]}"
+
+
+def _has_rule(command: Command) -> bool:
+    return "<no rule>" not in command.extra and command.argv[0] in ("python", *NOT_RUN)
+
+
+def test_every_readme_command_has_a_rule() -> None:
+    unknown = [c.id for c in COMMANDS if not _has_rule(c)]
+    assert not unknown, f"README commands without a rule here: {unknown}"
