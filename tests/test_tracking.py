@@ -18,8 +18,9 @@ import torch
 
 from mtl import wandb_run
 from mtl.loggers import build_loggers, finish_loggers
+from mtl.render import COLOUR_BAR_WIDTH
 from mtl.wandb_media import (
-    WandbPredictionImages,
+    PredictionImages,
     class_labels,
     colourise,
     segmentation_masks,
@@ -145,12 +146,12 @@ def test_multirun_jobs_get_own_folders_and_own_wandb_runs(tmp_path, tiny_data_ro
     scores = [h for h in history if "val/semseg/mIoU" in h]
     assert scores and 0 <= float(scores[-1]["val/semseg/mIoU"]) <= 1
     assert any("val/images/semseg/all_masks" in h for h in history)
-    summaries = {
-        r.metric.name: r.metric.summary.max
-        for r in records
-        if r.WhichOneof("record_type") == "metric" and r.metric.name
-    }
-    assert summaries["val/semseg/mIoU"] is True and summaries["val/depth/rmse"] is False
+    summary = {}  # the run summary: the last update of each key
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            summary.update({i.key or "/".join(i.nested_key): i.value_json for i in r.summary.update})
+    metrics = json.loads((jobs[1] / "metrics.json").read_text())
+    assert float(summary["val/semseg/mIoU"]) == pytest.approx(metrics["val/semseg/mIoU"])
     media = folder / "files" / "media"
     for task in ("input", "semseg", "depth"):
         assert list(media.glob(f"images/val/images/{task}_*.png")), task
@@ -185,14 +186,8 @@ def test_wandb_run_id_is_stored_and_found_from_a_checkpoint(tmp_path):
     assert wandb_run.run_id(tmp_path / "third") != run_id
 
 
-def test_metric_summaries_follow_the_task_registry():
-    summaries = wandb_run.metric_summaries(["semseg", "depth"], stages=("val",))
-    assert summaries["val/semseg/mIoU"] == "max" and summaries["val/depth/rmse"] == "min"
-    assert summaries["val/delta_m"] == "max" and summaries["val/loss"] == "min"
-
-
 def test_prediction_images_name_classes_and_ignore():
-    callback = WandbPredictionImages(class_names={"semseg": ["floor", "wall", "box"]})
+    callback = PredictionImages(class_names={"semseg": ["floor", "wall", "box"]})
     semseg_target = torch.zeros(2, 8, 8, dtype=torch.long)
     semseg_target[:, 0] = 255
     batch = {
@@ -209,7 +204,11 @@ def test_prediction_images_name_classes_and_ignore():
     media = callback.images(preds, batch)
     assert sorted(media) == [f"val/images/{t}" for t in ("depth", "input", "normals", "semseg")]
     assert all(len(images) == 2 for images in media.values())
-    assert np.asarray(media["val/images/depth"][1].image).shape == (8, 16, 3)  # pred | target
+    depth = np.asarray(media["val/images/depth"][1].image)
+    assert depth.shape == (8, 16 + COLOUR_BAR_WIDTH, 3)  # pred | target | colour bar
+    top = float(batch["depth"][1].max())  # the colour scale: 0 to the largest target depth
+    assert media["val/images/depth"][1]._caption.endswith(f"0 (dark) to {top:.3g} (yellow)")
+    assert depth[0, 16].tolist() == [253, 231, 37] and depth[-1, 16].tolist() == [68, 1, 84]
 
     labels = class_labels("semseg", 3, callback.class_names["semseg"])
     assert labels == {0: "floor", 1: "wall", 2: "box", 255: "ignore"}
@@ -218,7 +217,7 @@ def test_prediction_images_name_classes_and_ignore():
     assert truth.dtype == np.uint8 and truth[0].tolist() == [255] * 8
     assert masks["prediction"]["class_labels"][255] == "ignore"
     with pytest.raises(ValueError, match="every_n_val_epochs"):
-        WandbPredictionImages(every_n_val_epochs=0)
+        PredictionImages(every_n_val_epochs=0)
 
 
 def test_colourise_orders_values_and_blacks_out_invalid():
