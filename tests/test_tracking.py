@@ -149,7 +149,9 @@ def test_multirun_jobs_get_own_folders_and_own_wandb_runs(tmp_path, tiny_data_ro
     summary = {}  # the run summary: the last update of each key
     for r in records:
         if r.WhichOneof("record_type") == "summary":
-            summary.update({i.key or "/".join(i.nested_key): i.value_json for i in r.summary.update})
+            summary.update(
+                {i.key or "/".join(i.nested_key): i.value_json for i in r.summary.update}
+            )
     metrics = json.loads((jobs[1] / "metrics.json").read_text())
     assert float(summary["val/semseg/mIoU"]) == pytest.approx(metrics["val/semseg/mIoU"])
     media = folder / "files" / "media"
@@ -274,3 +276,118 @@ def test_wandb_run_is_finished_when_the_job_fails(make_cfg, monkeypatch):
     with pytest.raises(RuntimeError, match="failed during fit"):
         train(make_cfg("logger=wandb", "data.tasks=[semseg]"))
     assert seen == [1] and wandb.run is None  # finished, marked failed
+
+
+def test_wandb_and_tensorboard_file_values_by_step_and_summary_is_the_evaluated_epoch(
+    make_cfg, monkeypatch, tmp_path
+):
+    """What reaches W&B (every ``Run.log`` call and the run summary at the end) and TensorBoard
+    in a two-epoch fit of three batches per epoch, gradient statistics every second step."""
+    import wandb
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from wandb.sdk.wandb_run import Run
+
+    from mtl.train import train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for key in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(key, str(tmp_path / "wandb_home"))
+    logged, summary = [], {}
+    log = Run.log
+    monkeypatch.setattr(
+        Run, "log", lambda run, data, *a, **k: logged.append(data) or log(run, data, *a, **k)
+    )
+    finish = wandb.finish
+
+    def keep_summary(*args, **kwargs):
+        summary.update(wandb.run.summary._as_dict())
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "finish", keep_summary)
+    cfg = make_cfg(
+        "logger=[wandb,tensorboard]",
+        "data.tasks=[semseg,depth,normals]",
+        "model/decoder=conv",
+        "model.backbone.out_indices=[1,2]",
+        "trainer.max_epochs=2",
+        "+trainer.limit_train_batches=3",
+        "+trainer.limit_val_batches=1",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.log_every_n_steps=1",
+        "diagnostics_every_n_steps=2",
+    )
+    scores = train(cfg)
+
+    def steps(key: str) -> list[int]:
+        return [d["trainer/global_step"] for d in logged if key in d]
+
+    # two validation epochs after batches 0-2 and 3-5, filed under the step of their last batch
+    # (Lightning's convention); the final re-validation adds no third point
+    assert steps("val/semseg/mIoU") == [2, 5] and steps("val/normals/within_11.25") == [2, 5]
+    for media in ("val/images/depth", "val/images/semseg", "val/semseg/per_class_iou"):
+        assert steps(media) == [2, 5], media
+    assert sorted({d["epoch"] for d in logged if "epoch" in d}) == [0, 1]
+    caption = next(d for d in logged if "val/images/depth" in d)["val/images/depth"][0]._caption
+    assert "colour scale 0 (dark) to" in caption
+    # gradient statistics on the steps they are computed on, and only there
+    assert steps("grad/conflict_share") == [0, 2, 4]
+    assert steps("grad/semseg/norm") == [0, 2, 4]
+
+    # the run summary holds the evaluated checkpoint's scores, dotted names included
+    evaluated = {k: v for k, v in scores.items() if k.startswith("val/")}
+    assert {"val/normals/within_11.25", "val/semseg/mIoU", "val/loss"} <= set(evaluated)
+    for key, value in evaluated.items():
+        assert summary[key] == pytest.approx(value), key
+    assert summary["evaluated_checkpoint"].endswith(".ckpt")
+
+    # TensorBoard: the same pictures, on the step of the validation scores
+    events = Path(cfg.paths.output_dir) / "tensorboard"  # one file per fit / validate
+    board = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
+    board.Reload()
+    images = board.Tags()["images"]
+    assert {"val/images/input", "val/images/semseg", "val/images/depth"} <= set(images)
+    assert [e.step for e in board.Images("val/images/depth")] == [2, 5]
+    assert [e.step for e in board.Scalars("val/semseg/mIoU")][:2] == [2, 5]
+    assert [e.step for e in board.Scalars("grad/conflict_share")] == [0, 2, 4]
+
+
+def test_a_newly_registered_task_is_drawn_and_exported_from_its_registry_kind(
+    monkeypatch, tmp_path
+):
+    """A task added to the registry (a copy of depth under another name) needs no code in the
+    W&B/TensorBoard pictures or the prediction export."""
+    import dataclasses
+
+    from PIL import Image
+
+    from mtl.export import PredictionWriter
+    from mtl.tasks import TASKS, register
+
+    monkeypatch.setitem(TASKS, "height", dataclasses.replace(TASKS["depth"], name="height"))
+    g = torch.Generator().manual_seed(0)
+    pred = torch.rand(2, 1, 8, 8, generator=g) * 3
+    target = torch.rand(2, 1, 8, 8, generator=g) * 2 + 0.5
+    target[:, :, 0] = 0  # invalid row
+    batch = {
+        "image": torch.randn(2, 3, 8, 8, generator=g),
+        "height": target,
+        "meta": {"id": ["a", "b"]},
+    }
+    images = PredictionImages().images({"height": pred}, batch)["val/images/height"]
+    top = float(target[1].max())
+    assert images[1]._caption.endswith(f"0 (dark) to {top:.3g} (yellow)")
+    picture = np.asarray(images[1].image)
+    assert picture.shape == (8, 16 + COLOUR_BAR_WIDTH, 3)
+    assert picture[0, 8:16].tolist() == [[0, 0, 0]] * 8  # invalid target pixels black
+    board = PredictionImages(max_images=2).pictures({"height": pred}, batch)
+    assert board["val/images/height"].shape == (16, 16 + COLOUR_BAR_WIDTH, 3)
+
+    writer = PredictionWriter(tmp_path, max_visuals=1)
+    writer.write_batch({"height": pred}, batch)
+    stored = np.asarray(Image.open(tmp_path / "height" / "b.png"))  # uint16 millimetres
+    assert stored.dtype == np.uint16
+    assert np.allclose(stored / 1000, pred[1, 0].numpy(), atol=5e-4)
+    assert (tmp_path / "visual" / "a.png").is_file()
+
+    with pytest.raises(ValueError, match="kind 'picture'"):
+        register(dataclasses.replace(TASKS["depth"], name="other", kind="picture"))
