@@ -28,7 +28,12 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
                     cfg.paths.output_dir, cfg.get("ckpt_path")
                 )
                 node.name = node.get("name") or run_name(cfg)
-        loggers.append(instantiate(node))
+        logger = instantiate(node)
+        if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous") is None:
+            # Lightning passes anonymous=None, which W&B answers with a warning that the
+            # setting has no effect; not passing it is the same run without the warning.
+            logger._wandb_init.pop("anonymous")
+        loggers.append(logger)
     return loggers
 
 

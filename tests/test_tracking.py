@@ -250,6 +250,7 @@ def test_wandb_logger_is_configured_from_config(make_cfg, monkeypatch):
     try:
         init = logger._wandb_init
         assert init["project"] == "proj" and init["tags"] == ["a", "b"]
+        assert "anonymous" not in init  # W&B warns about the setting whenever it is passed
         assert init["mode"] == "disabled" and init["id"] == wandb_run.read_run_id(
             cfg.paths.output_dir
         )
