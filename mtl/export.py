@@ -2,10 +2,12 @@
 
 Layout under ``out_dir`` (the file layout of the MTI-Net/ATRC evaluation code and of SEISM)::
 
-    <task>/<id>.png        semseg, parts: uint8 class index (0-based, as predicted)
-                           depth: uint16 millimetres (or <id>.npy float32 metres)
-                           normals: uint8 RGB, decoded as 2v/255 - 1
-                           sal, edge: uint8 probability, sigmoid x 255 (truncated)
+    <task>/<id>.png        by the task's kind in the registry (`mtl.tasks.KINDS`):
+                           labels (semseg, parts): uint8 class index (0-based, as predicted)
+                           scalar (depth): uint16 millimetres (or <id>.npy float32 metres)
+                           vector (normals): uint8 RGB, decoded as 2v/255 - 1
+                           probability (sal, edge): uint8, probability x 255 (truncated)
+                           raw: <id>.npy float32 of the decoded prediction
     ids.txt                the evaluated ids in order (SEISM's gt_sets/<set>.txt)
     seism_parameters.txt   the edge thresholds, one per line (SEISM's parameters/<method>.txt)
     visual/<id>.png        one row per task: input | ground truth | prediction
@@ -24,41 +26,36 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from mtl.data.transforms import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, crop_to_original
+from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_to_original
 from mtl.metrics.boundary import threshold_set, to_uint8
+from mtl.render import as_map, colour_range, decoded
+from mtl.render import picture as render_picture
 from mtl.tasks import get_task
-
-#: Anchor colours of the depth colour map (dark blue -> teal -> yellow, viridis-like).
-_DEPTH_COLOURS = np.array(
-    [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64
-)
-_IGNORE_COLOUR = (40, 40, 110)
-
 
 # --------------------------------------------------------------------------- file encodings
 
 
 def encode_prediction(task: str, pred: Tensor, depth_format: str = "png16") -> np.ndarray:
     """One raw prediction [C,H,W] as the array written to disk (see the module docstring)."""
-    pred = pred.detach().float().cpu()
-    if get_task(task).classification:
-        return pred.argmax(0).numpy().astype(np.uint8)
-    if task == "depth":
-        metres = pred[0].clamp_min(0).numpy()
+    kind = get_task(task).kind
+    values = decoded(task, pred)
+    if kind == "labels":
+        return values[0].astype(np.uint8)
+    if kind == "scalar":
         if depth_format == "npy":
-            return metres.astype(np.float32)
-        return np.clip(np.round(metres * 1000), 0, 65535).astype(np.uint16)
-    if task == "normals":
-        unit = F.normalize(pred, dim=0).permute(1, 2, 0).numpy()
-        return np.clip(np.round((unit + 1) * 255 / 2), 0, 255).astype(np.uint8)
-    if task in ("sal", "edge"):
-        return to_uint8(torch.sigmoid(pred[0]).numpy())
-    return pred.numpy()  # unknown task: raw values, saved as .npy
+            return values[0]
+        return np.clip(np.round(values[0] * 1000), 0, 65535).astype(np.uint16)
+    if kind == "vector":
+        return np.clip(np.round((np.moveaxis(values, 0, -1) + 1) * 255 / 2), 0, 255).astype(
+            np.uint8
+        )
+    if kind == "probability":
+        return to_uint8(values[0])
+    return values  # raw: float32, saved as .npy
 
 
 def save_array(path: Path, array: np.ndarray) -> Path:
@@ -73,54 +70,6 @@ def save_array(path: Path, array: np.ndarray) -> Path:
 
 
 # --------------------------------------------------------------------------- colours
-
-
-def _palette(num_colours: int = 256) -> np.ndarray:
-    """The PASCAL VOC colour map (bit-interleaved), [256, 3] uint8."""
-    palette = np.zeros((num_colours, 3), dtype=np.uint8)
-    for index in range(num_colours):
-        label, colour = index, [0, 0, 0]
-        for shift in range(7, -1, -1):
-            for channel in range(3):
-                colour[channel] |= ((label >> channel) & 1) << shift
-            label >>= 3
-        palette[index] = colour
-    return palette
-
-
-def _depth_colours(depth: np.ndarray, valid: np.ndarray, max_depth: float) -> np.ndarray:
-    scaled = np.clip(depth / max(max_depth, 1e-6), 0, 1) * (len(_DEPTH_COLOURS) - 1)
-    anchors = np.arange(len(_DEPTH_COLOURS))
-    rgb = np.stack([np.interp(scaled, anchors, _DEPTH_COLOURS[:, c]) for c in range(3)], -1)
-    return np.where(valid[..., None], rgb, 0).astype(np.uint8)
-
-
-def colourise(task: str, value: Tensor, is_target: bool, max_depth: float = 10.0) -> np.ndarray:
-    """HxWx3 uint8 picture of a target or a raw prediction of ``task``; invalid pixels dark."""
-    value = value.detach().float().cpu()
-    spec = get_task(task)
-    if spec.classification:
-        labels = value.long() if is_target else value.argmax(0)
-        labels = labels.numpy()
-        rgb = _palette()[np.where(labels == IGNORE_INDEX, 0, labels % 255) + 1]
-        rgb[labels == IGNORE_INDEX] = _IGNORE_COLOUR
-        return rgb
-    if task == "depth":
-        depth = value[0].numpy() if is_target else value[0].clamp_min(0).numpy()
-        valid = depth > 0 if is_target else np.ones_like(depth, dtype=bool)
-        return _depth_colours(depth, valid, max_depth)
-    if task == "normals":
-        unit = value if is_target else F.normalize(value, dim=0)
-        valid = (value.abs().sum(0) > 0).numpy()
-        rgb = np.round((unit.permute(1, 2, 0).numpy() + 1) * 127.5)
-        return np.where(valid[..., None], rgb, 0).astype(np.uint8)
-    if value.shape[0] == 1:  # binary maps (sal, edge): probability or label as grey
-        grey = value[0] if is_target else torch.sigmoid(value[0])
-        ignore = (grey == IGNORE_INDEX).numpy()
-        rgb = np.repeat(to_uint8(grey.clamp(0, 1).numpy())[..., None], 3, axis=-1)
-        rgb[ignore] = _IGNORE_COLOUR
-        return rgb
-    return np.zeros((*value.shape[-2:], 3), dtype=np.uint8)
 
 
 def denormalise(image: Tensor) -> np.ndarray:
@@ -145,7 +94,7 @@ def side_by_side(image: np.ndarray, rows: Sequence[tuple[str, np.ndarray, np.nda
         draw.text((label_width + column * (width + gap) + 2, 2), title, fill=(0, 0, 0))
     for row, (task, target, prediction) in enumerate(rows):
         top = header + row * (height + gap)
-        draw.text((2, top + height // 2 - 5), task, fill=(0, 0, 0))
+        draw.text((2, top + 2), task, fill=(0, 0, 0))
         for column, picture in enumerate((image, target, prediction)):
             panel.paste(Image.fromarray(picture), (label_width + column * (width + gap), top))
     return panel
@@ -241,17 +190,19 @@ class PredictionWriter(L.Callback):
     ) -> None:
         rows = []
         for task, pred in preds.items():
-            target = targets[task][index] if task in targets else None
-            max_depth = 10.0
-            if task == "depth" and target is not None and (target > 0).any():
-                max_depth = float(target[target > 0].max())
-            picture = colourise(task, pred[index], is_target=False, max_depth=max_depth)
+            target = as_map(targets[task][index]) if task in targets else None
+            values = decoded(task, pred[index])
+            scale = colour_range(task, values, target)
+            picture = render_picture(task, values, scale, is_target=False)
             truth = (
-                colourise(task, target, is_target=True, max_depth=max_depth)
+                render_picture(task, target, scale, is_target=True)
                 if target is not None
                 else np.zeros_like(picture)
             )
-            rows.append((task, truth, picture))
+            label = task
+            if get_task(task).kind in ("scalar", "probability", "raw"):
+                label += f"\n{scale[0]:.3g}-\n{scale[1]:.3g}"  # the colour scale
+            rows.append((label, truth, picture))
         folder = self.out_dir / "visual"
         folder.mkdir(parents=True, exist_ok=True)
         side_by_side(denormalise(image), rows).save(folder / f"{sample_id}.png")

@@ -1,5 +1,5 @@
-"""The run's loggers (``logger`` config group) and what each needs: W&B run id, panel
-summaries and the prediction-image callback."""
+"""The run's loggers (``logger`` config group) and what each needs: W&B run id, the W&B run
+summary of the final evaluation and the prediction-image callback."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, open_dict
 
 from mtl import wandb_run
@@ -29,8 +29,10 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
                 )
                 node.name = node.get("name") or run_name(cfg)
         logger = instantiate(node)
-        if isinstance(logger, WandbLogger):
-            wandb_run.define_metrics(logger.experiment, list(cfg.data.tasks))
+        if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous") is None:
+            # Lightning passes anonymous=None, which W&B answers with a warning that the
+            # setting has no effect; not passing it is the same run without the warning.
+            logger._wandb_init.pop("anonymous")
         loggers.append(logger)
     return loggers
 
@@ -44,22 +46,25 @@ def run_name(cfg: DictConfig) -> str:
 
 
 def logger_callbacks(cfg: DictConfig, loggers: list[Logger]) -> list[L.Callback]:
-    """Callbacks that only make sense with a given logger: W&B prediction images
-    (``wandb_media``; ``every_n_val_epochs: 0`` turns them off)."""
+    """Callbacks that only make sense with a given logger: the W&B run summary of the final
+    evaluation and the prediction images of W&B and TensorBoard (``wandb_media``;
+    ``every_n_val_epochs: 0`` turns them off)."""
+    callbacks: list[L.Callback] = []
+    if any(isinstance(lg, WandbLogger) for lg in loggers):
+        callbacks.append(wandb_run.EvaluationSummary())
     media = cfg.get("wandb_media") or {}
-    if not any(isinstance(lg, WandbLogger) for lg in loggers) or not media.get(
-        "every_n_val_epochs"
-    ):
-        return []
-    from mtl.wandb_media import WandbPredictionImages
+    image_loggers = any(isinstance(lg, WandbLogger | TensorBoardLogger) for lg in loggers)
+    if image_loggers and media.get("every_n_val_epochs"):
+        from mtl.wandb_media import PredictionImages
 
-    return [
-        WandbPredictionImages(
-            every_n_val_epochs=media.every_n_val_epochs,
-            max_images=media.get("max_images", 4),
-            class_names=_class_names(cfg),
+        callbacks.append(
+            PredictionImages(
+                every_n_val_epochs=media.every_n_val_epochs,
+                max_images=media.get("max_images", 4),
+                class_names=_class_names(cfg),
+            )
         )
-    ]
+    return callbacks
 
 
 def _class_names(cfg: DictConfig) -> dict[str, list[str]]:

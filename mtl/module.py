@@ -17,6 +17,7 @@ from mtl.data.skip import is_empty
 from mtl.metrics.collection import TaskMetrics
 from mtl.models.multitask import Decoded, MultiTaskModel
 from mtl.numerics import StepGuard, agree, nonfinite_gradients, nonfinite_losses
+from mtl.steps import logging_step
 from mtl.tasks import get_task
 
 
@@ -158,8 +159,17 @@ class MultiTaskModule(L.LightningModule):
             self.log_dict(self.model.routing_statistics(per_expert=diagnose), batch_size=batch_size)
         gram = result.gramian if gram is None else gram
         if diagnose and gram is not None:
-            self.log_dict(conflict_statistics(gram, list(losses)), batch_size=batch_size)
+            self._log_now(conflict_statistics(gram, list(losses)))
         return total
+
+    def _log_now(self, values: Mapping[str, float]) -> None:
+        """Hand `values` to the loggers at this step only. ``self.log`` keeps a value logged on
+        one step and hands it to the loggers again on every later step of the epoch (and only
+        on steps where the loggers write); gradient statistics of the diagnostic steps would be
+        repeated on steps they were not computed on."""
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(dict(values), step=logging_step(self.trainer))
 
     def _loggers_write_this_step(self) -> bool:
         """Whether Lightning hands this training step's values to the loggers (every

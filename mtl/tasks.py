@@ -1,8 +1,9 @@
 """The task registry: the single place where a dense-prediction task is defined.
 
 A task entry says how many channels its head predicts, its loss and default loss weight, how a
-raw prediction is decoded, how its target is resized and flipped, and which metrics score it
-(with each metric's direction, which the multi-task gain needs).
+raw prediction is decoded, how its target is resized and flipped, which metrics score it
+(with each metric's direction, which the multi-task gain needs) and what kind of map it predicts
+(how pictures show it and how exported files store it).
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ from mtl.metrics.factories import (
 )
 from mtl.metrics.segmentation import SegmentationScores
 
+#: Kinds of decoded maps, which say how a task is drawn (W&B, TensorBoard, export pictures) and
+#: stored (prediction export):
+#: labels: class indices; coloured masks; uint8 PNG of the index.
+#: scalar: non-negative values (depth, metres); a colour map from 0 to the largest valid target
+#:   value with a colour bar; uint16 PNG of value x 1000 (millimetres) or float32 .npy.
+#: vector: unit vectors (normals); (n + 1) / 2 as RGB; uint8 RGB PNG of (n + 1) x 255 / 2.
+#: probability: values in [0, 1] (edge, saliency); a colour map on [0, 1]; uint8 PNG of value x 255.
+#: raw: anything else; a colour map from its smallest to its largest value; float32 .npy.
+KINDS = ("labels", "scalar", "vector", "probability", "raw")
+
 
 @dataclass(frozen=True)
 class Task:
@@ -40,6 +51,7 @@ class Task:
     classification: bool = False  # target is a map of class indices (int64 [H,W])
     flip_negates_channel: int | None = None  # channel whose sign a horizontal flip changes
     ignore_value: float = 255  # target value of invalid pixels, also used for padding
+    kind: str = "raw"  # what the decoded prediction is: one of KINDS
 
     def channels(self, num_classes: Mapping[str, int]) -> int:
         """Output channels of this task's head, taking class counts from the dataset."""
@@ -57,6 +69,11 @@ def register(task: Task) -> Task:
     """Add a task to the registry (names are unique)."""
     if task.name in TASKS:
         raise ValueError(f"task '{task.name}' is registered twice")
+    if task.kind not in KINDS or task.classification != (task.kind == "labels"):
+        raise ValueError(
+            f"task '{task.name}': kind '{task.kind}'; expected one of {KINDS}, 'labels' exactly "
+            "for classification tasks"
+        )
     TASKS[task.name] = task
     return task
 
@@ -83,6 +100,7 @@ register(
         higher_is_better={"mIoU": True, "pixel_acc": True},
         main_metric="mIoU",
         classification=True,
+        kind="labels",
     )
 )
 register(
@@ -96,6 +114,7 @@ register(
         higher_is_better={"rmse": False, "abs_rel": False, "log_rmse": False, "delta1": True},
         main_metric="rmse",
         ignore_value=0,
+        kind="scalar",
     )
 )
 register(
@@ -116,6 +135,7 @@ register(
         main_metric="mean_angle",
         flip_negates_channel=0,
         ignore_value=0,
+        kind="vector",
     )
 )
 register(
@@ -128,6 +148,7 @@ register(
         metrics=edge_metrics,  # the loss is the online proxy; odsF needs pyedgeeval
         higher_is_better={"odsF": True, "oisF": True, "ap": True, "loss": False},
         main_metric="odsF",
+        kind="probability",
     )
 )
 register(
@@ -140,6 +161,7 @@ register(
         metrics=saliency_metrics,
         higher_is_better={"maxF": True, "mIoU": True, "loss": False},
         main_metric="maxF",
+        kind="probability",
     )
 )
 register(
@@ -153,5 +175,6 @@ register(
         higher_is_better={"mIoU": True, "pixel_acc": True},
         main_metric="mIoU",
         classification=True,
+        kind="labels",
     )
 )

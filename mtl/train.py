@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -23,6 +24,7 @@ from mtl.checkpoint import (
 )
 from mtl.compile import compile_backbone
 from mtl.config import validate_config
+from mtl.console import quiet_console
 from mtl.data.datamodule import MultiTaskDataModule
 from mtl.data.gpu_augment import gpu_augment_pipeline
 from mtl.data.skip import SkippedSamples
@@ -149,10 +151,18 @@ def scores_table(scores: dict[str, float], tasks: list[str], stage: str = "val")
     return table
 
 
+def table_text(table: Table) -> str:
+    """A rich table as plain text (no colour codes), for the console and ``train.log``."""
+    console = Console(file=io.StringIO(), width=100, color_system=None)
+    console.print(table)
+    return console.file.getvalue().rstrip()
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then validate (``val/`` keys); or, with ``train=false``, test ``ckpt_path`` on one
     device (``test/`` keys). Writes the run files; returns the scores. The job's W&B run is
     finished on return and on error, so jobs of a multirun never share one."""
+    quiet_console()
     failed = True
     try:
         scores = _fit_and_evaluate(cfg)
@@ -214,7 +224,7 @@ def _fit_and_evaluate(cfg: DictConfig) -> dict[str, float]:
 
     if trainer.is_global_zero:
         write_run_scores(output_dir, scores, module.metrics, cfg, stage)
-        Console().print(scores_table(scores, list(cfg.data.tasks), stage))
+        log.info("\n%s", table_text(scores_table(scores, list(cfg.data.tasks), stage)))
         log.info("run directory: %s", output_dir)
     return scores
 

@@ -1,6 +1,6 @@
-"""W&B prediction images: every N validation epochs, the first validation batch's inputs with
-segmentation masks (named classes, ignored pixels as class "ignore") and colourised dense
-predictions next to their targets."""
+"""Prediction images for W&B and TensorBoard: every N validation epochs of a fit, the first
+validation batch's inputs with each task's prediction next to its target, drawn by the kind of
+map the task predicts (`mtl.tasks.KINDS`, pictures from `mtl.render`)."""
 
 from __future__ import annotations
 
@@ -10,34 +10,18 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
+from mtl.render import colourise, prediction_and_target
+from mtl.steps import logging_step
 from mtl.tasks import get_task
+
+__all__ = ["PredictionImages", "class_labels", "colourise", "input_rgb", "segmentation_masks"]
 
 #: Label value of ignored pixels (the registry's ``ignore_value`` of classification tasks).
 IGNORE = 255
-
-# Viridis at 5 stops, interpolated linearly: a perceptually ordered map without matplotlib.
-_VIRIDIS = np.array(
-    [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float32
-)
-
-
-def colourise(values: np.ndarray, low: float, high: float, valid: np.ndarray | None = None):
-    """uint8 RGB [H,W,3] of a scalar map through viridis; invalid pixels black."""
-    scaled = np.clip((values - low) / max(high - low, 1e-12), 0, 1) * (len(_VIRIDIS) - 1)
-    index = np.minimum(scaled.astype(np.int64), len(_VIRIDIS) - 2)
-    frac = (scaled - index)[..., None]
-    rgb = _VIRIDIS[index] * (1 - frac) + _VIRIDIS[index + 1] * frac
-    if valid is not None:
-        rgb[~valid] = 0
-    return rgb.astype(np.uint8)
-
-
-def normals_rgb(normals: np.ndarray) -> np.ndarray:
-    """uint8 RGB [H,W,3] of unit normals [3,H,W] as (n + 1) / 2; invalid (zero) vectors grey."""
-    return ((np.moveaxis(normals, 0, -1) + 1) * 127.5).clip(0, 255).astype(np.uint8)
 
 
 def input_rgb(image: Tensor) -> np.ndarray:
@@ -45,23 +29,6 @@ def input_rgb(image: Tensor) -> np.ndarray:
     x = image.float().cpu()
     x = (x - x.amin()) / (x.amax() - x.amin()).clamp_min(1e-12)
     return (x.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-
-
-def task_panels(task: str, pred: Tensor, target: Tensor) -> np.ndarray:
-    """Prediction and target side by side (uint8 RGB) for a dense, non-classification task."""
-    decoded = get_task(task).decode(pred[None].float())[0].cpu().numpy()
-    target = target.float().cpu().numpy()
-    if task == "normals":
-        return np.concatenate([normals_rgb(decoded), normals_rgb(target)], axis=1)
-    decoded, target = decoded.reshape(decoded.shape[-2:]), target.reshape(target.shape[-2:])
-    if task == "depth":
-        valid = target > 0
-        high = float(target[valid].max()) if valid.any() else float(decoded.max())
-        return np.concatenate(
-            [colourise(decoded, 0, high), colourise(target, 0, high, valid)], axis=1
-        )
-    valid = target != IGNORE  # edge, saliency: probabilities against {0, 1}
-    return np.concatenate([colourise(decoded, 0, 1), colourise(target, 0, 1, valid)], axis=1)
 
 
 def class_labels(task: str, num_classes: int, names: Sequence[str] | None) -> dict[int, str]:
@@ -81,15 +48,20 @@ def segmentation_masks(pred: Tensor, target: Tensor, labels: dict[int, str]) -> 
     }
 
 
-class WandbPredictionImages(L.Callback):
-    """Logs prediction images of the first validation batch to every `WandbLogger`, every
-    `every_n_val_epochs` validation epochs (``val/images/<task>``), at most `max_images` images.
+def _image_loggers(trainer: L.Trainer) -> list[Logger]:
+    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger | TensorBoardLogger)]
 
-    Classification tasks (``semseg``, ``parts``) are W&B masks over the input (prediction and
-    ground truth, class names from `class_names`, 255 shown as "ignore"); depth, normals, edges
-    and saliency are colourised prediction | target pairs (depth: viridis on [0, max target];
-    normals: (n + 1) / 2 as RGB; edge, saliency: probabilities). Per-class IoU tables reach W&B
-    through `mtl.metrics.callback.MetricsCallback`.
+
+class PredictionImages(L.Callback):
+    """Logs prediction images of the first validation batch of a fit to every W&B and
+    TensorBoard logger, every `every_n_val_epochs` validation epochs (``val/images/<task>``),
+    at most `max_images` images, on the step of that epoch's validation scores. Stand-alone
+    evaluations (the final re-validation, ``train=false``) add no images.
+
+    W&B: class maps are interactive masks over the input (prediction and ground truth, class
+    names from `class_names`, 255 shown as "ignore"); other maps are prediction | target
+    pictures with a colour bar, the colour scale in the caption. TensorBoard: the same
+    prediction | target pictures (class maps in palette colours), the images of a task stacked.
     """
 
     def __init__(
@@ -108,19 +80,20 @@ class WandbPredictionImages(L.Callback):
         self.class_names = dict(class_names or {})
         self._validations = 0
 
-    def _loggers(self, trainer: L.Trainer) -> list[WandbLogger]:
-        return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    @staticmethod
+    def _fitting(trainer: L.Trainer) -> bool:
+        return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
 
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if not trainer.sanity_checking:
+        if self._fitting(trainer):
             self._validations += 1
 
     def _due(self, trainer: L.Trainer) -> bool:
         return (
-            not trainer.sanity_checking
+            self._fitting(trainer)
             and trainer.is_global_zero
             and self._validations % self.every_n_val_epochs == 0
-            and bool(self._loggers(trainer))
+            and bool(_image_loggers(trainer))
         )
 
     def on_validation_batch_end(
@@ -134,9 +107,16 @@ class WandbPredictionImages(L.Callback):
     ) -> None:
         if batch_idx != 0 or not isinstance(outputs, Mapping) or not self._due(trainer):
             return
-        media = self.images(outputs, batch)
-        for logger in self._loggers(trainer):
-            logger.log_metrics(media, step=trainer.global_step)
+        step = logging_step(trainer)
+        for logger in _image_loggers(trainer):
+            if isinstance(logger, WandbLogger):
+                logger.log_metrics(self.images(outputs, batch), step=step)
+            else:
+                for tag, array in self.pictures(outputs, batch).items():
+                    logger.experiment.add_image(tag, array, global_step=step, dataformats="HWC")
+
+    def _tasks(self, preds: Mapping[str, Tensor], batch: Mapping[str, Any]) -> list[str]:
+        return [task for task in preds if task in batch]
 
     @torch.no_grad()
     def images(self, preds: Mapping[str, Tensor], batch: Mapping[str, Any]) -> dict[str, list]:
@@ -146,11 +126,9 @@ class WandbPredictionImages(L.Callback):
         count = min(self.max_images, batch["image"].shape[0])
         inputs = [input_rgb(batch["image"][i]) for i in range(count)]
         media: dict[str, list] = {}
-        for task, pred in preds.items():
-            if task not in batch:
-                continue
-            spec = get_task(task)
-            if spec.classification:
+        for task in self._tasks(preds, batch):
+            pred, spec = preds[task], get_task(task)
+            if spec.kind == "labels":
                 labels = class_labels(task, pred.shape[1], self.class_names.get(task))
                 media[f"val/images/{task}"] = [
                     wandb.Image(
@@ -162,12 +140,30 @@ class WandbPredictionImages(L.Callback):
                     for i in range(count)
                 ]
             else:
+                pictures = [
+                    prediction_and_target(task, pred[i], batch[task][i]) for i in range(count)
+                ]
                 media[f"val/images/{task}"] = [
-                    wandb.Image(
-                        task_panels(task, pred[i], batch[task][i]),
-                        caption="prediction | target",
-                    )
-                    for i in range(count)
+                    wandb.Image(array, caption=caption) for array, caption in pictures
                 ]
         media["val/images/input"] = [wandb.Image(x) for x in inputs]
         return media
+
+    @torch.no_grad()
+    def pictures(self, preds: Mapping[str, Tensor], batch: Mapping[str, Any]) -> dict:
+        """``{"val/images/<task>": uint8 [N*H, W, 3]}``: the first images' prediction | target
+        pictures stacked, and the inputs."""
+        count = min(self.max_images, batch["image"].shape[0])
+        out = {
+            f"val/images/{task}": np.concatenate(
+                [
+                    prediction_and_target(task, preds[task][i], batch[task][i])[0]
+                    for i in range(count)
+                ]
+            )
+            for task in self._tasks(preds, batch)
+        }
+        out["val/images/input"] = np.concatenate(
+            [input_rgb(batch["image"][i]) for i in range(count)]
+        )
+        return out

@@ -1,4 +1,4 @@
-"""The W&B side of a run: a stable run id kept in the run directory, panel summaries, finishing.
+"""The W&B side of a run: a stable run id kept in the run directory, the run summary, finishing.
 
 A run directory holds its W&B run id in ``wandb_run_id.txt``; a run resumed from a checkpoint
 continues the W&B run of the directory the checkpoint belongs to (`run_id`).
@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import sys
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 
+import lightning as L
+from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
-
-from mtl.tasks import TASKS
 
 #: File in a run directory that holds the run's W&B id.
 RUN_ID_FILE = "wandb_run_id.txt"
@@ -51,25 +51,51 @@ def run_id(run_dir: str | Path, ckpt_path: str | Path | None = None) -> str:
     return found
 
 
-def metric_summaries(tasks: Sequence[str], stages: Sequence[str] = ("val", "test")) -> dict:
-    """``{key: "max" | "min"}`` for every score of `tasks`, from the registry's directions, plus
-    the losses (min) and Δm (max)."""
-    summaries: dict[str, str] = {}
-    for stage in stages:
-        summaries[f"{stage}/loss"] = "min"
-        summaries[f"{stage}/delta_m"] = "max"
-        for task in tasks:
-            summaries[f"{stage}/{task}/loss"] = "min"
-            for metric, higher in TASKS[task].higher_is_better.items():
-                summaries[f"{stage}/{task}/{metric}"] = "max" if higher else "min"
-    return summaries
+class EvaluationSummary(L.Callback):
+    """Puts the scores of a stand-alone evaluation (the re-validation of the evaluated
+    checkpoint after a fit, or ``train=false``) into the W&B run summary instead of the run's
+    history, so they are not one more epoch in the panels, and every score in the run table is
+    that of the evaluated checkpoint (W&B's default summary, the last value logged, holds
+    until then). The summary's ``evaluated_checkpoint`` names the checkpoint file.
 
+    The W&B loggers are taken off the trainer while the evaluation runs and given back in
+    ``teardown``, after every evaluation hook, with the scores.
+    """
 
-def define_metrics(experiment, tasks: Sequence[str], step_metric: str = "trainer/global_step"):
-    """Tell W&B the best value of each score (summary max or min) so run tables and panels show
-    the best epoch rather than the last one."""
-    for key, summary in metric_summaries(tasks).items():
-        experiment.define_metric(key, summary=summary, step_metric=step_metric)
+    def __init__(self) -> None:
+        self._all: list[Logger] = []
+        self._hidden: list[WandbLogger] = []
+
+    def _hide(self, trainer: L.Trainer) -> None:
+        if trainer.state.fn not in (TrainerFn.VALIDATING, TrainerFn.TESTING):
+            return
+        self._all = list(trainer.loggers)
+        self._hidden = [lg for lg in self._all if isinstance(lg, WandbLogger)]
+        if self._hidden:
+            trainer.loggers = [lg for lg in self._all if lg not in self._hidden]
+
+    def on_validation_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._hide(trainer)
+
+    def on_test_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._hide(trainer)
+
+    def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        if not self._hidden:
+            return
+        hidden, self._hidden = self._hidden, []
+        trainer.loggers = self._all
+        if not trainer.is_global_zero:
+            return
+        summary: dict[str, float | str] = {
+            key: float(value)
+            for key, value in trainer.callback_metrics.items()
+            if key.startswith(("val/", "test/"))
+        }
+        if trainer.ckpt_path:
+            summary["evaluated_checkpoint"] = Path(trainer.ckpt_path).name
+        for logger in hidden:
+            logger.experiment.summary.update(summary)
 
 
 def finish(failed: bool = False) -> None:

@@ -18,8 +18,9 @@ import torch
 
 from mtl import wandb_run
 from mtl.loggers import build_loggers, finish_loggers
+from mtl.render import COLOUR_BAR_WIDTH
 from mtl.wandb_media import (
-    WandbPredictionImages,
+    PredictionImages,
     class_labels,
     colourise,
     segmentation_masks,
@@ -145,12 +146,14 @@ def test_multirun_jobs_get_own_folders_and_own_wandb_runs(tmp_path, tiny_data_ro
     scores = [h for h in history if "val/semseg/mIoU" in h]
     assert scores and 0 <= float(scores[-1]["val/semseg/mIoU"]) <= 1
     assert any("val/images/semseg/all_masks" in h for h in history)
-    summaries = {
-        r.metric.name: r.metric.summary.max
-        for r in records
-        if r.WhichOneof("record_type") == "metric" and r.metric.name
-    }
-    assert summaries["val/semseg/mIoU"] is True and summaries["val/depth/rmse"] is False
+    summary = {}  # the run summary: the last update of each key
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            summary.update(
+                {i.key or "/".join(i.nested_key): i.value_json for i in r.summary.update}
+            )
+    metrics = json.loads((jobs[1] / "metrics.json").read_text())
+    assert float(summary["val/semseg/mIoU"]) == pytest.approx(metrics["val/semseg/mIoU"])
     media = folder / "files" / "media"
     for task in ("input", "semseg", "depth"):
         assert list(media.glob(f"images/val/images/{task}_*.png")), task
@@ -185,14 +188,8 @@ def test_wandb_run_id_is_stored_and_found_from_a_checkpoint(tmp_path):
     assert wandb_run.run_id(tmp_path / "third") != run_id
 
 
-def test_metric_summaries_follow_the_task_registry():
-    summaries = wandb_run.metric_summaries(["semseg", "depth"], stages=("val",))
-    assert summaries["val/semseg/mIoU"] == "max" and summaries["val/depth/rmse"] == "min"
-    assert summaries["val/delta_m"] == "max" and summaries["val/loss"] == "min"
-
-
 def test_prediction_images_name_classes_and_ignore():
-    callback = WandbPredictionImages(class_names={"semseg": ["floor", "wall", "box"]})
+    callback = PredictionImages(class_names={"semseg": ["floor", "wall", "box"]})
     semseg_target = torch.zeros(2, 8, 8, dtype=torch.long)
     semseg_target[:, 0] = 255
     batch = {
@@ -209,7 +206,11 @@ def test_prediction_images_name_classes_and_ignore():
     media = callback.images(preds, batch)
     assert sorted(media) == [f"val/images/{t}" for t in ("depth", "input", "normals", "semseg")]
     assert all(len(images) == 2 for images in media.values())
-    assert np.asarray(media["val/images/depth"][1].image).shape == (8, 16, 3)  # pred | target
+    depth = np.asarray(media["val/images/depth"][1].image)
+    assert depth.shape == (8, 16 + COLOUR_BAR_WIDTH, 3)  # pred | target | colour bar
+    top = float(batch["depth"][1].max())  # the colour scale: 0 to the largest target depth
+    assert media["val/images/depth"][1]._caption.endswith(f"0 (dark) to {top:.3g} (yellow)")
+    assert depth[0, 16].tolist() == [253, 231, 37] and depth[-1, 16].tolist() == [68, 1, 84]
 
     labels = class_labels("semseg", 3, callback.class_names["semseg"])
     assert labels == {0: "floor", 1: "wall", 2: "box", 255: "ignore"}
@@ -218,7 +219,7 @@ def test_prediction_images_name_classes_and_ignore():
     assert truth.dtype == np.uint8 and truth[0].tolist() == [255] * 8
     assert masks["prediction"]["class_labels"][255] == "ignore"
     with pytest.raises(ValueError, match="every_n_val_epochs"):
-        WandbPredictionImages(every_n_val_epochs=0)
+        PredictionImages(every_n_val_epochs=0)
 
 
 def test_colourise_orders_values_and_blacks_out_invalid():
@@ -249,6 +250,7 @@ def test_wandb_logger_is_configured_from_config(make_cfg, monkeypatch):
     try:
         init = logger._wandb_init
         assert init["project"] == "proj" and init["tags"] == ["a", "b"]
+        assert "anonymous" not in init  # W&B warns about the setting whenever it is passed
         assert init["mode"] == "disabled" and init["id"] == wandb_run.read_run_id(
             cfg.paths.output_dir
         )
@@ -275,3 +277,118 @@ def test_wandb_run_is_finished_when_the_job_fails(make_cfg, monkeypatch):
     with pytest.raises(RuntimeError, match="failed during fit"):
         train(make_cfg("logger=wandb", "data.tasks=[semseg]"))
     assert seen == [1] and wandb.run is None  # finished, marked failed
+
+
+def test_wandb_and_tensorboard_file_values_by_step_and_summary_is_the_evaluated_epoch(
+    make_cfg, monkeypatch, tmp_path
+):
+    """What reaches W&B (every ``Run.log`` call and the run summary at the end) and TensorBoard
+    in a two-epoch fit of three batches per epoch, gradient statistics every second step."""
+    import wandb
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from wandb.sdk.wandb_run import Run
+
+    from mtl.train import train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for key in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(key, str(tmp_path / "wandb_home"))
+    logged, summary = [], {}
+    log = Run.log
+    monkeypatch.setattr(
+        Run, "log", lambda run, data, *a, **k: logged.append(data) or log(run, data, *a, **k)
+    )
+    finish = wandb.finish
+
+    def keep_summary(*args, **kwargs):
+        summary.update(wandb.run.summary._as_dict())
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "finish", keep_summary)
+    cfg = make_cfg(
+        "logger=[wandb,tensorboard]",
+        "data.tasks=[semseg,depth,normals]",
+        "model/decoder=conv",
+        "model.backbone.out_indices=[1,2]",
+        "trainer.max_epochs=2",
+        "+trainer.limit_train_batches=3",
+        "+trainer.limit_val_batches=1",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.log_every_n_steps=1",
+        "diagnostics_every_n_steps=2",
+    )
+    scores = train(cfg)
+
+    def steps(key: str) -> list[int]:
+        return [d["trainer/global_step"] for d in logged if key in d]
+
+    # two validation epochs after batches 0-2 and 3-5, filed under the step of their last batch
+    # (Lightning's convention); the final re-validation adds no third point
+    assert steps("val/semseg/mIoU") == [2, 5] and steps("val/normals/within_11.25") == [2, 5]
+    for media in ("val/images/depth", "val/images/semseg", "val/semseg/per_class_iou"):
+        assert steps(media) == [2, 5], media
+    assert sorted({d["epoch"] for d in logged if "epoch" in d}) == [0, 1]
+    caption = next(d for d in logged if "val/images/depth" in d)["val/images/depth"][0]._caption
+    assert "colour scale 0 (dark) to" in caption
+    # gradient statistics on the steps they are computed on, and only there
+    assert steps("grad/conflict_share") == [0, 2, 4]
+    assert steps("grad/semseg/norm") == [0, 2, 4]
+
+    # the run summary holds the evaluated checkpoint's scores, dotted names included
+    evaluated = {k: v for k, v in scores.items() if k.startswith("val/")}
+    assert {"val/normals/within_11.25", "val/semseg/mIoU", "val/loss"} <= set(evaluated)
+    for key, value in evaluated.items():
+        assert summary[key] == pytest.approx(value), key
+    assert summary["evaluated_checkpoint"].endswith(".ckpt")
+
+    # TensorBoard: the same pictures, on the step of the validation scores
+    events = Path(cfg.paths.output_dir) / "tensorboard"  # one file per fit / validate
+    board = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
+    board.Reload()
+    images = board.Tags()["images"]
+    assert {"val/images/input", "val/images/semseg", "val/images/depth"} <= set(images)
+    assert [e.step for e in board.Images("val/images/depth")] == [2, 5]
+    assert [e.step for e in board.Scalars("val/semseg/mIoU")][:2] == [2, 5]
+    assert [e.step for e in board.Scalars("grad/conflict_share")] == [0, 2, 4]
+
+
+def test_a_newly_registered_task_is_drawn_and_exported_from_its_registry_kind(
+    monkeypatch, tmp_path
+):
+    """A task added to the registry (a copy of depth under another name) needs no code in the
+    W&B/TensorBoard pictures or the prediction export."""
+    import dataclasses
+
+    from PIL import Image
+
+    from mtl.export import PredictionWriter
+    from mtl.tasks import TASKS, register
+
+    monkeypatch.setitem(TASKS, "height", dataclasses.replace(TASKS["depth"], name="height"))
+    g = torch.Generator().manual_seed(0)
+    pred = torch.rand(2, 1, 8, 8, generator=g) * 3
+    target = torch.rand(2, 1, 8, 8, generator=g) * 2 + 0.5
+    target[:, :, 0] = 0  # invalid row
+    batch = {
+        "image": torch.randn(2, 3, 8, 8, generator=g),
+        "height": target,
+        "meta": {"id": ["a", "b"]},
+    }
+    images = PredictionImages().images({"height": pred}, batch)["val/images/height"]
+    top = float(target[1].max())
+    assert images[1]._caption.endswith(f"0 (dark) to {top:.3g} (yellow)")
+    picture = np.asarray(images[1].image)
+    assert picture.shape == (8, 16 + COLOUR_BAR_WIDTH, 3)
+    assert picture[0, 8:16].tolist() == [[0, 0, 0]] * 8  # invalid target pixels black
+    board = PredictionImages(max_images=2).pictures({"height": pred}, batch)
+    assert board["val/images/height"].shape == (16, 16 + COLOUR_BAR_WIDTH, 3)
+
+    writer = PredictionWriter(tmp_path, max_visuals=1)
+    writer.write_batch({"height": pred}, batch)
+    stored = np.asarray(Image.open(tmp_path / "height" / "b.png"))  # uint16 millimetres
+    assert stored.dtype == np.uint16
+    assert np.allclose(stored / 1000, pred[1, 0].numpy(), atol=5e-4)
+    assert (tmp_path / "visual" / "a.png").is_file()
+
+    with pytest.raises(ValueError, match="kind 'picture'"):
+        register(dataclasses.replace(TASKS["depth"], name="other", kind="picture"))

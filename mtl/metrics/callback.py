@@ -9,6 +9,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from mtl.metrics.collection import TaskMetrics
 from mtl.metrics.tables import named_tables
+from mtl.steps import logging_step
 
 
 def _task_metrics(module: L.LightningModule) -> TaskMetrics | None:
@@ -54,7 +55,7 @@ class MetricsCallback(L.Callback):
                         key=f"{stage}/{key}",
                         columns=["class_index", "class", "value"],
                         data=rows,
-                        step=trainer.global_step,
+                        step=logging_step(trainer),  # the step of the epoch's scores
                     )
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
