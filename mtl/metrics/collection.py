@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -56,6 +56,13 @@ class TaskMetrics(nn.Module):
             for metric in metrics.values():
                 if hasattr(metric, "begin_epoch"):
                     metric.begin_epoch(stage, epoch, fitting)
+
+    def score_only(self, task: str, ids: Collection[str] | None) -> None:
+        """Score ``task`` on the images with these ids only (None: all), where its metrics
+        support a subset (``scored_ids``: edge matching)."""
+        for metric in self.metrics[task].values() if task in self.metrics else ():
+            if hasattr(metric, "scored_ids"):
+                metric.scored_ids = None if ids is None else frozenset(ids)
 
     def update(self, preds: Mapping[str, Tensor], batch: Mapping[str, Any]) -> None:
         for task, metrics in self.metrics.items():

@@ -52,7 +52,7 @@ def edge_metrics(
     thin: bool = True,
     nms: bool = False,
     every_n_epochs: int = 0,
-    workers: int = 1,
+    workers: int | None = None,
 ) -> dict[str, Metric]:
     """odsF, oisF, AP with the benchmark's matching (needs ``pyedgeeval``; else none: the online
     loss proxy ``<stage>/edge/loss`` remains)."""
