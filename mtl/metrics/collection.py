@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric
+from torchmetrics import MeanMetric, Metric
 
 from mtl.metrics.delta_m import Baselines, delta_m, task_gains
 from mtl.tasks import get_task
@@ -28,7 +28,8 @@ class TaskMetrics(nn.Module):
         baselines: single-task scores ``{task: {metric: value}}``; when given, ``compute()`` adds
             ``delta_m`` (if every task's main metric was computed) and ``delta/<task>``.
 
-    ``compute()`` returns flat keys ``<task>/<score>`` with scalar values; non-scalar results
+    ``compute()`` returns flat keys ``<task>/<score>`` with scalar values (and ``<task>/loss``,
+    ``loss`` once ``update_losses`` was called); non-scalar results
     (per-class IoU vectors) are kept in ``tables`` until the next ``compute()``.
     """
 
@@ -47,6 +48,10 @@ class TaskMetrics(nn.Module):
                 for t in tasks
             }
         )
+        # evaluation losses as means weighted by batch size: torchmetrics sums value and weight
+        # over ranks, exact for uneven shares (Lightning's logged means are not: it averages
+        # the integer batch counts over ranks with truncation)
+        self.losses = nn.ModuleDict({key: MeanMetric(nan_strategy="disable") for key in [*tasks, "total"]})
         self.baselines = baselines
         self.tables: dict[str, Tensor] = {}
 
@@ -72,6 +77,11 @@ class TaskMetrics(nn.Module):
                 else:
                     metric.update(preds[task], batch[task])
 
+    def update_losses(self, losses: Mapping[str, Tensor], total: Tensor, batch_size: int) -> None:
+        """Add one batch's per-task losses and weighted total (``<task>/loss``, ``loss``)."""
+        for key, value in [*losses.items(), ("total", total)]:
+            self.losses[key].update(value.detach().float(), weight=batch_size)
+
     def _computed(self) -> dict[str, dict[str, Tensor]]:
         results: dict[str, dict[str, Tensor]] = {}
         for task, metrics in self.metrics.items():
@@ -94,6 +104,9 @@ class TaskMetrics(nn.Module):
                     scores[f"{task}/{key}"] = value.float()
                 else:
                     self.tables[f"{task}/{key}"] = value.detach().cpu()
+        for key, mean in self.losses.items():
+            if mean.update_called:
+                scores["loss" if key == "total" else f"{key}/loss"] = mean.compute().float()
         if self.baselines:
             scores.update(self._gains(scores))
         return scores
@@ -112,3 +125,5 @@ class TaskMetrics(nn.Module):
         for metrics in self.metrics.values():
             for metric in metrics.values():
                 metric.reset()
+        for mean in self.losses.values():
+            mean.reset()
