@@ -51,7 +51,9 @@ class TaskMetrics(nn.Module):
         # evaluation losses as means weighted by batch size: torchmetrics sums value and weight
         # over ranks, exact for uneven shares (Lightning's logged means are not: it averages
         # the integer batch counts over ranks with truncation)
-        self.losses = nn.ModuleDict({key: MeanMetric(nan_strategy="disable") for key in [*tasks, "total"]})
+        self.losses = nn.ModuleDict(
+            {key: MeanMetric(nan_strategy="disable") for key in [*tasks, "total"]}
+        )
         self.baselines = baselines
         self.tables: dict[str, Tensor] = {}
 
