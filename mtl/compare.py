@@ -140,8 +140,22 @@ class Group:
         return ",".join(str(r.seed) for r in self.runs if r.seed is not None)
 
 
+def shared_overrides(runs: Sequence[Run]) -> list[str]:
+    """The overrides (seed and run-specific keys aside) that every one of ``runs`` has."""
+    if not runs:
+        return []
+    rest = [set(_label_overrides(r)) for r in runs[1:]]
+    return [o for o in _label_overrides(runs[0]) if all(o in r for r in rest)]
+
+
+def _same_overrides(group: Group) -> bool:
+    first = _label_overrides(group.runs[0])
+    return bool(first) and all(_label_overrides(r) == first for r in group.runs)
+
+
 def group_runs(runs: Sequence[Run]) -> list[Group]:
-    """Runs grouped by setting (first appearance order), each group named."""
+    """Runs grouped by setting (first appearance order), each named by the overrides that set
+    it apart from the other groups."""
     groups: dict[str, Group] = {}
     for run in runs:
         key = json.dumps(run.setting(), sort_keys=True, default=str) if run.config else ""
@@ -153,10 +167,12 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
         for key in flat
         if len({json.dumps(f.get(key), default=str) for f in flats.values()}) > 1
     }
+    named = [g for g in groups.values() if _same_overrides(g)]
+    common = shared_overrides([g.runs[0] for g in named]) if len(groups) > 1 else []
     for group in groups.values():
         first = group.runs[0]
-        overrides = _label_overrides(first)
-        if overrides and all(_label_overrides(r) == overrides for r in group.runs):
+        overrides = [o for o in _label_overrides(first) if o not in common]
+        if group in named and overrides:
             group.label = " ".join(overrides)
         elif first.config and differing:
             flat = flats[id(group)]
@@ -222,11 +238,15 @@ def _cell(value: tuple | None, runs: int, column: str) -> str:
     return text + (f" (n={count})" if count < runs else "")
 
 
-def to_markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str], stages: str) -> str:
-    """A markdown table (mean ± std over seeds; Δm in percent)."""
+def to_markdown(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str], stages: str, shared: Sequence[str] = ()
+) -> str:
+    """A markdown table (mean ± std over seeds; Δm in percent) below a caption that names the
+    overrides every run shares."""
     names = {c: ("Δm (%)" if c == DELTA else c) for c in columns}
     header = ["setting", "runs", "seeds", *names.values()]
-    lines = [f"Final {stages} scores, mean ± std over seeds:", ""]
+    every = f" Every run: {' '.join(shared)}" if shared else ""
+    lines = [f"Final {stages} scores, mean ± std over seeds.{every}", ""]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|")
     for row in rows:
@@ -262,9 +282,11 @@ def compare(
     runs = [read_run(folder) for folder in find_runs(paths)]
     has_delta = add_delta_m(runs, baselines)
     columns = score_columns(runs, metrics, every) + ([DELTA] if has_delta else [])
-    rows = table_rows(group_runs(runs), columns)
+    groups = group_runs(runs)
+    rows = table_rows(groups, columns)
     stages = "/".join(sorted({r.stage for r in runs}))
-    return to_csv(rows, columns) if as_csv else to_markdown(rows, columns, stages)
+    shared = shared_overrides(runs) if len(groups) > 1 else []
+    return to_csv(rows, columns) if as_csv else to_markdown(rows, columns, stages, shared)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

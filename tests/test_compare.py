@@ -62,8 +62,8 @@ def test_seeds_are_grouped_with_mean_and_std_as_csv(sweep, tmp_path, capsys):
     main([str(sweep), "--baselines", str(baselines), "--csv"])
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [(r["setting"], r["runs"], r["seeds"]) for r in rows] == [
-        ("balancer=pcgrad data.tasks=[semseg,depth]", "2", "1,2"),
-        ("balancer=cagrad data.tasks=[semseg,depth]", "3", "1,2,3"),
+        ("balancer=pcgrad", "2", "1,2"),
+        ("balancer=cagrad", "3", "1,2,3"),
     ]
     for row, balancer in zip(rows, ("pcgrad", "cagrad"), strict=True):
         for key in ("semseg/mIoU", "depth/rmse", "delta_m"):
@@ -80,13 +80,14 @@ def test_markdown_table_of_runs_and_delta_m_from_the_runs(sweep, capsys):
         path.write_text(json.dumps(metrics))
     main([str(sweep / "0"), str(sweep / "1"), str(sweep / "2")])
     lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("Every run: data.tasks=[semseg,depth]")
     assert lines[2] == "| setting | runs | seeds | semseg/mIoU | depth/rmse | Δm (%) |"
     mean, std = _expected("pcgrad", "delta_m")
     assert lines[4] == (
-        f"| balancer=pcgrad data.tasks=[semseg,depth] | 2 | 1,2 | 0.5200 ± 0.0283 "
+        f"| balancer=pcgrad | 2 | 1,2 | 0.5200 ± 0.0283 "
         f"| 0.7500 ± 0.0707 | {mean:+.2f} ± {std:.2f} |"
     )
-    assert lines[5] == "| balancer=cagrad data.tasks=[semseg,depth] | 1 | 1 | 0.4000 | 1.0000 | – |"
+    assert lines[5] == "| balancer=cagrad | 1 | 1 | 0.4000 | 1.0000 | – |"
 
 
 def test_runs_without_overrides_are_named_by_their_differences(sweep, capsys):
