@@ -9,6 +9,7 @@ from typing import Any
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from mtl.metrics.delta_m import baselines_problems
 from mtl.tasks import TASKS
 
 #: Strategies that shard parameters across processes.
@@ -54,6 +55,9 @@ def config_problems(cfg: DictConfig) -> list[str]:
     problems += _balancer_problems(cfg)
     problems += _decoder_problems(cfg)
     problems += range_problems(cfg)
+    problems += baselines_problems(
+        cfg.get("delta_m_baselines"), list(data.tasks), cfg.get("optimized_metric")
+    )
 
     import timm  # imported here: timm's import is slow and the task checks do not need it
 

@@ -8,7 +8,9 @@ Layout under ``out_dir`` (the file layout of the MTI-Net/ATRC evaluation code an
                            vector (normals): uint8 RGB, decoded as 2v/255 - 1
                            probability (sal, edge): uint8, probability x 255 (truncated)
                            raw: <id>.npy float32 of the decoded prediction
-    ids.txt                the evaluated ids in order (SEISM's gt_sets/<set>.txt)
+    ids.txt                the evaluated ids in order (SEISM's gt_sets/<set>.txt); only the
+                           listed ones when the dataset scores a task on a list
+                           (``data.edge_eval_list``)
     seism_parameters.txt   the edge thresholds, one per line (SEISM's parameters/<method>.txt)
     visual/<id>.png        one row per task: input | ground truth | prediction
 
@@ -32,6 +34,7 @@ from torch import Tensor
 
 from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_to_original
 from mtl.metrics.boundary import threshold_set, to_uint8
+from mtl.metrics.subsets import evaluation_dataset, scored_ids
 from mtl.render import as_map, colour_range, decoded
 from mtl.render import picture as render_picture
 from mtl.tasks import get_task
@@ -128,13 +131,16 @@ class PredictionWriter(L.Callback):
         self.max_visuals = max_visuals
         self.edge_thresholds = edge_thresholds
         self.ids: list[str] = []
+        self.tasks: set[str] = set()
+        self.dataset: Any | None = None
 
     @staticmethod
     def _evaluating(trainer: L.Trainer) -> bool:
         return trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING)
 
     def _start(self, trainer: L.Trainer) -> None:
-        self.ids = []
+        self.ids, self.tasks = [], set()
+        self.dataset = evaluation_dataset(trainer)  # for its evaluation lists, if any
 
     def on_validation_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._start(trainer)
@@ -170,6 +176,7 @@ class PredictionWriter(L.Callback):
         images = crop_to_original(batch["image"], pad)
         cropped = {task: crop_to_original(pred, pad) for task, pred in preds.items()}
         targets = {task: crop_to_original(batch[task], pad) for task in preds if task in batch}
+        self.tasks.update(cropped)
         for index, sample_id in enumerate(ids):
             for task, pred in cropped.items():
                 folder = self.out_dir / task
@@ -211,6 +218,8 @@ class PredictionWriter(L.Callback):
         """Write the evaluated ids and the edge thresholds (SEISM's id list and parameters)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         suffix = "" if world_size == 1 else f"_rank{rank}"
-        (self.out_dir / f"ids{suffix}.txt").write_text("".join(f"{i}\n" for i in self.ids))
+        listed = [scored_ids(self.dataset, task) for task in sorted(self.tasks)]
+        ids = [i for i in self.ids if all(i in subset for subset in listed if subset is not None)]
+        (self.out_dir / f"ids{suffix}.txt").write_text("".join(f"{i}\n" for i in ids))
         thresholds = threshold_set(self.edge_thresholds)
         (self.out_dir / "seism_parameters.txt").write_text("".join(f"{t:g}\n" for t in thresholds))

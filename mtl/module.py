@@ -199,11 +199,8 @@ class MultiTaskModule(L.LightningModule):
         images = batch["image"]
         preds = self.model(images, self.tasks)
         losses = self.task_losses(preds, batch)
-        batch_size = images.shape[0]
-        for task, loss in losses.items():
-            self.log(f"{stage}/{task}/loss", loss, batch_size=batch_size, sync_dist=True)
         total = torch.stack(list(self.weighted(losses).values())).sum()
-        self.log(f"{stage}/loss", total, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.metrics.update_losses(losses, total, batch_size=images.shape[0])  # logged per epoch
         self.metrics.update(preds, batch)
         return preds
 
@@ -211,7 +208,7 @@ class MultiTaskModule(L.LightningModule):
         """Log the epoch's dataset-level scores and reset the metrics."""
         for key, value in self.metrics.compute().items():
             # already synced by torchmetrics: the average over ranks of equal values is a no-op
-            self.log(f"{stage}/{key}", value, sync_dist=True)
+            self.log(f"{stage}/{key}", value, sync_dist=True, prog_bar=key == "loss")
         self.metrics.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:

@@ -22,8 +22,8 @@ from mtl.metrics.factories import (
     edge_metrics,
     normals_metrics,
     saliency_metrics,
+    segmentation_metrics,
 )
-from mtl.metrics.segmentation import SegmentationScores
 
 #: Kinds of decoded maps, which say how a task is drawn (W&B, TensorBoard, export pictures) and
 #: stored (prediction export):
@@ -86,17 +86,13 @@ def get_task(name: str) -> Task:
         raise KeyError(f"unknown task '{name}'; known tasks: {sorted(TASKS)}") from None
 
 
-def _segmentation_metrics(num_classes: int | None) -> dict[str, Metric]:
-    return {"seg": SegmentationScores(num_classes)}
-
-
 register(
     Task(
         name="semseg",
         loss=losses.cross_entropy,
         loss_weight=1.0,
         decode=lambda pred: pred.argmax(dim=1),
-        metrics=_segmentation_metrics,
+        metrics=segmentation_metrics,
         higher_is_better={"mIoU": True, "pixel_acc": True},
         main_metric="mIoU",
         classification=True,
@@ -111,7 +107,13 @@ register(
         loss_weight=1.0,
         decode=lambda pred: pred.clamp_min(0),
         metrics=depth_metrics,
-        higher_is_better={"rmse": False, "abs_rel": False, "log_rmse": False, "delta1": True},
+        higher_is_better={
+            "rmse": False,
+            "abs_rel": False,
+            "sq_rel": False,
+            "log_rmse": False,
+            "delta1": True,
+        },
         main_metric="rmse",
         ignore_value=0,
         kind="scalar",
@@ -171,7 +173,7 @@ register(
         loss=losses.cross_entropy,
         loss_weight=2.0,
         decode=lambda pred: pred.argmax(dim=1),
-        metrics=lambda _: {"seg": SegmentationScores(7)},
+        metrics=lambda _, **options: segmentation_metrics(7, **options),
         higher_is_better={"mIoU": True, "pixel_acc": True},
         main_metric="mIoU",
         classification=True,

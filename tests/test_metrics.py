@@ -52,6 +52,35 @@ def test_miou_skips_classes_absent_from_prediction_and_target():
     assert torch.isnan(scores["per_class_iou"][2:]).all()  # empty classes: no IoU
 
 
+def test_miou_over_all_classes_counts_absent_classes_as_zero():
+    # confusion (rows target, columns prediction) of 4 classes, classes 2 and 3 absent from both:
+    # class 0: TP 2, FP 1, FN 0 -> 2/3; class 1: TP 1, FP 0, FN 1 -> 1/2
+    preds, target = torch.tensor([[[0, 0, 1, 0]]]), torch.tensor([[[0, 0, 1, 1]]])
+    scores = {}
+    for convention in ("present", "all"):
+        metric = SegmentationScores(num_classes=4, miou=convention)
+        metric.update(_one_hot_logits(preds, 4), target)
+        scores[convention] = metric.compute()["mIoU"].item()
+    assert math.isclose(scores["present"], (2 / 3 + 1 / 2) / 2, rel_tol=1e-6)
+    assert math.isclose(scores["all"], (2 / 3 + 1 / 2 + 0 + 0) / 4, rel_tol=1e-6)
+    with pytest.raises(ValueError, match="miou"):
+        SegmentationScores(num_classes=4, miou="some")
+
+
+def test_miou_convention_is_chosen_by_the_task_option():
+    from mtl.metrics.collection import TaskMetrics
+
+    metrics = TaskMetrics(
+        ["semseg", "parts"], {"semseg": 3}, options={"semseg": {"miou": "all"}, "parts": {}}
+    )
+    preds = {"semseg": _one_hot_logits(torch.tensor([[[0, 1]]]), 3)}
+    preds["parts"] = _one_hot_logits(torch.tensor([[[0, 1]]]), 7)
+    metrics.update(preds, {"semseg": torch.tensor([[[0, 1]]]), "parts": torch.tensor([[[0, 1]]])})
+    scores = metrics.compute()
+    assert math.isclose(scores["semseg/mIoU"].item(), 2 / 3, rel_tol=1e-6)  # class 2: IoU 0
+    assert scores["parts/mIoU"].item() == 1.0  # default: present classes only
+
+
 def test_all_ignore_image_changes_nothing():
     logits = _one_hot_logits(torch.tensor([[[0, 1, 1]]]), 2)
     with_empty, without = SegmentationScores(2), SegmentationScores(2)
@@ -101,6 +130,8 @@ def test_depth_scores_pooled_over_valid_pixels_of_all_batches():
     log_rmse = np.sqrt(np.mean((np.log(pred) - np.log(true)) ** 2))
     assert math.isclose(scores["log_rmse"].item(), log_rmse, rel_tol=1e-5)
     assert math.isclose(scores["delta1"].item(), 1 / 4)  # only the exact pixel 5 vs 5
+    sq_rel = (1**2 / 2 + 1**2 / 1 + 3**2 / 1 + 0) / 4  # (p - g)^2 / g over the valid pixels
+    assert math.isclose(scores["sq_rel"].item(), sq_rel, rel_tol=1e-6)
 
 
 def test_depth_matches_numpy_reference():
@@ -118,6 +149,7 @@ def test_depth_matches_numpy_reference():
     scores = metric.compute()
     assert math.isclose(scores["rmse"].item(), np.sqrt(np.mean((p - g) ** 2)), rel_tol=1e-5)
     assert math.isclose(scores["abs_rel"].item(), np.mean(np.abs(p - g) / g), rel_tol=1e-5)
+    assert math.isclose(scores["sq_rel"].item(), np.mean((p - g) ** 2 / g), rel_tol=1e-5)
     log_rmse = np.sqrt(np.mean((np.log(floored) - np.log(g)) ** 2))
     assert math.isclose(scores["log_rmse"].item(), log_rmse, rel_tol=1e-5)
     delta1 = np.mean(np.maximum(floored / g, g / floored) < 1.25)

@@ -130,13 +130,15 @@ def test_schedule_switches_matching_on_and_off():
     assert metric.active
     metric.begin_epoch("sanity", epoch=1, fitting=True)
     assert not metric.active
-    metric.begin_epoch("val", epoch=0, fitting=False)  # validation after the fit: scheduled
+    metric.begin_epoch("val", epoch=0, fitting=False)  # validation after the fit: always
     assert metric.active
     metric.begin_epoch("test", epoch=0, fitting=False)
     assert metric.active
     unscheduled = EdgeBoundaryF(every_n_epochs=0, workers=0)
-    unscheduled.begin_epoch("val", epoch=0, fitting=False)
+    unscheduled.begin_epoch("val", epoch=1, fitting=True)
     assert not unscheduled.active
+    unscheduled.begin_epoch("val", epoch=0, fitting=False)  # the final evaluation of a run
+    assert unscheduled.active
     unscheduled.begin_epoch("test", epoch=0, fitting=False)
     assert unscheduled.active
 
@@ -150,3 +152,66 @@ def test_threshold_sets_and_seism_rules():
     # AP: precision interpolated at recall 0, 0.01, ..., 1 inside the curve, / 100
     ap = average_precision(np.array([1.0, 0.5]), np.array([0.5, 1.0]))
     assert math.isclose(ap, sum(1.0 - (r - 0.5) for r in np.linspace(0.5, 1, 51)) / 100)
+
+
+def test_only_the_listed_images_are_scored(tmp_path):
+    """One image predicted exactly, one with no edge at all: scored on the list of the exact one
+    (PASCAL-Context's data.edge_eval_list), odsF is ~1; on both it is far lower. The export's
+    ids.txt (SEISM's id list) holds only the listed id."""
+    from functools import partial
+
+    from mtl.data.formats import write_pascal
+    from mtl.data.pascal_context import PASCALContextDataset
+    from mtl.metrics.subsets import scored_ids
+
+    root = tmp_path / "PASCAL_MT"
+    write_pascal(root, {"train": ["p0"], "val": ["p3", "p4"]}, (30, 40))
+    listing = tmp_path / "test_new.txt"
+    listing.write_text("p4\n")
+    full = _listed_validation(tmp_path / "all", partial(PASCALContextDataset, root=root))
+    listed = _listed_validation(
+        tmp_path / "list", partial(PASCALContextDataset, root=root, edge_eval_list=listing)
+    )
+    assert listed["val/edge/odsF"] > NEAR_ONE
+    assert full["val/edge/odsF"] < 0.9
+    assert (tmp_path / "list" / "ids.txt").read_text() == "p4\n"
+    assert (tmp_path / "all" / "ids.txt").read_text() == "p3\np4\n"
+    every = PASCALContextDataset(root, "val", ["edge"])
+    assert scored_ids(every, "edge") is None and scored_ids(every, "semseg") is None
+
+
+def _listed_validation(out, dataset) -> dict[str, float]:
+    """``trainer.validate`` of a model that predicts image p4's edges exactly and none on p3."""
+    import lightning as L
+
+    from mtl.data.datamodule import MultiTaskDataModule
+    from mtl.export import PredictionWriter
+    from mtl.metrics.callback import MetricsCallback
+    from mtl.metrics.collection import TaskMetrics
+
+    class Oracle(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            options = {"edge": {"max_dist": 0.02, "thresholds": 9, "workers": 0}}
+            self.metrics = TaskMetrics(["edge"], {}, options=options)
+
+        def validation_step(self, batch, batch_idx):
+            exact = torch.tensor([i == "p4" for i in batch["meta"]["id"]]).view(-1, 1, 1, 1)
+            logits = torch.where(exact & (batch["edge"] == 1), 30.0, -30.0)
+            self.metrics.update({"edge": logits}, batch)
+            return {"edge": logits}
+
+        def on_validation_epoch_end(self) -> None:
+            for key, value in self.metrics.compute().items():
+                self.log(f"val/{key}", value)
+            self.metrics.reset()
+
+    datamodule = MultiTaskDataModule(dataset, ["edge"], batch_size=2, check_files=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        callbacks=[MetricsCallback(), PredictionWriter(out, max_visuals=0)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return {k: float(v) for k, v in trainer.validate(Oracle(), datamodule=datamodule)[0].items()}

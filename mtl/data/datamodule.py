@@ -13,6 +13,7 @@ import cv2
 import lightning as L
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 
@@ -119,6 +120,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         dataset, sampler = self.datasets[name], None
         if shuffle:
             dataset, sampler = self._resumable(dataset)
+        else:
+            sampler = self._evaluation_sampler(dataset)
         if self.skip_bad:
             dataset = SkipBad(dataset)
         return DataLoader(
@@ -131,6 +134,18 @@ class MultiTaskDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             worker_init_fn=partial(init_worker, rank=self._global_rank()),
+        )
+
+    def _evaluation_sampler(self, dataset: Dataset) -> UnrepeatedDistributedSampler | None:
+        """Under DDP, each process evaluates a disjoint share (samples rank, rank + world, ...;
+        shares may differ by one), so every sample is scored exactly once: Lightning's default
+        DistributedSampler pads the last batch with repeated samples. Metric states are sums,
+        so the synced scores equal one process's. None on one process (sequential order)."""
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if world_size <= 1:
+            return None
+        return UnrepeatedDistributedSampler(
+            dataset, num_replicas=world_size, rank=self._global_rank(), shuffle=False
         )
 
     def _global_rank(self) -> int:

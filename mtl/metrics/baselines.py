@@ -3,10 +3,10 @@
 Train one single-task run per task (a Hydra multirun), then collect their ``metrics.json``::
 
     python train.py -m 'data.tasks=[semseg],[depth],[normals],[edge],[sal]' \\
-        ++data.metric_options.edge.every_n_epochs=1000 hydra.sweep.dir=outputs/baselines/synthetic
-    python -m mtl.metrics.baselines outputs/baselines/synthetic --out conf/baselines/synthetic.yaml
+        hydra.sweep.dir=outputs/baselines/synthetic
+    python -m mtl.metrics.baselines outputs/baselines/synthetic --out baselines/synthetic.yaml
 
-(a non-zero ``every_n_epochs`` larger than the schedule evaluates edge odsF only at the end).
+(the validation that ends each run scores edge odsF whatever ``every_n_epochs`` is).
 Each run folder must hold ``config.yaml`` (its ``data.tasks`` names the single task) and
 ``metrics.json``; every ``<stage>/<task>/<metric>`` score of that task is written (``test/``
 scores are preferred to ``val/``). The header comment records the schedule the runs used.
@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
+
+from mtl.tasks import get_task
 
 
 def run_folders(roots: Sequence[str | Path]) -> list[tuple[Path, str]]:
@@ -50,6 +53,12 @@ def single_task_scores(run: Path) -> tuple[str, dict[str, float], dict]:
         )
     if not values:
         raise ValueError(f"{run}/metrics.json has no scores of task '{task}'")
+    main_metric = get_task(task).main_metric
+    if main_metric not in values:
+        raise ValueError(
+            f"{run}: metrics.json has no {task}/{main_metric}, the main metric Δm compares "
+            f"(it has {sorted(values)}); a baseline without it cannot be used"
+        )
     return task, values, config
 
 
@@ -90,7 +99,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="the baselines YAML to write")
     parser.add_argument("--note", action="append", default=[], help="a header line (repeatable)")
     args = parser.parse_args(argv)
-    baselines, lines = collect(args.runs)
+    try:
+        baselines, lines = collect(args.runs)
+    except (OSError, ValueError, KeyError) as error:
+        sys.exit(f"error: {error}")
     header = [
         "Single-task baselines for Δm (written by python -m mtl.metrics.baselines).",
         *args.note,

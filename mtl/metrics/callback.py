@@ -8,6 +8,7 @@ import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 
 from mtl.metrics.collection import TaskMetrics
+from mtl.metrics.subsets import evaluation_dataset, scored_ids
 from mtl.metrics.tables import named_tables
 from mtl.steps import logging_step
 
@@ -19,8 +20,9 @@ def _task_metrics(module: L.LightningModule) -> TaskMetrics | None:
 
 class MetricsCallback(L.Callback):
     """Tells `TaskMetrics` which evaluation epoch starts (so costly metrics such as edge matching
-    run only when scheduled) and logs per-class tables through loggers that have ``log_table``
-    (W&B) after each evaluation epoch.
+    run only when scheduled) and which images each task is scored on (a dataset's evaluation
+    list, see ``mtl.metrics.subsets``), and logs per-class tables through loggers that have
+    ``log_table`` (W&B) after each evaluation epoch.
 
     Args:
         class_names: class names per classification task (``data.class_names``).
@@ -37,6 +39,9 @@ class MetricsCallback(L.Callback):
             stage = "sanity"  # never a scheduled epoch
         fitting = trainer.state.fn == TrainerFn.FITTING
         metrics.begin_epoch(stage, trainer.current_epoch, fitting)
+        dataset = evaluation_dataset(trainer)
+        for task in metrics.metrics:
+            metrics.score_only(task, scored_ids(dataset, task))
 
     def on_validation_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._begin(trainer, module, "val")

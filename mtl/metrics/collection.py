@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric
+from torchmetrics import MeanMetric, Metric
 
 from mtl.metrics.delta_m import Baselines, delta_m, task_gains
 from mtl.tasks import get_task
@@ -28,7 +28,8 @@ class TaskMetrics(nn.Module):
         baselines: single-task scores ``{task: {metric: value}}``; when given, ``compute()`` adds
             ``delta_m`` (if every task's main metric was computed) and ``delta/<task>``.
 
-    ``compute()`` returns flat keys ``<task>/<score>`` with scalar values; non-scalar results
+    ``compute()`` returns flat keys ``<task>/<score>`` with scalar values (and ``<task>/loss``,
+    ``loss`` once ``update_losses`` was called); non-scalar results
     (per-class IoU vectors) are kept in ``tables`` until the next ``compute()``.
     """
 
@@ -47,6 +48,12 @@ class TaskMetrics(nn.Module):
                 for t in tasks
             }
         )
+        # evaluation losses as means weighted by batch size: torchmetrics sums value and weight
+        # over ranks, exact for uneven shares (Lightning's logged means are not: it averages
+        # the integer batch counts over ranks with truncation)
+        self.losses = nn.ModuleDict(
+            {key: MeanMetric(nan_strategy="disable") for key in [*tasks, "total"]}
+        )
         self.baselines = baselines
         self.tables: dict[str, Tensor] = {}
 
@@ -57,6 +64,13 @@ class TaskMetrics(nn.Module):
                 if hasattr(metric, "begin_epoch"):
                     metric.begin_epoch(stage, epoch, fitting)
 
+    def score_only(self, task: str, ids: Collection[str] | None) -> None:
+        """Score ``task`` on the images with these ids only (None: all), where its metrics
+        support a subset (``scored_ids``: edge matching)."""
+        for metric in self.metrics[task].values() if task in self.metrics else ():
+            if hasattr(metric, "scored_ids"):
+                metric.scored_ids = None if ids is None else frozenset(ids)
+
     def update(self, preds: Mapping[str, Tensor], batch: Mapping[str, Any]) -> None:
         for task, metrics in self.metrics.items():
             for metric in metrics.values():
@@ -64,6 +78,11 @@ class TaskMetrics(nn.Module):
                     metric.update(preds[task], batch[task], meta=batch.get("meta"))
                 else:
                     metric.update(preds[task], batch[task])
+
+    def update_losses(self, losses: Mapping[str, Tensor], total: Tensor, batch_size: int) -> None:
+        """Add one batch's per-task losses and weighted total (``<task>/loss``, ``loss``)."""
+        for key, value in [*losses.items(), ("total", total)]:
+            self.losses[key].update(value.detach().float(), weight=batch_size)
 
     def _computed(self) -> dict[str, dict[str, Tensor]]:
         results: dict[str, dict[str, Tensor]] = {}
@@ -87,6 +106,9 @@ class TaskMetrics(nn.Module):
                     scores[f"{task}/{key}"] = value.float()
                 else:
                     self.tables[f"{task}/{key}"] = value.detach().cpu()
+        for key, mean in self.losses.items():
+            if mean.update_called:
+                scores["loss" if key == "total" else f"{key}/loss"] = mean.compute().float()
         if self.baselines:
             scores.update(self._gains(scores))
         return scores
@@ -105,3 +127,5 @@ class TaskMetrics(nn.Module):
         for metrics in self.metrics.values():
             for metric in metrics.values():
                 metric.reset()
+        for mean in self.losses.values():
+            mean.reset()

@@ -11,7 +11,11 @@ from pathlib import Path
 
 import yaml
 
-from mtl.tasks import get_task
+from mtl.metrics.boundary import pyedgeeval_available
+from mtl.tasks import TASKS, get_task
+
+#: The shipped baselines files, found by name (``delta_m_baselines=synthetic``).
+BASELINES_DIR = Path(__file__).resolve().parents[2] / "baselines"
 
 Baselines = Mapping[str, Mapping[str, float]]
 
@@ -58,15 +62,66 @@ def delta_m(
 
 
 def find_baselines(spec: str | Path) -> Path:
-    """The baselines file of ``spec``: a path to a YAML file, or a name in ``conf/baselines/``."""
+    """The baselines file of ``spec``: a path to a YAML file, or a name in ``baselines/``."""
     path = Path(spec)
     if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
         if not path.is_file():
             raise FileNotFoundError(f"baselines file not found: {path.resolve()}")
         return path
-    folder = Path(__file__).resolve().parents[2] / "conf" / "baselines"
+    folder = BASELINES_DIR
     path = folder / f"{spec}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in folder.glob("*.yaml"))
         raise FileNotFoundError(f"baselines '{spec}' not found in {folder}; known: {known}")
     return path
+
+
+def missing_main_metrics(baselines: Baselines, tasks: Sequence[str]) -> list[str]:
+    """``<task>/<main metric>`` of every task in ``tasks`` that ``baselines`` lacks."""
+    missing = []
+    for task in tasks:
+        metric = get_task(task).main_metric
+        if metric not in baselines.get(task, {}):
+            missing.append(f"{task}/{metric}")
+    return missing
+
+
+def is_delta_key(key: str) -> bool:
+    """Whether a score key is a Δm value (``val/delta_m``, ``test/delta/<task>``, ...)."""
+    parts = key.split("/")
+    return "delta_m" in parts or "delta" in parts[:-1]
+
+
+def baselines_problems(
+    spec: str | Path | None, tasks: Sequence[str], optimized_metric: str | None = None
+) -> list[str]:
+    """Config problems of ``delta_m_baselines``: a file that cannot be read, a trained task whose
+    main metric it lacks, and a Δm objective without baselines (or without edge odsF)."""
+    tasks = [t for t in tasks if t in TASKS]  # unknown tasks are reported by the task checks
+    problems = []
+    delta_objective = bool(optimized_metric) and is_delta_key(str(optimized_metric))
+    if delta_objective and not spec:
+        problems.append(
+            f"optimized_metric: '{optimized_metric}' is a Δm score, but delta_m_baselines is "
+            "null; set delta_m_baselines=NAME or a YAML path (python -m mtl.metrics.baselines "
+            "writes one)"
+        )
+    if delta_objective and "edge" in tasks and not pyedgeeval_available():
+        problems.append(
+            f"optimized_metric: '{optimized_metric}' needs edge odsF, which needs the optional "
+            "package pyedgeeval (pip install -e '.[edge]')"
+        )
+    if not spec:
+        return problems
+    try:
+        path = find_baselines(spec)
+        baselines = load_baselines(path)
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        return [*problems, f"delta_m_baselines: {error}"]
+    missing = missing_main_metrics(baselines, tasks)
+    if missing:
+        problems.append(
+            f"delta_m_baselines: {path} has no baseline of {', '.join(missing)} (each trained "
+            "task's main metric is needed for Δm)"
+        )
+    return problems

@@ -4,7 +4,8 @@ Each ``update`` crops the padding away, quantises the probabilities to uint8 (th
 and hands the images to a process pool, so the CPU-heavy matching overlaps with the rest of the
 evaluation loop; ``compute`` collects the per-image counts, sums them into the states (summed
 across ranks under DDP) and derives the scores. The metric is only switched on for the epochs
-``begin_epoch`` selects (tests, and every N-th validation epoch when N is set).
+``begin_epoch`` selects: every final evaluation (a test, the stand-alone validation that ends a
+training run), and every N-th validation epoch of a fit when N is set.
 
 Same as SEISM: binarisation ``png / 255 > t`` of the uint8 map, thinning, one-to-one matching
 by the BSDS ``correspondPixels`` C++ code (also behind the MATLAB mex; its random outlier edges,
@@ -22,8 +23,10 @@ Dollár's edge NMS) is not part of SEISM.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any
 
@@ -41,6 +44,17 @@ from mtl.metrics.boundary import (
     to_uint8,
 )
 
+log = logging.getLogger(__name__)
+
+
+def available_cores() -> int:
+    """CPU cores this process may use, shared among the training processes of the node."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
 
 class EdgeBoundaryF(Metric):
     """odsF, oisF and AP of edge probabilities with the benchmark's one-to-one matching.
@@ -51,9 +65,11 @@ class EdgeBoundaryF(Metric):
         thin: thin the binarised prediction before matching (the benchmark does).
         nms: apply pyedgeeval's edge NMS to the probabilities first.
         every_n_epochs: during a fit, evaluate every N-th validation epoch (0: never); a test
-            always evaluates, a stand-alone ``trainer.validate`` (the end of a training run)
-            when N > 0.
-        workers: matching processes (0: match in this process, synchronously).
+            and a stand-alone ``trainer.validate`` (the end of a training run) always evaluate.
+        workers: matching processes (0: match in this process, synchronously; None: every
+            available core, divided among the node's training processes).
+        scored_ids: ids of the images to score (others are skipped; None: all), e.g. the
+            dataset's edge evaluation list, set per evaluation by ``MetricsCallback``.
     """
 
     full_state_update = False
@@ -66,7 +82,8 @@ class EdgeBoundaryF(Metric):
         thin: bool = True,
         nms: bool = False,
         every_n_epochs: int = 0,
-        workers: int = 1,
+        workers: int | None = None,
+        scored_ids: Collection[str] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -77,7 +94,8 @@ class EdgeBoundaryF(Metric):
             nms=bool(nms),
         )
         self.every_n_epochs = int(every_n_epochs)
-        self.workers = int(workers)
+        self.workers = available_cores() if workers is None else int(workers)
+        self.scored_ids = None if scored_ids is None else frozenset(scored_ids)
         self.active = True
         self._pool: Executor | None = None
         self._pending: list[Future | np.ndarray] = []
@@ -87,15 +105,21 @@ class EdgeBoundaryF(Metric):
         self.add_state("images", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def begin_epoch(self, stage: str, epoch: int, fitting: bool) -> None:
-        """Switch matching on for a test epoch, a scheduled validation epoch of a fit, and a
-        stand-alone validation when a schedule is set; off otherwise (e.g. sanity checks)."""
+        """Switch matching on for a test epoch, a stand-alone validation (the final evaluation
+        of a run, whatever the schedule) and a scheduled validation epoch of a fit; off
+        otherwise (e.g. sanity checks)."""
         n = self.every_n_epochs
-        if stage == "test":
+        if stage == "test" or (stage == "val" and not fitting):
             self.active = True
-        elif stage == "val" and not fitting:
-            self.active = n > 0
         else:
             self.active = stage == "val" and n > 0 and (epoch + 1) % n == 0
+        if self.active:
+            log.info(
+                "edge odsF/oisF/AP: matching boundaries at %d thresholds in %s; this can take "
+                "minutes (data.metric_options.edge.workers)",
+                len(self.settings.thresholds),
+                f"{self.workers} worker processes" if self.workers > 0 else "this process",
+            )
 
     def update(self, preds: Tensor, target: Tensor, meta: Mapping[str, Any] | None = None) -> None:
         if not self.active:
@@ -108,8 +132,16 @@ class EdgeBoundaryF(Metric):
         pad = (meta or {}).get("pad")
         if pad is not None:
             probs, labels = crop_to_original(probs, pad), crop_to_original(labels, pad)
-        edges = [to_uint8(p.cpu().numpy()) for p in probs]
-        truths = [t.cpu().numpy().astype(np.uint8) for t in labels]
+        keep = range(len(probs))
+        if self.scored_ids is not None:  # e.g. PASCAL-Context's edge evaluation list
+            ids = [str(i) for i in (meta or {}).get("id", [])]
+            if len(ids) != len(probs):
+                raise ValueError("scoring the listed edge ids needs meta['id'] for every image")
+            keep = [k for k, i in enumerate(ids) if i in self.scored_ids]
+            if not keep:
+                return
+        edges = [to_uint8(probs[k].cpu().numpy()) for k in keep]
+        truths = [labels[k].cpu().numpy().astype(np.uint8) for k in keep]
         if self.workers <= 0:
             self._pending.append(batch_counts(edges, truths, self.settings))
         else:

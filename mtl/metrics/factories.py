@@ -22,15 +22,16 @@ from mtl.metrics.segmentation import SegmentationScores
 log = logging.getLogger(__name__)
 
 
-def segmentation_metrics(num_classes: int | None) -> dict[str, Metric]:
-    """mIoU, pixel accuracy and per-class IoU (semseg, parts)."""
+def segmentation_metrics(num_classes: int | None, miou: str = "present") -> dict[str, Metric]:
+    """mIoU (mean over the classes "present" in target or prediction, or over "all"), pixel
+    accuracy and per-class IoU (semseg, parts)."""
     if num_classes is None:
         raise ValueError("segmentation metrics need a class count")
-    return {"seg": SegmentationScores(num_classes)}
+    return {"seg": SegmentationScores(num_classes, miou=miou)}
 
 
 def depth_metrics(num_classes: int | None = None) -> dict[str, Metric]:
-    """RMSE, abs-rel, log-RMSE, δ<1.25 pooled over valid pixels."""
+    """RMSE, abs-rel, sq-rel, log-RMSE, δ<1.25 pooled over valid pixels."""
     return {"depth": DepthScores()}
 
 
@@ -51,7 +52,7 @@ def edge_metrics(
     thin: bool = True,
     nms: bool = False,
     every_n_epochs: int = 0,
-    workers: int = 1,
+    workers: int | None = None,
 ) -> dict[str, Metric]:
     """odsF, oisF, AP with the benchmark's matching (needs ``pyedgeeval``; else none: the online
     loss proxy ``<stage>/edge/loss`` remains)."""
