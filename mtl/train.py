@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
@@ -33,6 +34,7 @@ from mtl.metrics.collection import TaskMetrics
 from mtl.metrics.delta_m import find_baselines, load_baselines
 from mtl.metrics.tables import write_tables
 from mtl.models.multitask import MultiTaskModel
+from mtl.models.pretrained import WeightsError
 from mtl.module import MultiTaskModule
 from mtl.redact import resolved_config
 from mtl.tasks import get_task
@@ -69,7 +71,15 @@ def build_model(cfg: DictConfig) -> MultiTaskModel:
     node = cfg.model.copy()
     with open_dict(node):
         compile_value = node.pop("compile", False)  # model.compile: see mtl/compile.py
-    model = instantiate(node, task_channels=channels, _convert_="all")
+    try:
+        model = instantiate(node, task_channels=channels, _convert_="all")
+    except InstantiationException as error:  # hydra wraps the backbone's report on its weights
+        cause = error.__cause__
+        while isinstance(cause, InstantiationException):
+            cause = cause.__cause__
+        if isinstance(cause, WeightsError):
+            raise cause from None
+        raise
     compile_backbone(model, compile_value)
     return model
 
