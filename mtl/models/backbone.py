@@ -53,7 +53,8 @@ class Backbone(nn.Module):
         path = weights_file(name, pretrained_file, pretrained)
         if path is not None:
             key = FILE_KEY if pretrained_file else HUB_KEY
-            state = checked_state(name, path, pretrained_strict, key=key, **timm_kwargs)
+            features = {k: v for k, v in kwargs.items() if k not in timm_kwargs}
+            state = checked_state(name, path, pretrained_strict, key, features, **timm_kwargs)
             kwargs["pretrained_cfg_overlay"] = dict(state_dict=state)
         self.name = name
         self.model = timm.create_model(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,14 +131,20 @@ class WeightsFit:
 
 
 def fit(
-    state: Mapping[str, Tensor], model: nn.Module, ignore: Sequence[str] = ()
+    state: Mapping[str, Tensor],
+    model: nn.Module,
+    ignore: Sequence[str] = (),
+    used: Callable[[str], bool] = lambda key: True,
 ) -> WeightsFit:
-    """Compare `state` with `model`'s state dict; names under an `ignore` prefix are left out."""
+    """Compare `state` with `model`'s state dict. Names under an `ignore` prefix are left out;
+    model tensors that are not `used` (pruned by the feature extractor) are neither matched
+    nor missing."""
 
     def kept(key: str) -> bool:
         return not any(key == p or key.startswith(p + ".") for p in ignore)
 
-    expected = {k: v for k, v in model.state_dict().items() if kept(k)}
+    model_state = model.state_dict()
+    expected = {k: v for k, v in model_state.items() if kept(k) and used(k)}
     given = {k: v for k, v in state.items() if kept(k)}
     mismatched = {
         k: (tuple(v.shape), tuple(expected[k].shape))
@@ -148,9 +154,26 @@ def fit(
     return WeightsFit(
         matched=[k for k in expected if k in given and k not in mismatched],
         missing=[k for k in expected if k not in given],
-        unexpected=[k for k in given if k not in expected],
+        unexpected=[k for k in given if k not in model_state],
         mismatched=mismatched,
     )
+
+
+def used_by_features(name: str, feature_kwargs: Mapping[str, Any], **model_kwargs: Any):
+    """Which state-dict names of the whole timm model `name` its feature extractor keeps (timm
+    drops the head and the blocks after the last ``out_indices``). The extractor, built on the
+    meta device, names them ``model.<name>`` (ViT-style getters) or with the first level
+    flattened (``layers.0...`` -> ``layers_0...``)."""
+    import torch
+
+    with torch.device("meta"):
+        features = timm.create_model(name, features_only=True, **feature_kwargs, **model_kwargs)
+    kept = set(features.state_dict())
+
+    def used(key: str) -> bool:
+        return bool({key, f"model.{key}", key.replace(".", "_", 1)} & kept)
+
+    return used
 
 
 def _checkpoint_filter(model: nn.Module) -> Any:
@@ -162,10 +185,16 @@ def _checkpoint_filter(model: nn.Module) -> Any:
 
 
 def checked_state(
-    name: str, path: Path, strict: bool, key: str = FILE_KEY, **model_kwargs: Any
+    name: str,
+    path: Path,
+    strict: bool,
+    key: str = FILE_KEY,
+    feature_kwargs: Mapping[str, Any] | None = None,
+    **model_kwargs: Any,
 ) -> dict[str, Tensor]:
     """The weights in `path` converted for timm model `name` (built with `model_kwargs`), with
-    the model's own initial tensors where the file has none or another shape.
+    the model's own initial tensors where the file has none or another shape. Only tensors
+    that the feature extractor (``features_only`` with `feature_kwargs`) keeps are required.
 
     Logs one INFO line with the counts of matched, missing, unexpected and mismatched tensors;
     an incomplete match raises `WeightsError` unless not `strict` (then a WARNING)."""
@@ -185,7 +214,8 @@ def checked_state(
         ) from None
     classifier = model.pretrained_cfg.get("classifier") or ()
     ignore = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    result = fit(state, model, ignore)
+    used = used_by_features(name, feature_kwargs or {}, **model_kwargs)
+    result = fit(state, model, ignore, used)
     where = f"{key}: '{path}'"
     if not result.complete and strict:
         raise WeightsError(
