@@ -26,7 +26,7 @@ def user_message(error: Exception) -> str:
 def main(cfg: DictConfig) -> float | None:
     try:
         scores = train(cfg)
-    except (ConfigError, DatasetError, NonFiniteError, WeightsError) as error:  # a report, not a stack trace
+    except (ConfigError, DatasetError, NonFiniteError, WeightsError) as error:  # a report
         sys.exit(f"error: {user_message(error)}")
     metric = cfg.get("optimized_metric")
     if metric and metric not in scores:  # a sweeper must never receive None as the objective

@@ -116,7 +116,8 @@ class WeightsFit:
     def examples(self) -> str:
         """A few names of each problem, e.g. ``missing: a, b, c, ...``."""
         shapes = [
-            f"{k} {list(file)} (model {list(model)})" for k, (file, model) in self.mismatched.items()
+            f"{k} {list(file)} (model {list(model)})"
+            for k, (file, model) in self.mismatched.items()
         ]
         parts = []
         for label, names in (
