@@ -66,7 +66,7 @@ def build_datamodule(data: DictConfig) -> MultiTaskDataModule:
 
 def build_model(cfg: DictConfig) -> MultiTaskModel:
     """Backbone and one head per task, with output channels from the task registry."""
-    num_classes = OmegaConf.to_container(cfg.data.get("num_classes") or {})
+    num_classes = _plain(cfg.data.get("num_classes"))
     channels = {task: get_task(task).channels(num_classes) for task in cfg.data.tasks}
     node = cfg.model.copy()
     with open_dict(node):
@@ -95,7 +95,7 @@ def build_metrics(cfg: DictConfig) -> TaskMetrics:
     baselines = load_baselines(find_baselines(spec)) if spec else None
     return TaskMetrics(
         list(cfg.data.tasks),
-        OmegaConf.to_container(cfg.data.get("num_classes") or {}),
+        _plain(cfg.data.get("num_classes")),
         options=_plain(cfg.data.get("metric_options")),
         baselines=baselines,
     )
@@ -105,8 +105,8 @@ def build_module(cfg: DictConfig) -> MultiTaskModule:
     return MultiTaskModule(
         model=build_model(cfg),
         balancer=build_balancer(cfg.balancer, cfg.get("flat"), list(cfg.data.tasks)),
-        loss_weights=OmegaConf.to_container(cfg.data.get("loss_weights") or {}),
-        num_classes=OmegaConf.to_container(cfg.data.get("num_classes") or {}),
+        loss_weights=_plain(cfg.data.get("loss_weights")),
+        num_classes=_plain(cfg.data.get("num_classes")),
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         grad_clip_norm=cfg.optim.get("grad_clip_norm"),
