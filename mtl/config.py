@@ -93,6 +93,13 @@ def weights_problems(cfg: DictConfig) -> list[str]:
     except Exception:  # no adapter, or one the adapter checks report
         frozen = False
     if not (frozen or adapter.get("freeze_backbone", False)):
+        if cfg.data.name != "synthetic":
+            log.warning(
+                "model.backbone: %s starts from random weights on %s (no "
+                "model.backbone.pretrained_file, model.backbone.pretrained: false)",
+                backbone.name,
+                cfg.data.name,
+            )
         return []
     message = (
         f"model.backbone.pretrained_file: null and model.backbone.pretrained: false, but "

@@ -197,6 +197,14 @@ def test_frozen_adapter_on_random_weights_is_a_warning_on_synthetic_scenes(caplo
     assert any("model.backbone.pretrained_file" in r.getMessage() for r in caplog.records)
 
 
+def test_random_backbone_on_real_data_is_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="mtl.config"):
+        validate_config(_compose("data=nyud"))
+    assert any(
+        "resnet18 starts from random weights on nyud" in r.getMessage() for r in caplog.records
+    )
+
+
 def test_missing_weights_are_reported_before_anything_is_built(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     cfg = _compose("experiment=nyud_vit_base_none_equal")
