@@ -160,7 +160,9 @@ def fit(
     )
 
 
-def used_by_features(name: str, feature_kwargs: Mapping[str, Any], **model_kwargs: Any):
+def used_by_features(
+    name: str, feature_kwargs: Mapping[str, Any], **model_kwargs: Any
+) -> Callable[[str], bool]:
     """Which state-dict names of the whole timm model `name` its feature extractor keeps (timm
     drops the head and the blocks after the last ``out_indices``). The extractor, built on the
     meta device, names them ``model.<name>`` (ViT-style getters) or with the first level
@@ -204,7 +206,7 @@ def checked_state(
     try:
         raw = load_state_dict(str(path))
     except Exception as error:  # torch, safetensors and pickle raise many types
-        raise WeightsError(f"{FILE_KEY}: cannot read '{path}' as weights ({error})") from None
+        raise WeightsError(f"{key}: cannot read '{path}' as weights ({error})") from None
     model = timm.create_model(name, pretrained=False, **model_kwargs)
     convert = _checkpoint_filter(model)
     try:
