@@ -217,8 +217,11 @@ def checked_state(
         ) from None
     classifier = model.pretrained_cfg.get("classifier") or ()
     ignore = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    used = used_by_features(name, feature_kwargs or {}, **model_kwargs)
-    result = fit(state, model, ignore, used)
+    try:
+        used = used_by_features(name, feature_kwargs or {}, **model_kwargs)
+    except Exception:  # a model that cannot be built on the meta device: require every tensor
+        used = None
+    result = fit(state, model, ignore, used or (lambda key: True))
     where = f"{key}: '{path}'"
     if not result.complete and strict:
         raise WeightsError(
