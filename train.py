@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 
 from mtl.config import ConfigError
 from mtl.data.base import DatasetError
+from mtl.models.pretrained import WeightsError
 from mtl.numerics import NonFiniteError
 from mtl.train import train
 
@@ -25,7 +26,7 @@ def user_message(error: Exception) -> str:
 def main(cfg: DictConfig) -> float | None:
     try:
         scores = train(cfg)
-    except (ConfigError, DatasetError, NonFiniteError) as error:  # a report, not a stack trace
+    except (ConfigError, DatasetError, NonFiniteError, WeightsError) as error:  # a report
         sys.exit(f"error: {user_message(error)}")
     metric = cfg.get("optimized_metric")
     if metric and metric not in scores:  # a sweeper must never receive None as the objective

@@ -162,7 +162,8 @@ def model_signature(cfg: DictConfig, num_parameters: int | None = None) -> dict[
     from mtl.tasks import get_task  # local: keeps this module light for tools that only read
 
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    num_classes = OmegaConf.to_container(cfg.data.get("num_classes") or {}, resolve=True)
+    classes = cfg.data.get("num_classes")  # absent or empty: no classification task
+    num_classes = OmegaConf.to_container(classes, resolve=True) if classes else {}
     tasks = list(cfg.data.tasks)
     signature: dict[str, Any] = {
         "tasks": tasks,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mtl.metrics.delta_m import baselines_problems
 from mtl.tasks import TASKS
+
+log = logging.getLogger(__name__)
 
 #: Strategies that shard parameters across processes.
 SHARDED = ("fsdp", "deepspeed")
@@ -70,7 +73,49 @@ def config_problems(cfg: DictConfig) -> list[str]:
         )
     else:
         problems += _adapter_problems(cfg)
+        problems += weights_problems(cfg)
     return problems
+
+
+def weights_problems(cfg: DictConfig) -> list[str]:
+    """Backbone weights that are not there, or a random backbone that an adapter freezes
+    (refused on real data, a warning on the synthetic scenes)."""
+    from mtl.models.pretrained import WeightsError, weights_file
+
+    backbone = cfg.model.backbone
+    file, hub = backbone.get("pretrained_file"), backbone.get("pretrained", False)
+    try:
+        if weights_file(backbone.name, file, hub) is not None:
+            return []
+    except WeightsError as error:
+        return [str(error)]
+    adapter = cfg.model.get("adapter") or {}
+    try:
+        from mtl.models.adapters import LoRA
+
+        frozen = issubclass(get_class(adapter.get("_target_")), LoRA)
+    except Exception:  # no adapter, or one the adapter checks report
+        frozen = False
+    if not (frozen or adapter.get("freeze_backbone", False)):
+        if cfg.data.name != "synthetic":
+            log.warning(
+                "model.backbone: %s starts from random weights on %s (no "
+                "model.backbone.pretrained_file, model.backbone.pretrained: false)",
+                backbone.name,
+                cfg.data.name,
+            )
+        return []
+    message = (
+        f"model.backbone.pretrained_file: null and model.backbone.pretrained: false, but "
+        f"model.adapter ({adapter._target_.rsplit('.', 1)[-1]}) freezes the backbone: only the "
+        f"adapter would train on a random {backbone.name}; give weights with "
+        f"model.backbone.pretrained_file=PATH or model.backbone.pretrained=true (README, "
+        f"'Pretrained weights')"
+    )
+    if cfg.data.name == "synthetic":
+        log.warning(message)
+        return []
+    return [message]
 
 
 def _adapter_problems(cfg: DictConfig) -> list[str]:

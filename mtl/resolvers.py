@@ -1,8 +1,9 @@
 """OmegaConf resolvers the configs in ``conf/`` use (registered when ``mtl`` is imported).
 
-``${mtl.cwd:}`` is the directory the program was started from. Hydra's own
-``${hydra:runtime.cwd}`` is not set yet when Hydra resolves ``hydra.sweep.dir`` in a multirun,
-so every path that a sweep directory depends on must be resolvable without Hydra.
+- ``${mtl.cwd:}``: the directory the program was started from. Hydra's own
+  ``${hydra:runtime.cwd}`` is not set yet when Hydra resolves ``hydra.sweep.dir`` in a multirun,
+  so every path that a sweep directory depends on must be resolvable without Hydra.
+- ``${backbone_norm:NAME,mean|std}``: the input normalisation of timm model NAME's weights.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ from omegaconf import OmegaConf
 _LAUNCH_DIR = os.getcwd()
 
 
+def _backbone_norm(name: str, which: str) -> list[float]:
+    from mtl.models.pretrained import normalisation  # here: importing timm is slow
+
+    return list(normalisation(name)[which])
+
+
 def register_resolvers() -> None:
-    """Register ``mtl.cwd`` (idempotent)."""
+    """Register the resolvers above (idempotent)."""
     if not OmegaConf.has_resolver("mtl.cwd"):
         OmegaConf.register_new_resolver("mtl.cwd", lambda: _LAUNCH_DIR)
+    if not OmegaConf.has_resolver("backbone_norm"):
+        OmegaConf.register_new_resolver("backbone_norm", _backbone_norm)

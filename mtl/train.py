@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
@@ -35,6 +36,7 @@ from mtl.metrics.collection import TaskMetrics
 from mtl.metrics.delta_m import find_baselines, load_baselines
 from mtl.metrics.tables import write_tables
 from mtl.models.multitask import MultiTaskModel
+from mtl.models.pretrained import WeightsError
 from mtl.module import MultiTaskModule
 from mtl.redact import resolved_config
 from mtl.tasks import get_task
@@ -66,12 +68,20 @@ def build_datamodule(data: DictConfig) -> MultiTaskDataModule:
 
 def build_model(cfg: DictConfig) -> MultiTaskModel:
     """Backbone and one head per task, with output channels from the task registry."""
-    num_classes = OmegaConf.to_container(cfg.data.get("num_classes") or {})
+    num_classes = _plain(cfg.data.get("num_classes"))
     channels = {task: get_task(task).channels(num_classes) for task in cfg.data.tasks}
     node = cfg.model.copy()
     with open_dict(node):
         compile_value = node.pop("compile", False)  # model.compile: see mtl/compile.py
-    model = instantiate(node, task_channels=channels, _convert_="all")
+    try:
+        model = instantiate(node, task_channels=channels, _convert_="all")
+    except InstantiationException as error:  # hydra wraps the backbone's report on its weights
+        cause = error.__cause__
+        while isinstance(cause, InstantiationException):
+            cause = cause.__cause__
+        if isinstance(cause, WeightsError):
+            raise cause from None
+        raise
     compile_backbone(model, compile_value)
     return model
 
@@ -87,7 +97,7 @@ def build_metrics(cfg: DictConfig) -> TaskMetrics:
     baselines = load_baselines(find_baselines(spec)) if spec else None
     return TaskMetrics(
         list(cfg.data.tasks),
-        OmegaConf.to_container(cfg.data.get("num_classes") or {}),
+        _plain(cfg.data.get("num_classes")),
         options=_plain(cfg.data.get("metric_options")),
         baselines=baselines,
     )
@@ -97,8 +107,8 @@ def build_module(cfg: DictConfig) -> MultiTaskModule:
     return MultiTaskModule(
         model=build_model(cfg),
         balancer=build_balancer(cfg.balancer, cfg.get("flat"), list(cfg.data.tasks)),
-        loss_weights=OmegaConf.to_container(cfg.data.get("loss_weights") or {}),
-        num_classes=OmegaConf.to_container(cfg.data.get("num_classes") or {}),
+        loss_weights=_plain(cfg.data.get("loss_weights")),
+        num_classes=_plain(cfg.data.get("num_classes")),
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         grad_clip_norm=cfg.optim.get("grad_clip_norm"),

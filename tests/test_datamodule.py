@@ -8,6 +8,8 @@ from pathlib import Path
 
 import cv2
 import pytest
+import timm
+import torch
 from hydra import compose, initialize_config_dir
 
 from mtl.data.datamodule import MultiTaskDataModule
@@ -32,12 +34,22 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"nyud": base / "NYUD_MT", "pascal_context": base / "PASCAL_MT"}
 
 
+@pytest.fixture(scope="module")
+def vit_tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A timm ViT-Tiny state dict as a user would save it (the experiments need weights)."""
+    path = tmp_path_factory.mktemp("weights") / "vit_tiny.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224").state_dict(), path)
+    return path
+
+
 def _real_data_experiments() -> list[str]:
     return [e for e in EXPERIMENTS if e.split("_")[0] in REAL_DATA]
 
 
 @pytest.mark.parametrize("experiment", _real_data_experiments())
-def test_real_data_experiment_runs_one_batch(experiment: str, folders, tmp_path: Path) -> None:
+def test_real_data_experiment_runs_one_batch(
+    experiment: str, folders, vit_tiny_weights: Path, tmp_path: Path
+) -> None:
     dataset = REAL_DATA[experiment.split("_")[0]]
     overrides = [
         f"experiment={experiment}",
@@ -51,6 +63,7 @@ def test_real_data_experiment_runs_one_batch(experiment: str, folders, tmp_path:
         "data.pin_memory=false",
         "model.backbone.name=vit_tiny_patch16_224",
         "+model.backbone.patch_size=8",
+        f"model.backbone.pretrained_file={vit_tiny_weights}",
         "trainer.enable_progress_bar=false",
     ]
     if dataset == "pascal_context":

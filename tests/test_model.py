@@ -6,6 +6,7 @@ import torch
 from mtl.models.backbone import Backbone
 from mtl.models.decoders import ConvDecoder, HRNetDecoder
 from mtl.models.multitask import MultiTaskModel
+from mtl.models.pretrained import WeightsError
 
 BACKBONES = {
     "resnet18": dict(out_indices=(1, 2, 3, 4)),
@@ -30,7 +31,7 @@ def test_backbone_returns_nchw_maps_matching_its_description(name):
 def test_backbone_rejects_unknown_model_and_missing_weights(tmp_path):
     with pytest.raises(ValueError, match="not a timm model"):
         Backbone("resnet_does_not_exist")
-    with pytest.raises(FileNotFoundError, match="pretrained_file"):
+    with pytest.raises(WeightsError, match="pretrained_file: no file at"):
         Backbone("resnet18", pretrained_file=str(tmp_path / "missing.safetensors"))
 
 

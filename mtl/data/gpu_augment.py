@@ -294,7 +294,7 @@ def _resize(value: Tensor, key: str, height: int, width: int) -> Tensor:
 def gpu_augment_pipeline(train_transform: Mapping[str, Any]) -> tuple[Compose, BatchAugment]:
     """The worker transform and the device augmentation equivalent to a ``train_transforms``
     config node (its ``crop_size``, ``scale_range``, ``flip``, ``photometric``,
-    ``cat_max_ratio`` and ``protocol``)."""
+    ``cat_max_ratio``, ``protocol``, ``mean`` and ``std``)."""
     options = {k: v for k, v in train_transform.items() if not k.startswith("_")}
     crop_size = options["crop_size"]
     decode = decode_transforms(crop_size, options.get("protocol", "pad"))
@@ -304,5 +304,7 @@ def gpu_augment_pipeline(train_transform: Mapping[str, Any]) -> tuple[Compose, B
         flip=options.get("flip", True),
         photometric=options.get("photometric", True),
         cat_max_ratio=options.get("cat_max_ratio", 0.75),
+        mean=options.get("mean", IMAGENET_MEAN),
+        std=options.get("std", IMAGENET_STD),
     )
     return decode, augment

@@ -579,8 +579,11 @@ def train_transforms(
     photometric: bool = True,
     cat_max_ratio: float = 0.75,
     protocol: str = "pad",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> Compose:
-    """Training pipeline, ending with tensors + normalisation.
+    """Training pipeline, ending with tensors + normalisation by `mean` and `std` (the data
+    configs pass the backbone weights' own, ``data.mean``/``data.std``).
 
     ``pad`` (ATRC / InvPT): random scale, ``crop_size`` crop (padding smaller samples), flip,
     colour jitter. ``resize`` (MTI-Net / M3ViT): resize to ``crop_size`` first, then the same
@@ -596,17 +599,22 @@ def train_transforms(
         steps.append(RandomHorizontalFlip())
     if photometric:
         steps.append(PhotometricDistortion())
-    steps.append(ToTensorNormalize())
+    steps.append(ToTensorNormalize(mean, std))
     return Compose(steps)
 
 
-def eval_transforms(size: int | Sequence[int] | None = None, protocol: str = "pad") -> Compose:
+def eval_transforms(
+    size: int | Sequence[int] | None = None,
+    protocol: str = "pad",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Compose:
     """Evaluation pipeline: pad bottom/right to ``size`` (``pad``) or resize to it (``resize``),
-    then tensors + normalisation. ``size=None`` keeps samples as they are."""
+    then tensors + normalisation by `mean` and `std`. ``size=None`` keeps samples as they are."""
     _check_protocol(protocol)
     steps: list[Callable[[Sample], Sample]] = []
     if size is not None:
         height, width = _as_hw(size)
         steps.append(PadTo(height, width) if protocol == "pad" else Resize(height, width))
-    steps.append(ToTensorNormalize())
+    steps.append(ToTensorNormalize(mean, std))
     return Compose(steps)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import timm
 from timm.models._features import FeatureGetterNet
@@ -11,6 +10,7 @@ from torch import Tensor, nn
 
 from mtl.models.adapters.base import Adapter
 from mtl.models.adapters.task_batch import TaskBatch, block_names
+from mtl.models.pretrained import FILE_KEY, HUB_KEY, checked_state, weights_file
 
 
 class Backbone(nn.Module):
@@ -26,7 +26,11 @@ class Backbone(nn.Module):
 
     Args:
         name: timm model name, e.g. ``resnet18`` or ``vit_small_patch16_224``.
-        pretrained_file: optional local weights file (machines may be offline); random init if None.
+        pretrained_file: optional local weights file (machines may be offline).
+        pretrained: without a file, timm's hub weights of `name` (``arch.tag``) from the local
+            Hugging Face cache, read offline; neither: random initialisation.
+        pretrained_strict: False loads weights that fit in part (with a warning) instead of
+            raising `WeightsError` (see `mtl.models.pretrained.checked_state`).
         out_indices: which feature levels to return (timm's indexing); None: timm's default.
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``img_size``, ``patch_size``).
     """
@@ -35,6 +39,8 @@ class Backbone(nn.Module):
         self,
         name: str,
         pretrained_file: str | None = None,
+        pretrained: bool = False,
+        pretrained_strict: bool = True,
         out_indices: Sequence[int] | None = None,
         **timm_kwargs,
     ) -> None:
@@ -44,15 +50,20 @@ class Backbone(nn.Module):
         kwargs = dict(timm_kwargs)
         if out_indices is not None:
             kwargs["out_indices"] = tuple(out_indices)
-        if pretrained_file is not None:
-            path = Path(pretrained_file).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"model.backbone.pretrained_file: no file at '{path}'")
-            kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
+        path = weights_file(name, pretrained_file, pretrained)
+        if path is not None:
+            key = FILE_KEY if pretrained_file else HUB_KEY
+            features = {k: v for k, v in kwargs.items() if k not in timm_kwargs}
+            state = checked_state(name, path, pretrained_strict, key, features, **timm_kwargs)
+            kwargs["pretrained_cfg_overlay"] = dict(state_dict=state)
         self.name = name
         self.model = timm.create_model(
-            name, pretrained=pretrained_file is not None, features_only=True, **kwargs
+            name, pretrained=path is not None, features_only=True, **kwargs
         )
+        for module in self.model.modules():  # timm keeps the overlay (a copy of the weights)
+            cfg = getattr(module, "pretrained_cfg", None)
+            if isinstance(cfg, dict):
+                cfg.pop("state_dict", None)
         self.out_channels: list[int] = list(self.model.feature_info.channels())
         self.out_strides: list[int] = list(self.model.feature_info.reduction())
         self.channels_last_output = str(getattr(self.model, "output_fmt", "NCHW")).endswith("NHWC")

@@ -38,7 +38,7 @@ def adapter_problems(adapter: Mapping[str, Any], backbone: Mapping[str, Any]) ->
     if type(spec).problems is Adapter.problems:
         return problems  # nothing depends on the backbone
     options = {k: v for k, v in backbone.items() if not k.startswith("_")}
-    options["pretrained_file"] = None
+    options.update(pretrained_file=None, pretrained=False)
     try:
         with torch.device("meta"):
             model = Backbone(**options)
