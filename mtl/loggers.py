@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, open_dict
 
 from mtl import wandb_run
+from mtl.log_history import history_callbacks
 
 
 def build_loggers(cfg: DictConfig) -> list[Logger]:
@@ -44,16 +45,18 @@ def run_name(cfg: DictConfig) -> str:
 
 
 def logger_callbacks(cfg: DictConfig, loggers: list[Logger]) -> list[L.Callback]:
-    """Callbacks that only make sense with a given logger: W&B prediction images
-    (``wandb_media``; ``every_n_val_epochs: 0`` turns them off)."""
+    """Callbacks that only make sense with a given logger: the CSV and TensorBoard history of a
+    resumed run (`mtl.log_history`), W&B prediction images (``wandb_media``;
+    ``every_n_val_epochs: 0`` turns them off)."""
+    callbacks = history_callbacks(loggers)
     media = cfg.get("wandb_media") or {}
     if not any(isinstance(lg, WandbLogger) for lg in loggers) or not media.get(
         "every_n_val_epochs"
     ):
-        return []
+        return callbacks
     from mtl.wandb_media import WandbPredictionImages
 
-    return [
+    return callbacks + [
         WandbPredictionImages(
             every_n_val_epochs=media.every_n_val_epochs,
             max_images=media.get("max_images", 4),

@@ -1,0 +1,144 @@
+"""Logs that continue across resumes: one CSV file and one TensorBoard folder per run directory.
+
+Lightning's `CSVLogger` deletes an existing ``metrics.csv`` when it starts, and a resumed
+TensorBoard run adds a second copy of the steps trained after the checkpoint. A resumed fit
+should instead read as one run: every step once, the rows of each launch up to the checkpoint
+kept, those logged after it (a kill after the checkpoint) dropped. Lightning has no hook for
+this, hence `ResumableCSVLogger` and the `LogHistory` callback.
+
+Steps are Lightning's logging step (``_batches_that_stepped``): the checkpoint stores the value
+of its last logged step B, and the resumed fit logs from B + 1 on.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+log = logging.getLogger(__name__)
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer that appends to an existing ``metrics.csv`` instead of deleting
+    it, keeping its columns."""
+
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir)
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+    def _check_log_dir_exists(self) -> None:  # Lightning's deletes the previous metrics.csv
+        pass
+
+    def keep_until(self, step: int) -> int:
+        """Drop the rows logged after `step`; returns how many were dropped."""
+        self.save()
+        if not self._fs.isfile(self.metrics_file_path):
+            return 0
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            rows = list(csv.DictReader(f))
+        kept = [row for row in rows if _step(row) <= step]
+        if len(kept) < len(rows):
+            with self._fs.open(self.metrics_file_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(kept)
+        return len(rows) - len(kept)
+
+
+def _step(row: dict[str, str]) -> int:
+    try:
+        return int(float(row.get("step") or -1))
+    except ValueError:
+        return -1
+
+
+class ResumableCSVLogger(CSVLogger):
+    """`CSVLogger` whose ``metrics.csv`` holds every launch of a run (see `LogHistory`)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _AppendingWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+    @rank_zero_only
+    def keep_until(self, step: int) -> int:
+        """Drop the rows logged after `step` (-1: all); returns how many were dropped."""
+        return self.experiment.keep_until(step)
+
+
+def _purge_tensorboard(logger: TensorBoardLogger, step: int) -> None:
+    """Tell TensorBoard to discard the events of earlier launches logged after `step`: a
+    ``SessionLog.START`` event at step + 1, what ``SummaryWriter(purge_step=...)`` writes when
+    it opens a file (the writer exists by now: the hyperparameters are logged before the fit)."""
+    try:
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+    except ImportError:  # Lightning falls back to tensorboardX without tensorboard
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+    writer = logger.experiment._get_file_writer()
+    writer.add_event(Event(step=step + 1, session_log=SessionLog(status=SessionLog.START)))
+    writer.flush()
+
+
+def resume_step(checkpoint: dict[str, Any]) -> int:
+    """The last logging step before `checkpoint` was saved (-1 for one saved before any)."""
+    loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+    return int(loop.get("_batches_that_stepped", 0)) - 1 + _saved_after_step(checkpoint)
+
+
+def _saved_after_step(checkpoint: dict[str, Any]) -> int:
+    """1 when the checkpoint was saved after a training step but before Lightning counted it
+    (``on_train_batch_end``, or after the validation that ends an epoch): Lightning's loop then
+    counts it on restore, as `_batches_that_stepped` + 1 (its ``reset``)."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {})
+    batch = progress.get("epoch_loop.batch_progress", {}).get("total", {})
+    return int(batch.get("processed", 0) > 0 and batch.get("processed") != batch.get("completed"))
+
+
+class LogHistory(L.Callback):
+    """At the start of a fit, cut the CSV and TensorBoard logs of the run back to the
+    checkpoint it resumes from (to nothing when it starts from scratch)."""
+
+    def __init__(self) -> None:
+        self.step = -1
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self.step = resume_step(checkpoint)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step, self.step = self.step, -1
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, ResumableCSVLogger):
+                dropped = logger.keep_until(step)
+                if dropped:
+                    log.info(
+                        "%s: dropped %d row(s) logged after step %d, the checkpoint's",
+                        Path(logger.log_dir) / "metrics.csv",
+                        dropped,
+                        step,
+                    )
+            elif isinstance(logger, TensorBoardLogger):
+                _purge_tensorboard(logger, step)
+
+
+def history_callbacks(loggers: list[Logger]) -> list[L.Callback]:
+    """`LogHistory` when a CSV or TensorBoard logger writes into the run directory."""
+    if any(isinstance(lg, (ResumableCSVLogger, TensorBoardLogger)) for lg in loggers):
+        return [LogHistory()]
+    return []
