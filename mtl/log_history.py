@@ -108,8 +108,8 @@ def _saved_after_step(checkpoint: dict[str, Any]) -> int:
 
 
 class LogHistory(L.Callback):
-    """At the start of a fit, cut the CSV and TensorBoard logs of the run back to the
-    checkpoint it resumes from (to nothing when it starts from scratch)."""
+    """When training starts (after every restore), cut the CSV and TensorBoard logs of the run
+    back to the checkpoint it resumes from (to nothing when it starts from scratch)."""
 
     def __init__(self) -> None:
         self.step = -1
@@ -119,7 +119,7 @@ class LogHistory(L.Callback):
     ) -> None:
         self.step = resume_step(checkpoint)
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step, self.step = self.step, -1
         if not trainer.is_global_zero:
             return

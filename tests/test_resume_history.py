@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -55,3 +56,64 @@ def test_resume_in_the_same_directory_keeps_every_csv_row_once(make_cfg, tmp_pat
     old = [r for r in first if r.get("train/loss")]
     new = {r["step"]: r["train/loss"] for r in rows if r.get("train/loss")}
     assert all(new[r["step"]] == r["train/loss"] for r in old)
+
+
+class CrashAtStep(L.Callback):
+    """Raises at the start of the batch after global step `step` (a crash after a checkpoint)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("crash")
+
+
+def _tensorboard_steps(run: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return sorted(e.step for e in events.Scalars(tag))
+
+
+def test_resume_after_a_crash_drops_rows_logged_after_the_checkpoint(make_cfg, tmp_path):
+    run = tmp_path / "a"
+    overrides = (*SMALL, "trainer.max_epochs=2", "logger=[csv,tensorboard]")
+    crashing = make_cfg(*overrides, "ckpt_every_n_steps=4", output_dir=run)
+    with open_dict(crashing):  # last.ckpt after the 4th step; the 5th is logged, then a crash
+        crashing.callbacks["crash"] = {"_target_": f"{__name__}.CrashAtStep", "step": 5}
+    with pytest.raises(RuntimeError, match="crash"):
+        train(crashing)
+    assert _steps(_rows(run), "train/loss") == [0, 1, 2, 3, 4]
+    assert _tensorboard_steps(run, "train/loss") == [0, 1, 2, 3, 4]
+
+    train(make_cfg(*overrides, "resume=auto", output_dir=run))  # logs the 5th step again
+    rows = _rows(run)
+    assert _steps(rows, "train/loss") == list(range(2 * STEPS_PER_EPOCH))
+    assert _epochs(rows, "val/semseg/mIoU")[:2] == [0, 1]
+    assert _tensorboard_steps(run, "train/loss") == list(range(2 * STEPS_PER_EPOCH))
+    assert [p.name for p in (run / "tensorboard").iterdir() if p.is_dir()] == []  # no versions
+
+
+def _poly(step: int, total: int, warmup: int, base: float = 1e-3, power: float = 0.9) -> float:
+    """`mtl.optim.warmup_poly` by hand: linear from 1% over `warmup` steps, then poly to 0."""
+    if step < warmup:
+        return base * (0.01 + 0.99 * step / warmup)
+    return base * (1 - (step - warmup) / (total - warmup)) ** power
+
+
+def test_resume_with_more_epochs_extends_the_learning_rate_schedule(make_cfg, tmp_path, caplog):
+    run = tmp_path / "a"
+    overrides = (*SMALL, "optim.scheduler.warmup_steps=2")
+    train(make_cfg(*overrides, "trainer.max_epochs=2", output_dir=run))
+    with caplog.at_level(logging.INFO, logger="mtl"):
+        train(make_cfg(*overrides, "trainer.max_epochs=3", "resume=auto", output_dir=run))
+
+    lrs = {int(r["step"]): float(r["lr-AdamW"]) for r in _rows(run) if r.get("lr-AdamW")}
+    for step in range(6, 9):  # the steps added by the resumed launch, on the 9-step schedule
+        assert lrs[step] > 0
+        assert lrs[step] == pytest.approx(_poly(step, total=9, warmup=2), rel=1e-6)
+    for step in range(6):  # the first launch's steps, on its 6-step schedule
+        assert lrs[step] == pytest.approx(_poly(step, total=6, warmup=2), rel=1e-6)
+    assert "learning-rate schedule extended from 6 to 9 steps" in caplog.text
