@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 from omegaconf import open_dict
 
+from mtl.checkpoint import load_checkpoint
 from mtl.train import train
 
 # timm's test ResNet, two tasks, narrow heads; 3 training batches per epoch, one validation batch,
@@ -117,3 +118,20 @@ def test_resume_with_more_epochs_extends_the_learning_rate_schedule(make_cfg, tm
     for step in range(6):  # the first launch's steps, on its 6-step schedule
         assert lrs[step] == pytest.approx(_poly(step, total=6, warmup=2), rel=1e-6)
     assert "learning-rate schedule extended from 6 to 9 steps" in caplog.text
+
+
+def test_keeping_only_the_last_checkpoint_saves_it_after_every_epoch(make_cfg, tmp_path):
+    run = tmp_path / "a"
+    overrides = (*SMALL, "trainer.max_epochs=2", "callbacks.model_checkpoint.save_top_k=0")
+    crashing = make_cfg(*overrides, output_dir=run)
+    with open_dict(crashing):  # a crash in the second epoch: resume from the end of the first
+        crashing.callbacks["crash"] = {"_target_": f"{__name__}.CrashAtStep", "step": 4}
+    with pytest.raises(RuntimeError, match="crash"):
+        train(crashing)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == STEPS_PER_EPOCH
+
+    train(make_cfg(*overrides, "resume=auto", output_dir=run))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 6
+    assert _steps(_rows(run), "train/loss") == list(range(2 * STEPS_PER_EPOCH))

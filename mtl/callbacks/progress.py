@@ -64,6 +64,7 @@ class ProgressLog(L.Callback):
         self._start, self._start_step = now, trainer.global_step
         self._validation_time = 0.0
         self._reset_interval(now)
+        self.on_train_epoch_start(trainer, pl_module)  # not called when resuming mid-epoch
 
     def _reset_interval(self, now: float) -> None:
         self._last = now
