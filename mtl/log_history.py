@@ -3,8 +3,10 @@
 Lightning's `CSVLogger` deletes an existing ``metrics.csv`` when it starts, and a resumed
 TensorBoard run adds a second copy of the steps trained after the checkpoint. A resumed fit
 should instead read as one run: every step once, the rows of each launch up to the checkpoint
-kept, those logged after it (a kill after the checkpoint) dropped. Lightning has no hook for
-this, hence `ResumableCSVLogger` and the `LogHistory` callback.
+kept, those logged after it (a kill after the checkpoint) dropped; a run resumed into another
+directory starts its ``metrics.csv`` with the rows of the run it continues. Lightning has no
+hook for this, hence `ResumableCSVLogger` and the `LogHistory` callback. The files are local
+(the run directory), read and written with plain ``open``.
 
 Steps are Lightning's logging step (``_batches_that_stepped``): the checkpoint stores the value
 of its last logged step B, and the resumed fit logs from B + 1 on.
@@ -23,6 +25,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from mtl.checkpoint import CONFIG_KEY
+
 log = logging.getLogger(__name__)
 
 
@@ -32,8 +36,8 @@ class _AppendingWriter(ExperimentWriter):
 
     def __init__(self, log_dir: str) -> None:
         super().__init__(log_dir)
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+        if Path(self.metrics_file_path).is_file():
+            with open(self.metrics_file_path, newline="") as f:
                 self.metrics_keys = sorted(next(csv.reader(f), []))
 
     def _check_log_dir_exists(self) -> None:  # Lightning's deletes the previous metrics.csv
@@ -42,17 +46,38 @@ class _AppendingWriter(ExperimentWriter):
     def keep_until(self, step: int) -> int:
         """Drop the rows logged after `step`; returns how many were dropped."""
         self.save()
-        if not self._fs.isfile(self.metrics_file_path):
-            return 0
-        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = _read(self.metrics_file_path)
         kept = [row for row in rows if _step(row) <= step]
         if len(kept) < len(rows):
-            with self._fs.open(self.metrics_file_path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
-                writer.writeheader()
-                writer.writerows(kept)
+            self._write(kept)
         return len(rows) - len(kept)
+
+    def start_from(self, path: Path, step: int) -> int:
+        """Begin an empty ``metrics.csv`` with the rows of `path` logged up to `step` (the run
+        this one resumes, in another directory); returns how many rows were copied."""
+        self.save()
+        if _read(self.metrics_file_path) or not path.is_file():
+            return 0
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [row for row in reader if _step(row) <= step]
+            self.metrics_keys = sorted(set(self.metrics_keys) | set(reader.fieldnames or []))
+        self._write(rows)
+        return len(rows)
+
+    def _write(self, rows: list[dict[str, str]]) -> None:
+        with open(self.metrics_file_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def _read(path: str) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except FileNotFoundError:
+        return []
 
 
 def _step(row: dict[str, str]) -> int:
@@ -73,10 +98,19 @@ class ResumableCSVLogger(CSVLogger):
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
 
+    @property
+    def metrics_file(self) -> Path:
+        return Path(self.log_dir) / _AppendingWriter.NAME_METRICS_FILE
+
     @rank_zero_only
     def keep_until(self, step: int) -> int:
         """Drop the rows logged after `step` (-1: all); returns how many were dropped."""
         return self.experiment.keep_until(step)
+
+    @rank_zero_only
+    def start_from(self, path: Path, step: int) -> int:
+        """Begin an empty file with the rows of `path` logged up to `step`."""
+        return self.experiment.start_from(path, step)
 
 
 def _purge_tensorboard(logger: TensorBoardLogger, step: int) -> None:
@@ -90,6 +124,14 @@ def _purge_tensorboard(logger: TensorBoardLogger, step: int) -> None:
     writer = logger.experiment._get_file_writer()
     writer.add_event(Event(step=step + 1, session_log=SessionLog(status=SessionLog.START)))
     writer.flush()
+
+
+def previous_csv(checkpoint: dict[str, Any]) -> Path | None:
+    """The ``metrics.csv`` of the run that saved `checkpoint`, from the config stored in it."""
+    node = ((checkpoint.get(CONFIG_KEY) or {}).get("logger") or {}).get("csv") or {}
+    if not node.get("save_dir") or not isinstance(node.get("version"), str):
+        return None
+    return Path(node["save_dir"]) / (node.get("name") or "") / node["version"] / "metrics.csv"
 
 
 def resume_step(checkpoint: dict[str, Any]) -> int:
@@ -112,29 +154,37 @@ class LogHistory(L.Callback):
     back to the checkpoint it resumes from (to nothing when it starts from scratch)."""
 
     def __init__(self) -> None:
-        self.step = -1
+        self.step, self.previous_csv = -1, None
 
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        self.step = resume_step(checkpoint)
+        self.step, self.previous_csv = resume_step(checkpoint), previous_csv(checkpoint)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        step, self.step = self.step, -1
+        step, previous = self.step, self.previous_csv
+        self.step, self.previous_csv = -1, None
         if not trainer.is_global_zero:
             return
         for logger in trainer.loggers:
             if isinstance(logger, ResumableCSVLogger):
-                dropped = logger.keep_until(step)
-                if dropped:
-                    log.info(
-                        "%s: dropped %d row(s) logged after step %d, the checkpoint's",
-                        Path(logger.log_dir) / "metrics.csv",
-                        dropped,
-                        step,
-                    )
+                _continue_csv(logger, step, previous)
             elif isinstance(logger, TensorBoardLogger):
                 _purge_tensorboard(logger, step)
+
+
+def _continue_csv(logger: ResumableCSVLogger, step: int, previous: Path | None) -> None:
+    if dropped := logger.keep_until(step):
+        log.info(
+            "%s: dropped %d row(s) logged after step %d, the checkpoint's",
+            logger.metrics_file,
+            dropped,
+            step,
+        )
+    if previous is None or previous.resolve() == logger.metrics_file.resolve():
+        return
+    if copied := logger.start_from(previous, step):
+        log.info("%s: %d row(s) from %s", logger.metrics_file, copied, previous)
 
 
 def history_callbacks(loggers: list[Logger]) -> list[L.Callback]:

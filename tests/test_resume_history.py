@@ -135,3 +135,19 @@ def test_keeping_only_the_last_checkpoint_saves_it_after_every_epoch(make_cfg, t
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 6
     assert _steps(_rows(run), "train/loss") == list(range(2 * STEPS_PER_EPOCH))
+
+
+def test_resume_into_a_new_directory_copies_the_history_and_leaves_the_old_run(
+    make_cfg, tmp_path
+):
+    old, new = tmp_path / "a", tmp_path / "b"
+    train(make_cfg(*SMALL, "trainer.max_epochs=2", output_dir=old))
+    before = (old / "csv" / "metrics.csv").read_bytes()
+    last = old / "checkpoints" / "last.ckpt"
+    train(make_cfg(*SMALL, "trainer.max_epochs=3", f"ckpt_path={last}", output_dir=new))
+
+    assert (old / "csv" / "metrics.csv").read_bytes() == before
+    assert load_checkpoint(last)["global_step"] == 2 * STEPS_PER_EPOCH  # not overwritten
+    rows = _rows(new)
+    assert _steps(rows, "train/loss") == list(range(3 * STEPS_PER_EPOCH))
+    assert _epochs(rows, "val/semseg/mIoU")[:3] == [0, 1, 2]
