@@ -175,12 +175,8 @@ class LogHistory(L.Callback):
 
 def _continue_csv(logger: ResumableCSVLogger, step: int, previous: Path | None) -> None:
     if dropped := logger.keep_until(step):
-        log.info(
-            "%s: dropped %d row(s) logged after step %d, the checkpoint's",
-            logger.metrics_file,
-            dropped,
-            step,
-        )
+        after = f"after step {step}, the checkpoint's" if step >= 0 else "by an earlier launch"
+        log.info("%s: dropped %d row(s) logged %s", logger.metrics_file, dropped, after)
     if previous is None or previous.resolve() == logger.metrics_file.resolve():
         return
     if copied := logger.start_from(previous, step):
