@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
@@ -14,6 +15,7 @@ from mtl.balancers.base import BalanceContext, Balancer
 from mtl.balancers.diagnostics import conflict_statistics
 from mtl.balancers.jacobian import TaskGradients, gramian
 from mtl.checkpoint import CONFIG_KEY, SIGNATURE_KEY, check_compatible
+from mtl.config import ConfigError
 from mtl.data.skip import is_empty
 from mtl.metrics.collection import TaskMetrics
 from mtl.models.multitask import Decoded, MultiTaskModel
@@ -228,7 +230,13 @@ class MultiTaskModule(L.LightningModule):
         optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return optimizer
-        self.schedule_steps = int(self.trainer.estimated_stepping_batches)
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ConfigError(
+                "optim.scheduler: a learning-rate schedule needs the run's length; with "
+                "trainer.max_epochs=-1 set +trainer.max_steps=N, or optim.scheduler=null"
+            )
+        self.schedule_steps = int(total)
         scheduler = self.scheduler_factory(optimizer, total_steps=self.schedule_steps)
         return {
             "optimizer": optimizer,

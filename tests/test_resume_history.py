@@ -11,6 +11,7 @@ import pytest
 from omegaconf import open_dict
 
 from mtl.checkpoint import load_checkpoint
+from mtl.config import ConfigError
 from mtl.train import train
 
 # timm's test ResNet, two tasks, narrow heads; 3 training batches per epoch, one validation batch,
@@ -151,3 +152,8 @@ def test_resume_into_a_new_directory_copies_the_history_and_leaves_the_old_run(
     rows = _rows(new)
     assert _steps(rows, "train/loss") == list(range(3 * STEPS_PER_EPOCH))
     assert _epochs(rows, "val/semseg/mIoU")[:3] == [0, 1, 2]
+
+
+def test_a_schedule_without_a_run_length_is_a_config_error(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs=-1 set \+trainer.max_steps=N"):
+        train(make_cfg(*SMALL, "trainer.max_epochs=-1"))
