@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -84,12 +84,26 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+
+
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new, unique file next to `path`, created with mode 0666 less the umask (as ``open``
+    does; ``tempfile.mkstemp`` makes 0600 files, unreadable to the user's group)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, _CREATE_FLAGS, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+
+
 def atomic_save(checkpoint: Mapping[str, Any], path: str | Path) -> None:
     """``torch.save`` to a temporary file next to `path`, fsync, then rename over `path`: the
     file under `path` is always either the previous checkpoint or the complete new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(checkpoint, f)

@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, open_dict
 
 from mtl import wandb_run
+from mtl.log_history import history_callbacks
 
 
 def build_loggers(cfg: DictConfig) -> list[Logger]:
@@ -46,10 +47,11 @@ def run_name(cfg: DictConfig) -> str:
 
 
 def logger_callbacks(cfg: DictConfig, loggers: list[Logger]) -> list[L.Callback]:
-    """Callbacks that only make sense with a given logger: the W&B run summary of the final
+    """Callbacks that only make sense with a given logger: the CSV and TensorBoard history of a
+    resumed run (`mtl.log_history`), the W&B run summary of the final
     evaluation and the prediction images of W&B and TensorBoard (``wandb_media``;
     ``every_n_val_epochs: 0`` turns them off)."""
-    callbacks: list[L.Callback] = []
+    callbacks: list[L.Callback] = history_callbacks(loggers)
     if any(isinstance(lg, WandbLogger) for lg in loggers):
         callbacks.append(wandb_run.EvaluationSummary())
     media = cfg.get("wandb_media") or {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
@@ -13,12 +15,19 @@ from mtl.balancers.base import BalanceContext, Balancer
 from mtl.balancers.diagnostics import conflict_statistics
 from mtl.balancers.jacobian import TaskGradients, gramian
 from mtl.checkpoint import CONFIG_KEY, SIGNATURE_KEY, check_compatible
+from mtl.config import ConfigError
 from mtl.data.skip import is_empty
 from mtl.metrics.collection import TaskMetrics
 from mtl.models.multitask import Decoded, MultiTaskModel
 from mtl.numerics import StepGuard, agree, nonfinite_gradients, nonfinite_losses
+from mtl.optim import rebuild_schedule
 from mtl.steps import logging_step
 from mtl.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+#: Key of the learning-rate schedule's length (optimiser steps) inside a checkpoint.
+SCHEDULE_KEY = "mtl_schedule_steps"
 
 
 class MultiTaskModule(L.LightningModule):
@@ -228,9 +237,14 @@ class MultiTaskModule(L.LightningModule):
         optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(
-            optimizer, total_steps=self.trainer.estimated_stepping_batches
-        )
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ConfigError(
+                "optim.scheduler: a learning-rate schedule needs the run's length; with "
+                "trainer.max_epochs=-1 set +trainer.max_steps=N, or optim.scheduler=null"
+            )
+        self.schedule_steps = int(total)
+        scheduler = self.scheduler_factory(optimizer, total_steps=self.schedule_steps)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
@@ -241,6 +255,9 @@ class MultiTaskModule(L.LightningModule):
     #: the run's resolved config as plain containers; both are stored in every checkpoint.
     checkpoint_signature: dict | None = None
     checkpoint_config: dict | None = None
+    #: the learning-rate schedule's length of this fit, and that of the checkpoint it resumes
+    schedule_steps: int | None = None
+    _restored_schedule_steps: int | None = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The balancer is a submodule: its learned weights, loss history and optimiser state
@@ -249,8 +266,31 @@ class MultiTaskModule(L.LightningModule):
             checkpoint[SIGNATURE_KEY] = self.checkpoint_signature
         if self.checkpoint_config is not None:
             checkpoint[CONFIG_KEY] = self.checkpoint_config
+        if self.schedule_steps is not None:
+            checkpoint[SCHEDULE_KEY] = self.schedule_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Runs before the weights are loaded: refuse another model with a message naming
         # what differs instead of a list of mismatched tensor shapes.
         check_compatible(checkpoint, self.checkpoint_signature)
+        self._restored_schedule_steps = checkpoint.get(SCHEDULE_KEY)
+
+    def on_train_start(self) -> None:
+        # Lightning has restored the scheduler by now, with the length of the run that saved
+        # it: when this fit is longer or shorter (trainer.max_epochs, limit_train_batches, batch
+        # size), follow the new length from the step reached instead.
+        saved, self._restored_schedule_steps = self._restored_schedule_steps, None
+        if saved is None or self.schedule_steps is None or saved == self.schedule_steps:
+            return
+        config = self.trainer.lr_scheduler_configs[0]
+        config.scheduler = rebuild_schedule(
+            self.scheduler_factory, config.scheduler, self.schedule_steps
+        )
+        log.info(
+            "learning-rate schedule %s from %d to %d steps (the run's length changed); "
+            "continuing at step %d",
+            "extended" if self.schedule_steps > saved else "shortened",
+            saved,
+            self.schedule_steps,
+            config.scheduler.last_epoch,
+        )

@@ -5,6 +5,9 @@ Schedulers in configs are Hydra partials called as ``scheduler(optimizer, total_
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LinearLR, LRScheduler, PolynomialLR, SequentialLR
 
@@ -21,3 +24,25 @@ def warmup_poly(
         return decay
     warmup = LinearLR(optimizer, start_factor=0.01, total_iters=warmup_steps)
     return SequentialLR(optimizer, [warmup, decay], milestones=[warmup_steps])
+
+
+def rebuild_schedule(
+    factory: Callable[..., LRScheduler], scheduler: LRScheduler, total_steps: int
+) -> LRScheduler:
+    """The schedule `factory` builds for `total_steps` on `scheduler`'s optimiser, advanced to
+    the step `scheduler` has reached: what an uninterrupted run of the new length would use.
+
+    For a resumed run whose length changed (a larger ``trainer.max_epochs``): the restored
+    scheduler keeps the old length, and a poly schedule past its end runs at rate 0. The new
+    one is stepped from the start (not set by formula) so that any scheduler a config names
+    gives the values of a fresh run, bit for bit.
+    """
+    optimizer = scheduler.optimizer
+    for group in optimizer.param_groups:  # chainable schedulers start from the current rate
+        group["lr"] = group["initial_lr"]
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended
+        warnings.simplefilter("ignore", UserWarning)
+        rebuilt = factory(optimizer, total_steps=total_steps)
+        for _ in range(scheduler.last_epoch):
+            rebuilt.step()
+    return rebuilt

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -304,3 +305,16 @@ def test_signature_differences_name_backbone_adapter_and_classes():
         "adapter: checkpoint 'none', config 'lora'",
         "backbone: checkpoint 'resnet18', config 'vit_tiny'",
     ]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_checkpoint_files_get_the_permissions_of_the_umask(tmp_path, umask):
+    path = tmp_path / "last.ckpt"
+    previous = os.umask(umask)
+    try:
+        for value in (1.0, 2.0):  # a new file, then one replaced
+            AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.tensor(value)}}, path)
+            assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # e.g. 0644 under 022
+    finally:
+        os.umask(previous)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left

@@ -232,7 +232,8 @@ def test_colourise_orders_values_and_blacks_out_invalid():
 def test_tensorboard_and_csv_loggers_compose_and_write(make_cfg, tmp_path):
     cfg = make_cfg("logger=[csv,tensorboard]")
     loggers = build_loggers(cfg)
-    assert sorted(type(lg).__name__ for lg in loggers) == ["CSVLogger", "TensorBoardLogger"]
+    names = sorted(type(lg).__name__ for lg in loggers)
+    assert names == ["ResumableCSVLogger", "TensorBoardLogger"]
     from omegaconf import OmegaConf
 
     for logger in loggers:

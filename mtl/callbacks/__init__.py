@@ -1,5 +1,6 @@
 """Lightning callbacks of the framework."""
 
+from mtl.callbacks.progress import ProgressLog
 from mtl.callbacks.signals import SignalCheckpoint, TrainingInterrupted
 
-__all__ = ["SignalCheckpoint", "TrainingInterrupted"]
+__all__ = ["ProgressLog", "SignalCheckpoint", "TrainingInterrupted"]
