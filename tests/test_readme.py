@@ -177,8 +177,11 @@ class Checkout:
 
 
 def _run(argv: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MTL_"))}
+    """Run ``argv`` in ``cwd`` as a user would; timm's hub weights come from ``cwd/hub``, the
+    offline cache the README tells the user to fill."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MTL_", "HF_"))}
     env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(HF_HUB_CACHE=str(cwd / "hub"), HF_HUB_OFFLINE="1")
     return subprocess.run(
         [sys.executable if argv[0] == "python" else argv[0], *argv[1:]],
         cwd=cwd,
@@ -189,13 +192,56 @@ def _run(argv: list[str], cwd: Path, timeout: int = 600) -> subprocess.Completed
     )
 
 
-def _weights(path: Path, model_name: str) -> None:
-    """A random-init timm state dict, as a downloaded weights file holds."""
+def _random_timm_state(model_name: str) -> dict:
+    """A random-init timm state dict: what a weights file holds, minus the training."""
     import timm
-    import torch
 
+    return timm.create_model(model_name, pretrained=False).state_dict()
+
+
+def _weights_file(path: Path, model_name: str) -> None:
+    """A weights file of ``model_name`` (``.safetensors`` or a PyTorch state dict)."""
+    import torch
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in _random_timm_state(model_name).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(timm.create_model(model_name, pretrained=False).state_dict(), path)
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+
+
+def _hub_weights(cache: Path, model_name: str) -> None:
+    """``timm/<model_name>`` in a Hugging Face hub cache, as the README's ``hf download`` on a
+    connected machine leaves it (random weights)."""
+    from safetensors.torch import save_file
+
+    folder = cache / f"models--timm--{model_name}"
+    if folder.exists():
+        return
+    revision = "0" * 40
+    snapshot = folder / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    state = {k: v.contiguous() for k, v in _random_timm_state(model_name).items()}
+    save_file(state, str(snapshot / "model.safetensors"))
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(revision)
+
+
+def _hub_models(argv: list[str], conf: Path) -> list[str]:
+    """The timm hub weights an experiment of ``argv`` reads (``model.backbone.pretrained``)."""
+    import yaml
+
+    names = []
+    for word in argv:
+        if word.startswith("experiment="):
+            path = conf / "experiment" / f"{word.split('=', 1)[1]}.yaml"
+            node = yaml.safe_load(path.read_text())
+            backbone = (node.get("model") or {}).get("backbone") or {}
+            if backbone.get("pretrained") and not any("pretrained_file=" in w for w in argv):
+                names.append(backbone["name"])
+    return names
 
 
 @pytest.fixture(scope="module")
@@ -240,13 +286,15 @@ def _resolve(command: Command, checkout: Checkout) -> list[str]:
             )
         for key, value in checkout.placeholders.items():
             word = word.replace(key, value)
-        match = re.search(r"(/weights/([\w.]+?)\.pth)", word)
+        match = re.search(r"(/weights/([\w.]+)\.(pth|safetensors))", word)
         if match:
-            target = checkout.root / "weights" / f"{match.group(2)}.pth"
+            target = checkout.root / "weights" / Path(match.group(1)).name
             if not target.exists():
-                _weights(target, match.group(2))
+                _weights_file(target, match.group(2))
             word = word.replace(match.group(1), str(target))
         words.append(word)
+    for name in _hub_models(command.argv, checkout.root / "conf"):
+        _hub_weights(checkout.root / "hub", name)
     return [*words, *command.extra]
 
 
@@ -258,7 +306,12 @@ def test_readme_command_runs_as_written(command: Command, checkout: Checkout) ->
     if command.skip and not command.compose_only:
         pytest.skip(command.skip)
     argv = _resolve(command, checkout)
+    redirect = None
+    if ">" in argv:  # `command > FILE`: the file gets what the command prints
+        argv, redirect = argv[: argv.index(">")], argv[argv.index(">") + 1]
     done = _run(argv, checkout.root)
+    if redirect:
+        (checkout.root / redirect).write_text(done.stdout)
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"{' '.join(argv)}\nexit {done.returncode}\n{output[-4000:]}"
     assert "Traceback" not in output, f"{' '.join(argv)}\n{output[-4000:]}"
