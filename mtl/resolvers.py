@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import os
 
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 #: The working directory when ``mtl`` was first imported: the launch directory, since runs never
 #: change directory (``hydra.job.chdir: false``).
 _LAUNCH_DIR = os.getcwd()
 
 
-def _backbone_norm(name: str, which: str) -> list[float]:
+def _backbone_norm(name: str, which: str) -> ListConfig:
     from mtl.models.pretrained import normalisation  # here: importing timm is slow
 
-    return list(normalisation(name)[which])
+    # a ListConfig, not a list: OmegaConf.resolve (e.g. `--cfg job --resolve`) refuses lists
+    return ListConfig(list(normalisation(name)[which]))
 
 
 def register_resolvers() -> None:

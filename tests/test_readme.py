@@ -42,8 +42,8 @@ ONE_EPOCH = ("debug=limit",)
 READ_ONLY_MODULES = ("bench.trivial_baselines", "mtl.metrics.baselines", "mtl.compare")
 #: Words of a training command that needs the checkpoints a real fit writes.
 NEEDS_CHECKPOINTS = ("resume=", "ckpt_path=", "ckpt_every", "output_dir")
-GPU_ONLY = "needs a CUDA GPU: composed with --cfg instead of run"
-CLUSTER_ONLY = "needs a SLURM cluster (sbatch): composed with --cfg instead of launched"
+GPU_ONLY = "needs a CUDA GPU: its first job is composed and resolved (--cfg job) instead"
+CLUSTER_ONLY = "needs a SLURM cluster: its first job is composed and resolved (--cfg job) instead"
 NOT_RUN = {
     "pip": "the install step: CI runs it itself (.ci/run)",
     "wget": "downloads a dataset (no network here; mtl.data.formats writes the layouts)",
@@ -113,6 +113,20 @@ def _dataset(argv: list[str]) -> str:
     return "synthetic"
 
 
+def first_job(argv: list[str]) -> list[str]:
+    """A multirun command as its first job (``--cfg`` composes one job, not a sweep): ``-m``
+    dropped and each swept ``key=a,b`` given its first value."""
+    job = []
+    for word in argv:
+        if word in ("-m", "--multirun"):
+            continue
+        key, _, value = word.partition("=")
+        if value and "," in value and not value.startswith(("[", "{", "'", '"')):
+            word = f"{key}={value.split(',')[0]}"
+        job.append(word)
+    return job
+
+
 def plan(command: Command) -> Command:
     """Decide how ``command`` runs here: the size-reducing arguments it gets, or why it cannot."""
     argv = command.argv
@@ -144,13 +158,11 @@ def plan(command: Command) -> Command:
         return command
     words = " ".join(argv)
     size = TINY_REAL if _dataset(argv) != "synthetic" else TINY_SYNTHETIC
-    if "hydra/launcher=slurm" in words:
-        command.compose_only, command.skip = True, CLUSTER_ONLY
-        command.extra = [*size, "--cfg", "job"]
-        return command
-    if "trainer=gpu" in words:
-        command.compose_only, command.skip = True, GPU_ONLY
-        command.extra = [*size, "--cfg", "job"]
+    if "hydra/launcher=slurm" in words or "trainer=gpu" in words:
+        command.compose_only = True
+        command.skip = CLUSTER_ONLY if "hydra/launcher=slurm" in words else GPU_ONLY
+        command.argv = first_job(argv)
+        command.extra = [*size, "--cfg", "job", "--resolve"]
         return command
     evaluates = script in ("eval.py", "predict.py") or "train=false" in words
     if evaluates or "debug=" in words:
