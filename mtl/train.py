@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
@@ -16,16 +20,21 @@ from rich.table import Table
 from mtl.balancers import build_balancer
 from mtl.callbacks import TrainingInterrupted
 from mtl.checkpoint import (
+    CONFIG_KEY,
     AtomicCheckpointIO,
+    IncompatibleCheckpointError,
+    check_compatible,
+    load_checkpoint,
     model_signature,
     resolve_ckpt_path,
     step_checkpoint,
 )
 from mtl.compile import compile_backbone
-from mtl.config import validate_config
+from mtl.config import ConfigError, validate_config
 from mtl.data.datamodule import MultiTaskDataModule
 from mtl.data.gpu_augment import gpu_augment_pipeline
 from mtl.data.skip import SkippedSamples
+from mtl.eval_config import evaluation_config, section_overrides
 from mtl.export import PredictionWriter
 from mtl.loggers import build_loggers, finish_loggers, logger_callbacks
 from mtl.metrics.callback import MetricsCallback
@@ -149,20 +158,25 @@ def scores_table(scores: dict[str, float], tasks: list[str], stage: str = "val")
     return table
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
+def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, float]:
     """Fit, then validate (``val/`` keys); or, with ``train=false``, test ``ckpt_path`` on one
-    device (``test/`` keys). Writes the run files; returns the scores. The job's W&B run is
-    finished on return and on error, so jobs of a multirun never share one."""
+    device (``test/`` keys) with the model and data of the checkpoint's stored config and the
+    command line's `overrides` on top (default: Hydra's ``overrides.task`` inside a Hydra app,
+    none outside; see `mtl.eval_config`). Writes the run files; returns the scores. The job's
+    W&B run is finished on return and on error, so jobs of a multirun never share one."""
     failed = True
     try:
-        scores = _fit_and_evaluate(cfg)
+        evaluated = None
+        if not cfg.get("train", True):
+            cfg, evaluated = _evaluation_setup(cfg, overrides)
+        scores = _fit_and_evaluate(cfg, evaluated)
         failed = False
         return scores
     finally:
         finish_loggers(failed)
 
 
-def _fit_and_evaluate(cfg: DictConfig) -> dict[str, float]:
+def _fit_and_evaluate(cfg: DictConfig, evaluated: EvaluatedCheckpoint | None) -> dict[str, float]:
     validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -182,6 +196,8 @@ def _fit_and_evaluate(cfg: DictConfig) -> dict[str, float]:
     # stored in every checkpoint: loading refuses another model; the config as plain containers
     module.checkpoint_signature = model_signature(cfg, counts["params/total"])
     module.checkpoint_config = resolved
+    if evaluated is not None:  # refuse another model before any data is read
+        evaluated.check(module.checkpoint_signature)
 
     callbacks = build_callbacks(cfg) + step_checkpoint(cfg)
     loggers = build_loggers(cfg)
@@ -204,13 +220,13 @@ def _fit_and_evaluate(cfg: DictConfig) -> dict[str, float]:
         )
         stage, evaluate = "val", trainer.validate
     else:
-        checkpoint = resolve_ckpt_path(cfg) if cfg.get("ckpt_path") else None
-        if not checkpoint:
-            raise ValueError("train=false evaluates a checkpoint: set ckpt_path=PATH")
+        checkpoint = evaluated.path
         stage, evaluate = "test", trainer.test
     results = evaluate(module, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
     scores = {k: float(v) for k, v in results[0].items()} if results else {}
     scores.update(counts)
+    if checkpoint:  # which checkpoint was scored
+        scores.update(checkpoint_position(checkpoint))
 
     if trainer.is_global_zero:
         write_run_scores(output_dir, scores, module.metrics, cfg, stage)
@@ -236,6 +252,77 @@ def _checkpoint_io(cfg: DictConfig) -> dict:
     if cfg.trainer.get("plugins") or "fsdp" in strategy or "deepspeed" in strategy:
         return {}
     return {"plugins": [AtomicCheckpointIO()]}
+
+
+@dataclass
+class EvaluatedCheckpoint:
+    """The checkpoint of an evaluation (``train=false``) and what it must fit."""
+
+    path: str
+    checkpoint: dict[str, Any]
+    #: the command line's overrides that change the model or its data
+    model_overrides: list[str]
+
+    def check(self, signature: dict[str, Any]) -> None:
+        """Raise `IncompatibleCheckpointError` naming what differs, and which overrides to
+        drop, when the configured model is not the checkpoint's."""
+        try:
+            check_compatible(self.checkpoint, signature, source=f"checkpoint {self.path}")
+        except IncompatibleCheckpointError as error:
+            hint = (
+                f"drop {' '.join(self.model_overrides)}: evaluation builds the model from the "
+                "checkpoint's stored config"
+                if self.model_overrides and CONFIG_KEY in self.checkpoint
+                else "evaluate it with the overrides it was trained with"
+            )
+            raise IncompatibleCheckpointError(f"{error}\n  {hint}") from None
+
+
+def _evaluation_setup(
+    cfg: DictConfig, overrides: Sequence[str] | None
+) -> tuple[DictConfig, EvaluatedCheckpoint]:
+    """The checkpoint to evaluate and the config to build for it: the checkpoint's stored
+    model and data with the command line's changes on top (`mtl.eval_config`)."""
+    if not cfg.get("ckpt_path"):
+        validate_config(cfg)  # reports the missing ckpt_path with every other problem
+    path = resolve_ckpt_path(cfg)
+    if path is None:
+        raise ConfigError(
+            f"ckpt_path: {cfg.ckpt_path!r}: no checkpoint found; give the file, e.g. "
+            "ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt"
+        )
+    try:
+        checkpoint = load_checkpoint(path, mmap=True)
+    except FileNotFoundError:
+        raise ConfigError(f"ckpt_path: no checkpoint file at {path}") from None
+    hydra = HydraConfig.get() if HydraConfig.initialized() else None
+    if overrides is None:
+        overrides = list(hydra.overrides.task) if hydra is not None else []
+    groups = set(hydra.runtime.choices) if hydra is not None else set()
+    stored = checkpoint.get(CONFIG_KEY)
+    if stored is None:
+        log.warning("checkpoint %s holds no stored config: using the composed config", path)
+    else:
+        compose = None
+        if hydra is not None:
+
+            def compose(given: list[str]) -> DictConfig:
+                from hydra import compose as hydra_compose
+
+                return hydra_compose(config_name=hydra.job.config_name, overrides=given)
+
+        cfg = evaluation_config(cfg, stored, overrides, groups, compose)
+    return cfg, EvaluatedCheckpoint(str(path), checkpoint, section_overrides(overrides, groups))
+
+
+def checkpoint_position(path: str | Path) -> dict[str, int]:
+    """``checkpoint/epoch`` (0-based, as in ``epoch_NNN.ckpt``) and ``checkpoint/step``
+    (optimiser steps) of the checkpoint file at `path`."""
+    checkpoint = load_checkpoint(path, mmap=True)
+    return {
+        "checkpoint/epoch": int(checkpoint.get("epoch", -1)),
+        "checkpoint/step": int(checkpoint.get("global_step", -1)),
+    }
 
 
 def _evaluation_checkpoint(trainer: L.Trainer, which: str) -> str | None:
