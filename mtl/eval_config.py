@@ -8,8 +8,10 @@ training overrides. What the user typed still wins:
 
 - ``key=value`` (also ``+key=value``, ``++key=value``) inside a section: the typed value;
   ``~key`` removes the key;
-- a group option (``model/backbone=vit_tiny``, ``data=nyud``, ``experiment=NAME``,
-  ``debug=fdr``): every value of a section that the option changes, as if each were typed.
+- an option of a group inside the sections (``model/backbone=vit_tiny``, ``data=nyud``,
+  ``balancer=famo``): the chosen node, whole;
+- an option of another group (``experiment=NAME``, ``debug=fdr``): every value inside the
+  sections that the option changes, as if each were typed.
 
 Everything outside the sections (trainer, logger, paths, callbacks, ``delta_m_baselines``,
 ``save_predictions``) comes from the composed config as usual. Hydra parses the overrides
@@ -71,13 +73,20 @@ def _container(node: Any) -> Any:
 def split_overrides(
     overrides: Sequence[str], groups: Collection[str]
 ) -> tuple[list[str], list[str], list[str]]:
-    """The command line's overrides as (group options, keys set inside `SECTIONS`, keys removed
-    inside `SECTIONS`); `groups` are the config group names (Hydra's ``runtime.choices``)."""
+    """The command line's overrides as (options of groups outside `SECTIONS`, keys set inside
+    `SECTIONS`, keys removed inside `SECTIONS`); `groups` are the config group names (Hydra's
+    ``runtime.choices``). An option of a group inside `SECTIONS` (``model/backbone=x``) sets
+    its whole node (``model.backbone``)."""
     group_options, assigned, deleted = [], [], []
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         key = override.key_or_group
-        if key in groups or key.startswith("hydra"):
-            if key in groups and not key.startswith("hydra"):
+        if key.startswith("hydra"):
+            continue
+        if key in groups:
+            node = (override.package or key).replace("/", ".")
+            if _section(node) in SECTIONS:  # e.g. model/backbone=x: the chosen node, whole
+                (deleted if override.is_delete() else assigned).append(node)
+            else:  # e.g. experiment=x, debug=fdr: the values it sets
                 group_options.append(override.input_line)
         elif _section(key) in SECTIONS:
             (deleted if override.is_delete() else assigned).append(key)
@@ -136,11 +145,12 @@ def evaluation_config(
 def section_overrides(overrides: Sequence[str], groups: Collection[str]) -> list[str]:
     """The overrides that change the model or its data (the ones to drop when a checkpoint
     does not fit)."""
+    group_options, assigned, deleted = split_overrides(overrides, groups)
+    changing = {*assigned, *deleted}
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     return [
         o.input_line
         for o in parsed
-        if not o.key_or_group.startswith("hydra")
-        and (o.key_or_group in groups or _section(o.key_or_group) in SECTIONS)
-        and _section(o.key_or_group) not in ("trainer", "logger", "callbacks", "paths", "debug")
+        if o.input_line in group_options
+        or (o.package or o.key_or_group).replace("/", ".") in changing
     ]

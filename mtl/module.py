@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -247,3 +248,14 @@ class MultiTaskModule(L.LightningModule):
         # Runs before the weights are loaded: refuse another model with a message naming
         # what differs instead of a list of mismatched tensor shapes.
         check_compatible(checkpoint, self.checkpoint_signature)
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: str, map_location: Any = None, *args: Any, **kwargs: Any
+    ) -> MultiTaskModule:
+        """The module of a checkpoint written by ``train.py``, rebuilt from the config stored
+        in it (`mtl.api.load_module`), in eval mode. For inference, ``mtl.load(path)`` gives
+        the model with its tasks, class names and input transform."""
+        from mtl.api import load_module  # local: mtl.api builds modules through mtl.train
+
+        return load_module(checkpoint_path, map_location=map_location)
