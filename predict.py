@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig) -> None:
     from mtl.api import load
-    from mtl.predict import predict_files
+    from mtl.predict import check_images, find_images, predict_files
 
     missing = [key for key in ("ckpt_path", "input") if not cfg.get(key)]
     if missing:
@@ -27,13 +27,15 @@ def run(cfg: DictConfig) -> None:
             f"{', '.join(missing)}: missing; python predict.py "
             "ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt input=DIR_OR_GLOB"
         )
+    paths = find_images(str(cfg.input))  # bad input is reported before the model is loaded
+    check_images(paths)
     output = cfg.get("output") or HydraConfig.get().runtime.output_dir
     try:
         loaded = load(cfg.ckpt_path, map_location=cfg.get("device") or "cpu")
     except FileNotFoundError as error:
         raise ConfigError(f"ckpt_path: {error}") from None
     log.info("model of %s (epoch %d, step %d)", cfg.ckpt_path, loaded.epoch, loaded.step)
-    predict_files(loaded, str(cfg.input), output)
+    predict_files(loaded, paths, output)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")

@@ -152,10 +152,12 @@ def save_overview(
     plt.close(fig)
 
 
-def predict_files(loaded: LoadedModel, pattern: str, output: str | Path) -> list[Path]:
-    """Predict every image of `pattern` (a folder or glob) and write the files of the module
-    docstring under `output`; returns the images."""
-    paths = find_images(pattern)
+def predict_files(
+    loaded: LoadedModel, images: str | Sequence[Path], output: str | Path
+) -> list[Path]:
+    """Predict every image of `images` (a folder, a glob or a list of files) and write the
+    files of the module docstring under `output`; returns the images."""
+    paths = find_images(images) if isinstance(images, str) else list(images)
     check_images(paths)
     output = Path(output)
     for folder in (*loaded.tasks, "overview"):
