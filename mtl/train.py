@@ -166,17 +166,19 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, 
     W&B run is finished on return and on error, so jobs of a multirun never share one."""
     failed = True
     try:
-        evaluated = None
-        if not cfg.get("train", True):
-            cfg, evaluated = _evaluation_setup(cfg, overrides)
-        scores = _fit_and_evaluate(cfg, evaluated)
+        if cfg.get("train", True):
+            path = resolve_ckpt_path(cfg)
+            given = _checkpoint_to_load(path, RESUME_HINT) if path else None
+        else:
+            cfg, given = _evaluation_setup(cfg, overrides)
+        scores = _fit_and_evaluate(cfg, given)
         failed = False
         return scores
     finally:
         finish_loggers(failed)
 
 
-def _fit_and_evaluate(cfg: DictConfig, evaluated: EvaluatedCheckpoint | None) -> dict[str, float]:
+def _fit_and_evaluate(cfg: DictConfig, given: GivenCheckpoint | None) -> dict[str, float]:
     validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -196,8 +198,8 @@ def _fit_and_evaluate(cfg: DictConfig, evaluated: EvaluatedCheckpoint | None) ->
     # stored in every checkpoint: loading refuses another model; the config as plain containers
     module.checkpoint_signature = model_signature(cfg, counts["params/total"])
     module.checkpoint_config = resolved
-    if evaluated is not None:  # refuse another model before any data is read
-        evaluated.check(module.checkpoint_signature)
+    if given is not None:  # refuse another model before any data is read
+        given.check(module.checkpoint_signature)
 
     callbacks = build_callbacks(cfg) + step_checkpoint(cfg)
     loggers = build_loggers(cfg)
@@ -211,7 +213,7 @@ def _fit_and_evaluate(cfg: DictConfig, evaluated: EvaluatedCheckpoint | None) ->
 
     if cfg.train:
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+            trainer.fit(module, datamodule=datamodule, ckpt_path=given and given.path)
         except TrainingInterrupted as stop:  # SIGTERM / SIGINT: checkpoint saved, exit non-zero
             log.warning("%s; resume with ckpt_path=last or resume=auto", stop)
             raise SystemExit(stop.exit_code) from None
@@ -220,7 +222,7 @@ def _fit_and_evaluate(cfg: DictConfig, evaluated: EvaluatedCheckpoint | None) ->
         )
         stage, evaluate = "val", trainer.validate
     else:
-        checkpoint = evaluated.path
+        checkpoint = given.path
         stage, evaluate = "test", trainer.test
     results = evaluate(module, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
     scores = {k: float(v) for k, v in results[0].items()} if results else {}
@@ -254,33 +256,39 @@ def _checkpoint_io(cfg: DictConfig) -> dict:
     return {"plugins": [AtomicCheckpointIO()]}
 
 
+#: What to do when a checkpoint to resume from does not fit the configured model.
+RESUME_HINT = "resume it with the config it was trained with (config.yaml of its run)"
+
+
 @dataclass
-class EvaluatedCheckpoint:
-    """The checkpoint of an evaluation (``train=false``) and what it must fit."""
+class GivenCheckpoint:
+    """The checkpoint a run resumes from or evaluates, and what to do when it does not fit."""
 
     path: str
     checkpoint: dict[str, Any]
-    #: the command line's overrides that change the model or its data
-    model_overrides: list[str]
+    hint: str
 
     def check(self, signature: dict[str, Any]) -> None:
-        """Raise `IncompatibleCheckpointError` naming what differs, and which overrides to
-        drop, when the configured model is not the checkpoint's."""
+        """Raise `IncompatibleCheckpointError` naming what differs, and `hint`, when the
+        configured model is not the checkpoint's."""
         try:
             check_compatible(self.checkpoint, signature, source=f"checkpoint {self.path}")
         except IncompatibleCheckpointError as error:
-            hint = (
-                f"drop {' '.join(self.model_overrides)}: evaluation builds the model from the "
-                "checkpoint's stored config"
-                if self.model_overrides and CONFIG_KEY in self.checkpoint
-                else "evaluate it with the overrides it was trained with"
-            )
-            raise IncompatibleCheckpointError(f"{error}\n  {hint}") from None
+            raise IncompatibleCheckpointError(f"{error}\n  {self.hint}") from None
+
+
+def _checkpoint_to_load(path: str | Path, hint: str) -> GivenCheckpoint:
+    """The checkpoint at `path`, its tensors mapped rather than read (Lightning loads it)."""
+    try:
+        checkpoint = load_checkpoint(path, mmap=True)
+    except FileNotFoundError:
+        raise ConfigError(f"ckpt_path: no checkpoint file at {path}") from None
+    return GivenCheckpoint(str(path), checkpoint, hint)
 
 
 def _evaluation_setup(
     cfg: DictConfig, overrides: Sequence[str] | None
-) -> tuple[DictConfig, EvaluatedCheckpoint]:
+) -> tuple[DictConfig, GivenCheckpoint]:
     """The checkpoint to evaluate and the config to build for it: the checkpoint's stored
     model and data with the command line's changes on top (`mtl.eval_config`)."""
     if not cfg.get("ckpt_path"):
@@ -291,10 +299,7 @@ def _evaluation_setup(
             f"ckpt_path: {cfg.ckpt_path!r}: no checkpoint found; give the file, e.g. "
             "ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt"
         )
-    try:
-        checkpoint = load_checkpoint(path, mmap=True)
-    except FileNotFoundError:
-        raise ConfigError(f"ckpt_path: no checkpoint file at {path}") from None
+    checkpoint = _checkpoint_to_load(path, "").checkpoint
     hydra = HydraConfig.get() if HydraConfig.initialized() else None
     if overrides is None:
         overrides = list(hydra.overrides.task) if hydra is not None else []
@@ -312,7 +317,14 @@ def _evaluation_setup(
                 return hydra_compose(config_name=hydra.job.config_name, overrides=given)
 
         cfg = evaluation_config(cfg, stored, overrides, groups, compose)
-    return cfg, EvaluatedCheckpoint(str(path), checkpoint, section_overrides(overrides, groups))
+    changing = section_overrides(overrides, groups)
+    hint = (
+        f"drop {' '.join(changing)}: evaluation builds the model from the checkpoint's stored "
+        "config"
+        if changing and stored is not None
+        else "evaluate it with the overrides it was trained with"
+    )
+    return cfg, GivenCheckpoint(str(path), checkpoint, hint)
 
 
 def checkpoint_position(path: str | Path) -> dict[str, int]:
