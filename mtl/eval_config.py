@@ -28,6 +28,8 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mtl.redact import REDACTED
+
 log = logging.getLogger(__name__)
 
 #: The sections of the stored config an evaluation builds from: the model, its tasks and data,
@@ -118,6 +120,7 @@ def evaluation_config(
         changed, gone = group_changes(cfg, compose(others))
         assigned += changed
         removed += gone
+    typed = [*assigned, *(f"~{k}" for k in removed)]
     merged = cfg.copy()
     with open_dict(merged):
         for section in SECTIONS:
@@ -128,16 +131,22 @@ def evaluation_config(
             node = OmegaConf.select(merged, parent) if parent else merged
             if isinstance(node, DictConfig) and leaf in node:
                 del node[leaf]
+        for section in SECTIONS:  # values redacted when stored (mtl/redact.py): composed ones
+            stored_leaves = _leaves(_container(merged.get(section)), f"{section}.")
+            for key, value in stored_leaves.items():
+                if value == REDACTED and key not in assigned:
+                    log.warning("%s: redacted in the checkpoint; using the composed value", key)
+                    assigned.append(key)
         for key in dict.fromkeys(assigned):  # each key once, in order
             value = OmegaConf.select(cfg, key, default=None)
             if isinstance(value, DictConfig | list) or OmegaConf.is_list(value):
                 value = OmegaConf.to_container(value, resolve=True)
             OmegaConf.update(merged, key, value, merge=False, force_add=True)
-    if assigned or removed:
+    if typed:
         log.info(
             "evaluation: model and data from the checkpoint's stored config; from the command "
             "line: %s",
-            ", ".join(dict.fromkeys([*assigned, *(f"~{k}" for k in removed)])),
+            ", ".join(dict.fromkeys(typed)),
         )
     return merged
 

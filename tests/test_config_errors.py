@@ -164,7 +164,7 @@ COMMANDS = [
 def test_a_mistake_on_the_command_line_is_one_error_line(tmp_path, command, expected):
     data_root = tmp_path / "scenes"
     result = subprocess.run(
-        [sys.executable, *command, f"data.root={data_root}"],
+        [sys.executable, *command, f"data.root={data_root}", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     errors = _error_lines(result)
@@ -178,7 +178,7 @@ def test_synthetic_scenes_of_other_counts_and_size_are_one_error_line(tmp_path):
 
     data_root = generate(tmp_path / "scenes", n_train=2, n_val=1, size=(32, 40))
     result = subprocess.run(
-        [sys.executable, "train.py", f"data.root={data_root}"],
+        [sys.executable, "train.py", f"data.root={data_root}", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     errors = _error_lines(result)

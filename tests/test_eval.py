@@ -20,6 +20,7 @@ from PIL import Image
 from mtl.eval_config import evaluation_config
 from mtl.export import PredictionWriter
 from mtl.metrics.boundary import pyedgeeval_available
+from mtl.redact import REDACTED
 from mtl.tasks import get_task
 from mtl.train import train
 
@@ -174,7 +175,7 @@ def test_evaluation_builds_the_model_and_data_from_the_checkpoint(trained_run, t
     out = tmp_path / "eval"
     script, *rest = command
     result = run_script(
-        script, *rest, f"ckpt_path={checkpoint}", f"paths.output_dir={out}",
+        script, *rest, f"ckpt_path={checkpoint}", f"hydra.run.dir={out}",
         "data.class_names.semseg=[a,b,c,d,e]",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
@@ -214,7 +215,7 @@ def test_a_model_option_replaces_the_stored_node_and_an_unfit_checkpoint_is_one_
     checkpoint = trained_run / "checkpoints" / "last.ckpt"
     out = tmp_path / "eval"
     result = run_script(
-        "eval.py", f"ckpt_path={checkpoint}", f"paths.output_dir={out}", "model/decoder=hrnet"
+        "eval.py", f"ckpt_path={checkpoint}", f"hydra.run.dir={out}", "model/decoder=hrnet"
     )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr + result.stdout
@@ -232,7 +233,7 @@ def test_resuming_a_checkpoint_of_another_model_is_one_error(trained_run, tiny_d
     result = run_script(
         "train.py", f"ckpt_path={checkpoint}", "data.tasks=[semseg,depth]",
         "data.generate.n_train=16", "data.generate.n_val=8", "data.image_size=[48,64]",
-        f"data.root={tiny_data_root}", f"paths.output_dir={tmp_path / 'run'}",
+        f"data.root={tiny_data_root}", f"hydra.run.dir={tmp_path / 'run'}",
     )  # fmt: skip
     assert result.returncode != 0
     assert "Traceback" not in result.stderr + result.stdout
@@ -274,4 +275,7 @@ def test_command_line_values_win_over_the_stored_config(make_cfg):
     plain = evaluation_config(make_cfg(), stored, [])
     for section in ("data", "model", "balancer", "flat"):
         assert OmegaConf.to_container(plain[section], resolve=True) == stored[section]
+    # a value redacted when stored (it held a credential-like string) is never used as is
+    stored["data"]["root"] = REDACTED
+    assert evaluation_config(cfg, stored, []).data.root == cfg.data.root
 
