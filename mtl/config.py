@@ -278,6 +278,7 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("max_bad_steps", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     ("diagnostics_every_n_steps", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: never)"),
     ("eval_ckpt", lambda v: v in ("best", "last"), "best or last"),
+    ("resume", lambda v: v in ("never", "auto"), "never or auto"),
 ]
 
 

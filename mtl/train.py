@@ -167,10 +167,12 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, 
     failed = True
     try:
         if cfg.get("train", True):
+            validate_config(cfg)
             path = resolve_ckpt_path(cfg)
             given = _checkpoint_to_load(path, RESUME_HINT) if path else None
         else:
             cfg, given = _evaluation_setup(cfg, overrides)
+            validate_config(cfg)
         scores = _fit_and_evaluate(cfg, given)
         failed = False
         return scores
@@ -179,7 +181,8 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, 
 
 
 def _fit_and_evaluate(cfg: DictConfig, given: GivenCheckpoint | None) -> dict[str, float]:
-    validate_config(cfg)
+    """Build, fit (``train=true``) and score; `cfg` is validated, `given` is the checkpoint to
+    resume from or to evaluate."""
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = resolved_config(cfg)  # credentials redacted (mtl/redact.py)

@@ -53,6 +53,7 @@ CASES = [
     (["data.skip_bad=maybe"], ["data.skip_bad: 'maybe'; expected true or false"]),
     (["max_bad_steps=0"], ["max_bad_steps: 0; expected an integer >= 1"]),
     (["eval_ckpt=first"], ["eval_ckpt: 'first'; expected best or last"]),
+    (["resume=sometimes"], ["resume: 'sometimes'; expected never or auto"]),
     (["data.tasks=semseg"], ["data.tasks: 'semseg' is a single name; expected a list: "
                              "data.tasks=[semseg]"]),
     (["+trainer.max_epoch=1"], ["trainer.max_epoch: not an argument of the Trainer "
