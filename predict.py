@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> None:
+    import torch
+
     from mtl.api import load
     from mtl.predict import check_images, find_images, predict_files
 
@@ -27,11 +29,14 @@ def run(cfg: DictConfig) -> None:
             f"{', '.join(missing)}: missing; python predict.py "
             "ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt input=DIR_OR_GLOB"
         )
+    device = str(cfg.get("device") or "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device!r}, but PyTorch sees no CUDA device; use device=cpu")
     paths = find_images(str(cfg.input))  # bad input is reported before the model is loaded
     check_images(paths)
     output = cfg.get("output") or HydraConfig.get().runtime.output_dir
     try:
-        loaded = load(cfg.ckpt_path, map_location=cfg.get("device") or "cpu")
+        loaded = load(cfg.ckpt_path, map_location=device)
     except FileNotFoundError as error:
         raise ConfigError(f"ckpt_path: {error}") from None
     log.info("model of %s (epoch %d, step %d)", cfg.ckpt_path, loaded.epoch, loaded.step)

@@ -3,6 +3,7 @@ and overviews."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -10,9 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 import mtl
+from mtl.config import ConfigError
 from mtl.predict import PredictError, check_images, find_images, output_names, read_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,3 +124,13 @@ def test_predictions_need_a_checkpoint_and_input(tmp_path):
     result = predict("input=photos", cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "error: ckpt_path: missing; python predict.py ckpt_path=" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
+def test_a_cuda_device_without_cuda_is_named():
+    spec = importlib.util.spec_from_file_location("predict_entry", ROOT / "predict.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    cfg = OmegaConf.create({"ckpt_path": "x.ckpt", "input": "photos", "device": "cuda"})
+    with pytest.raises(ConfigError, match="device: 'cuda', but PyTorch sees no CUDA device"):
+        entry.run(cfg)
