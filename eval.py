@@ -1,9 +1,10 @@
 """Evaluate a checkpoint: ``python eval.py ckpt_path=PATH [key=value ...]``.
 
-The same configuration as ``train.py`` with ``train=false``: the model is tested on the
+The same as ``train.py train=false``: the model and data are built from the config stored in
+the checkpoint (command-line values win, see `mtl.eval_config`), the model is tested on the
 validation split on one device and ``metrics.json`` gets ``test/<task>/<metric>`` keys, the
-per-class tables and, with ``delta_m_baselines=NAME``, Δm. Pass the overrides the checkpoint was
-trained with (``experiment=...``, ``model/...``) so the model matches it.
+per-class tables, ``checkpoint/epoch`` and ``checkpoint/step`` and, with
+``delta_m_baselines=NAME``, Δm.
 """
 
 import sys
@@ -11,6 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from mtl.cli import reporting_errors
 from mtl.train import train
 
 #: Overrides that turn the training config into an evaluation (given ones take precedence).
@@ -19,7 +21,7 @@ EVALUATION_OVERRIDES = ("train=false", "task_name=eval")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    reporting_errors(lambda: train(cfg))
 
 
 def with_evaluation_overrides(argv: list[str]) -> list[str]:

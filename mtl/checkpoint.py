@@ -116,8 +116,11 @@ def atomic_save(checkpoint: Mapping[str, Any], path: str | Path) -> None:
     _fsync_dir(path.parent)
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``torch.load(weights_only=True)``.
+def load_checkpoint(
+    path: str | Path, map_location: Any = "cpu", mmap: bool = False
+) -> dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)``; ``mmap=True`` maps the tensors
+    from the file instead of reading them (cheap when only the metadata is needed).
 
     Raises:
         FileNotFoundError: no file at `path`.
@@ -128,7 +131,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
         detail = str(error).splitlines()[0] if str(error) else ""
         raise CheckpointError(

@@ -26,9 +26,20 @@ class ConfigError(ValueError):
 def config_problems(cfg: DictConfig) -> list[str]:
     """Every problem of `cfg`, one line each naming the key, the value and what is allowed."""
     problems: list[str] = []
+    if not cfg.get("train", True) and not cfg.get("ckpt_path"):
+        problems.append(
+            "ckpt_path: missing; evaluation (eval.py, train.py train=false) scores a checkpoint: "
+            "ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt"
+        )
     data = cfg.data
     available = list(data.get("available_tasks") or [])
-    for task in data.tasks:
+    tasks = data.tasks
+    if isinstance(tasks, str):  # `data.tasks=semseg`: Hydra reads a plain string
+        problems.append(
+            f"data.tasks: {tasks!r} is a single name; expected a list: data.tasks=[{tasks}]"
+        )
+        tasks = []
+    for task in tasks:
         if task not in TASKS:
             problems.append(f"data.tasks: unknown task '{task}'; registered tasks: {sorted(TASKS)}")
         elif task not in available:
@@ -61,6 +72,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     problems += baselines_problems(
         cfg.get("delta_m_baselines"), list(data.tasks), cfg.get("optimized_metric")
     )
+    problems += trainer_argument_problems(cfg.get("trainer"))
 
     import timm  # imported here: timm's import is slow and the task checks do not need it
 
@@ -116,6 +128,33 @@ def weights_problems(cfg: DictConfig) -> list[str]:
         log.warning(message)
         return []
     return [message]
+
+
+def trainer_argument_problems(trainer: DictConfig | None) -> list[str]:
+    """Keys of the ``trainer`` node that its class does not accept (e.g. the typo
+    ``+trainer.max_epoch=1``), each with the closest argument name."""
+    import inspect
+
+    if not trainer or not trainer.get("_target_"):
+        return []
+    try:
+        cls = get_class(trainer._target_)
+    except Exception as error:  # hydra wraps import errors in several types
+        return [f"trainer._target_: cannot import '{trainer._target_}' ({error})"]
+    parameters = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return []
+    accepted = [name for name in parameters if name != "self"]
+    problems = []
+    for key in trainer:
+        if str(key).startswith("_") or key in accepted:
+            continue
+        close = difflib.get_close_matches(str(key), accepted, n=1, cutoff=0.6)
+        problems.append(
+            f"trainer.{key}: not an argument of the Trainer ({trainer._target_})"
+            + (f"; did you mean trainer.{close[0]}?" if close else "")
+        )
+    return problems
 
 
 def _adapter_problems(cfg: DictConfig) -> list[str]:
@@ -288,6 +327,7 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("max_bad_steps", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     ("diagnostics_every_n_steps", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: never)"),
     ("eval_ckpt", lambda v: v in ("best", "last"), "best or last"),
+    ("resume", lambda v: v in ("never", "auto"), "never or auto"),
 ]
 
 

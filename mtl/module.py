@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -294,3 +295,14 @@ class MultiTaskModule(L.LightningModule):
             self.schedule_steps,
             config.scheduler.last_epoch,
         )
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: str, map_location: Any = None, *args: Any, **kwargs: Any
+    ) -> MultiTaskModule:
+        """The module of a checkpoint written by ``train.py``, rebuilt from the config stored
+        in it (`mtl.api.load_module`), in eval mode. For inference, ``mtl.load(path)`` gives
+        the model with its tasks, class names and input transform."""
+        from mtl.api import load_module  # local: mtl.api builds modules through mtl.train
+
+        return load_module(checkpoint_path, map_location=map_location)

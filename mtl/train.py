@@ -5,10 +5,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -18,17 +22,22 @@ from rich.table import Table
 from mtl.balancers import build_balancer
 from mtl.callbacks import TrainingInterrupted
 from mtl.checkpoint import (
+    CONFIG_KEY,
     AtomicCheckpointIO,
+    IncompatibleCheckpointError,
+    check_compatible,
+    load_checkpoint,
     model_signature,
     resolve_ckpt_path,
     step_checkpoint,
 )
 from mtl.compile import compile_backbone
-from mtl.config import validate_config
+from mtl.config import ConfigError, validate_config
 from mtl.console import quiet_console
 from mtl.data.datamodule import MultiTaskDataModule
 from mtl.data.gpu_augment import gpu_augment_pipeline
 from mtl.data.skip import SkippedSamples
+from mtl.eval_config import evaluation_config, section_overrides
 from mtl.export import PredictionWriter
 from mtl.loggers import build_loggers, finish_loggers, logger_callbacks
 from mtl.metrics.callback import MetricsCallback
@@ -168,22 +177,32 @@ def table_text(table: Table) -> str:
     return console.file.getvalue().rstrip()
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
+def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, float]:
     """Fit, then validate (``val/`` keys); or, with ``train=false``, test ``ckpt_path`` on one
-    device (``test/`` keys). Writes the run files; returns the scores. The job's W&B run is
-    finished on return and on error, so jobs of a multirun never share one."""
+    device (``test/`` keys) with the model and data of the checkpoint's stored config and the
+    command line's `overrides` on top (default: Hydra's ``overrides.task`` inside a Hydra app,
+    none outside; see `mtl.eval_config`). Writes the run files; returns the scores. The job's
+    W&B run is finished on return and on error, so jobs of a multirun never share one."""
     quiet_console()
     failed = True
     try:
-        scores = _fit_and_evaluate(cfg)
+        if cfg.get("train", True):
+            validate_config(cfg)
+            path = resolve_ckpt_path(cfg)
+            given = _checkpoint_to_load(path, RESUME_HINT) if path else None
+        else:
+            cfg, given = _evaluation_setup(cfg, overrides)
+            validate_config(cfg)
+        scores = _fit_and_evaluate(cfg, given)
         failed = False
         return scores
     finally:
         finish_loggers(failed)
 
 
-def _fit_and_evaluate(cfg: DictConfig) -> dict[str, float]:
-    validate_config(cfg)
+def _fit_and_evaluate(cfg: DictConfig, given: GivenCheckpoint | None) -> dict[str, float]:
+    """Build, fit (``train=true``) and score; `cfg` is validated, `given` is the checkpoint to
+    resume from or to evaluate."""
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = resolved_config(cfg)  # credentials redacted (mtl/redact.py)
@@ -202,6 +221,8 @@ def _fit_and_evaluate(cfg: DictConfig) -> dict[str, float]:
     # stored in every checkpoint: loading refuses another model; the config as plain containers
     module.checkpoint_signature = model_signature(cfg, counts["params/total"])
     module.checkpoint_config = resolved
+    if given is not None:  # refuse another model before any data is read
+        given.check(module.checkpoint_signature)
 
     callbacks = build_callbacks(cfg) + step_checkpoint(cfg)
     loggers = build_loggers(cfg)
@@ -215,7 +236,7 @@ def _fit_and_evaluate(cfg: DictConfig) -> dict[str, float]:
 
     if cfg.train:
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+            trainer.fit(module, datamodule=datamodule, ckpt_path=given and given.path)
         except TrainingInterrupted as stop:  # SIGTERM / SIGINT: checkpoint saved, exit non-zero
             log.warning("%s; resume with ckpt_path=last or resume=auto", stop)
             raise SystemExit(stop.exit_code) from None
@@ -224,13 +245,13 @@ def _fit_and_evaluate(cfg: DictConfig) -> dict[str, float]:
         )
         stage, evaluate = "val", trainer.validate
     else:
-        checkpoint = resolve_ckpt_path(cfg) if cfg.get("ckpt_path") else None
-        if not checkpoint:
-            raise ValueError("train=false evaluates a checkpoint: set ckpt_path=PATH")
+        checkpoint = given.path
         stage, evaluate = "test", trainer.test
     results = evaluate(module, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
     scores = {k: float(v) for k, v in results[0].items()} if results else {}
     scores.update(counts)
+    if checkpoint:  # which checkpoint was scored
+        scores.update(checkpoint_position(checkpoint))
 
     if trainer.is_global_zero:
         write_run_scores(output_dir, scores, module.metrics, cfg, stage)
@@ -258,12 +279,99 @@ def _checkpoint_io(cfg: DictConfig) -> dict:
     return {"plugins": [AtomicCheckpointIO()]}
 
 
+#: What to do when a checkpoint to resume from does not fit the configured model.
+RESUME_HINT = "resume it with the config it was trained with (config.yaml of its run)"
+
+
+@dataclass
+class GivenCheckpoint:
+    """The checkpoint a run resumes from or evaluates, and what to do when it does not fit."""
+
+    path: str
+    checkpoint: dict[str, Any]
+    hint: str
+
+    def check(self, signature: dict[str, Any]) -> None:
+        """Raise `IncompatibleCheckpointError` naming what differs, and `hint`, when the
+        configured model is not the checkpoint's."""
+        try:
+            check_compatible(self.checkpoint, signature, source=f"checkpoint {self.path}")
+        except IncompatibleCheckpointError as error:
+            raise IncompatibleCheckpointError(f"{error}\n  {self.hint}") from None
+
+
+def _checkpoint_to_load(path: str | Path, hint: str) -> GivenCheckpoint:
+    """The checkpoint at `path`, its tensors mapped rather than read (Lightning loads it)."""
+    try:
+        checkpoint = load_checkpoint(path, mmap=True)
+    except FileNotFoundError:
+        raise ConfigError(f"ckpt_path: no checkpoint file at {path}") from None
+    return GivenCheckpoint(str(path), checkpoint, hint)
+
+
+def _evaluation_setup(
+    cfg: DictConfig, overrides: Sequence[str] | None
+) -> tuple[DictConfig, GivenCheckpoint]:
+    """The checkpoint to evaluate and the config to build for it: the checkpoint's stored
+    model and data with the command line's changes on top (`mtl.eval_config`)."""
+    if not cfg.get("ckpt_path"):
+        validate_config(cfg)  # reports the missing ckpt_path with every other problem
+    path = resolve_ckpt_path(cfg)
+    if path is None:
+        raise ConfigError(
+            f"ckpt_path: {cfg.ckpt_path!r}: no checkpoint found; give the file, e.g. "
+            "ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt"
+        )
+    checkpoint = _checkpoint_to_load(path, "").checkpoint
+    hydra = HydraConfig.get() if HydraConfig.initialized() else None
+    if overrides is None:
+        overrides = list(hydra.overrides.task) if hydra is not None else []
+    groups = set(hydra.runtime.choices) if hydra is not None else set()
+    stored = checkpoint.get(CONFIG_KEY)
+    if stored is None:
+        log.warning("checkpoint %s holds no stored config: using the composed config", path)
+    else:
+        compose = None
+        if hydra is not None:
+
+            def compose(given: list[str]) -> DictConfig:
+                from hydra import compose as hydra_compose
+
+                return hydra_compose(config_name=hydra.job.config_name, overrides=given)
+
+        cfg = evaluation_config(cfg, stored, overrides, groups, compose)
+    changing = section_overrides(overrides, groups)
+    hint = (
+        f"drop {' '.join(changing)}: evaluation builds the model from the checkpoint's stored "
+        "config"
+        if changing and stored is not None
+        else "evaluate it with the overrides it was trained with"
+    )
+    return cfg, GivenCheckpoint(str(path), checkpoint, hint)
+
+
+def checkpoint_position(path: str | Path) -> dict[str, int]:
+    """``checkpoint/epoch`` (0-based, as in ``epoch_NNN.ckpt``) and ``checkpoint/step``
+    (optimiser steps) of the checkpoint file at `path`."""
+    checkpoint = load_checkpoint(path, mmap=True)
+    return {
+        "checkpoint/epoch": int(checkpoint.get("epoch", -1)),
+        "checkpoint/step": int(checkpoint.get("global_step", -1)),
+    }
+
+
 def _evaluation_checkpoint(trainer: L.Trainer, which: str) -> str | None:
-    """Path of the best or last checkpoint of this fit (None: keep the weights in memory)."""
+    """Path of the best (lowest ``val/loss``) or the last checkpoint of this fit: the file
+    written last by any checkpoint callback (None: no file, keep the weights in memory)."""
     if which not in ("best", "last"):
         raise ValueError(f"eval_ckpt: '{which}'; expected 'best' or 'last'")
-    callback = trainer.checkpoint_callback
-    if callback is None:
-        return None
-    path = callback.best_model_path if which == "best" else callback.last_model_path
-    return path or callback.last_model_path or None
+    if which == "best" and trainer.checkpoint_callback is not None:
+        if trainer.checkpoint_callback.best_model_path:
+            return trainer.checkpoint_callback.best_model_path
+    written = {
+        path
+        for callback in trainer.checkpoint_callbacks
+        for path in (callback.last_model_path, callback.best_model_path)
+        if path and Path(path).exists()
+    }
+    return max(written, key=lambda p: Path(p).stat().st_mtime_ns) if written else None

@@ -39,3 +39,36 @@ def make_cfg(tiny_data_root: Path, tmp_path: Path) -> Callable[..., DictConfig]:
             return compose(config_name="train", overrides=[*base, *overrides])
 
     return _make
+
+
+#: The session's trained checkpoint: one short epoch with a non-default decoder, so that an
+#: evaluation that does not use the stored config builds another model.
+TRAINED = [
+    "model/decoder=conv",
+    "model.decoder.hidden_channels=16",
+    "trainer.max_epochs=1",
+    "+trainer.limit_train_batches=2",
+    "trainer.num_sanity_val_steps=0",
+]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run directory of one tiny training (all five synthetic tasks), trained once per
+    session; its checkpoint is ``checkpoints/last.ckpt``."""
+    from mtl.train import train  # imported here: the plain config tests do not need it
+
+    run = tmp_path_factory.mktemp("trained")
+    base = [
+        *TINY_DATA,
+        f"data.root={tiny_data_root}",
+        f"paths.root_dir={ROOT}",
+        f"paths.output_dir={run}",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "trainer.enable_progress_bar=false",
+    ]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(config_name="train", overrides=[*base, *TRAINED])
+    train(cfg)
+    return run

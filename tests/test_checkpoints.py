@@ -292,7 +292,7 @@ def test_incompatible_checkpoint_is_refused_naming_the_difference(make_cfg, tmp_
     with pytest.raises(IncompatibleCheckpointError) as error:
         train(cfg)
     message = str(error.value)
-    assert message.startswith("checkpoint was written for another model")
+    assert message.startswith(f"checkpoint {path} was written for another model")
     assert "tasks: checkpoint ['semseg', 'depth'], config ['semseg']" in message
     assert "task_channels: checkpoint {'semseg': 5, 'depth': 1}, config {'semseg': 5}" in message
     assert not (tmp_path / "one" / "checkpoints" / "last.ckpt").exists()  # nothing trained

@@ -53,6 +53,13 @@ CASES = [
     (["data.skip_bad=maybe"], ["data.skip_bad: 'maybe'; expected true or false"]),
     (["max_bad_steps=0"], ["max_bad_steps: 0; expected an integer >= 1"]),
     (["eval_ckpt=first"], ["eval_ckpt: 'first'; expected best or last"]),
+    (["resume=sometimes"], ["resume: 'sometimes'; expected never or auto"]),
+    (["data.tasks=semseg"], ["data.tasks: 'semseg' is a single name; expected a list: "
+                             "data.tasks=[semseg]"]),
+    (["+trainer.max_epoch=1"], ["trainer.max_epoch: not an argument of the Trainer "
+                                "(lightning.pytorch.Trainer); did you mean trainer.max_epochs?"]),
+    (["train=false"], ["ckpt_path: missing; evaluation (eval.py, train.py train=false) scores a "
+                       "checkpoint: ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt"]),
 ]  # fmt: skip
 
 
@@ -133,3 +140,52 @@ def test_worker_errors_are_shown_without_the_worker_traceback():
         "NYUD-v2 sample 's1': cannot decode image: /data/images/s1.jpg"
     )
     assert entry.user_message(DatasetError("plain")) == "plain"
+
+
+def _error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+# A user's command line as typed, each with the README's data.root (never generated here).
+COMMANDS = [
+    (["eval.py"], "ckpt_path: missing; evaluation (eval.py, train.py train=false) scores a "
+                  "checkpoint: ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt"),
+    (["train.py", "train=false"], "ckpt_path: missing; evaluation"),
+    (["train.py", "+trainer.max_epoch=1"], "trainer.max_epoch: not an argument of the Trainer "
+                                           "(lightning.pytorch.Trainer); did you mean "
+                                           "trainer.max_epochs?"),
+    (["train.py", "data.tasks=semseg"], "data.tasks: 'semseg' is a single name; expected a list: "
+                                        "data.tasks=[semseg]"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("command", "expected"), COMMANDS, ids=[" ".join(c[0]) for c in COMMANDS])
+def test_a_mistake_on_the_command_line_is_one_error_line(tmp_path, command, expected):
+    data_root = tmp_path / "scenes"
+    result = subprocess.run(
+        [sys.executable, *command, f"data.root={data_root}", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    errors = _error_lines(result)
+    assert errors == ["error: invalid configuration:"]
+    assert f"  - {expected}" in result.stderr
+    assert not data_root.exists()  # reported before anything was built
+
+
+def test_synthetic_scenes_of_other_counts_and_size_are_one_error_line(tmp_path):
+    from mtl.data.synthetic import generate
+
+    data_root = generate(tmp_path / "scenes", n_train=2, n_val=1, size=(32, 40))
+    result = subprocess.run(
+        [sys.executable, "train.py", f"data.root={data_root}", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    errors = _error_lines(result)
+    assert len(errors) == 1
+    assert errors[0].startswith(f"error: data.root: the synthetic scenes at {data_root} were ")
+    assert (
+        "set data.generate.n_train, data.generate.n_val, data.image_size to the generated values, "
+        "or point data.root to another folder" in errors[0]
+    )

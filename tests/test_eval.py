@@ -5,19 +5,26 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 from PIL import Image
 
+from mtl.eval_config import evaluation_config
 from mtl.export import PredictionWriter
 from mtl.metrics.boundary import pyedgeeval_available
+from mtl.redact import REDACTED
 from mtl.tasks import get_task
 from mtl.train import train
 
+ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["semseg", "depth", "normals", "edge", "sal"]
 SCORES = {  # scores every evaluation reports (edge odsF/oisF/AP need pyedgeeval)
     "semseg": ["mIoU", "pixel_acc", "loss"],
@@ -147,3 +154,128 @@ def test_eval_script_adds_the_evaluation_overrides():
         "train=false",
         "task_name=mine",
     ]
+
+
+# ---------------------------------------------------------------- the checkpoint's stored config
+def run_script(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python <args>`` as a user runs it, from `cwd`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+@pytest.mark.parametrize(
+    "command", [["eval.py"], ["train.py", "train=false"]], ids=["eval.py", "train=false"]
+)
+def test_evaluation_builds_the_model_and_data_from_the_checkpoint(trained_run, tmp_path, command):
+    """Trained with model/decoder=conv and tiny data; evaluated with nothing but the checkpoint
+    (and a class-name override, which wins): the run's own final scores come back."""
+    checkpoint = trained_run / "checkpoints" / "last.ckpt"
+    out = tmp_path / "eval"
+    script, *rest = command
+    result = run_script(
+        script, *rest, f"ckpt_path={checkpoint}", f"hydra.run.dir={out}",
+        "data.class_names.semseg=[a,b,c,d,e]",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["model"]["decoder"]["_target_"].endswith("ConvDecoder")
+    assert config["model"]["decoder"]["hidden_channels"] == 16
+    assert config["data"]["generate"]["n_train"] == 16 and config["data"]["image_size"] == [48, 64]
+
+    scores = json.loads((out / "metrics.json").read_text())
+    trained = json.loads((trained_run / "metrics.json").read_text())
+    for key in ("semseg/mIoU", "semseg/pixel_acc", "depth/rmse", "normals/mean_angle", "sal/maxF"):
+        assert scores[f"test/{key}"] == pytest.approx(trained[f"val/{key}"], rel=1e-5), key
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert scores["checkpoint/epoch"] == stored["epoch"] == 0
+    assert scores["checkpoint/step"] == stored["global_step"] == 2
+
+    with open(out / "per_class.csv") as f:
+        assert [row["class"] for row in csv.DictReader(f)] == ["a", "b", "c", "d", "e"]
+
+
+def test_a_training_run_scores_its_last_checkpoint_and_names_it(trained_run, make_cfg):
+    assert make_cfg().eval_ckpt == "last"
+    scores = json.loads((trained_run / "metrics.json").read_text())
+    last = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (scores["checkpoint/epoch"], scores["checkpoint/step"]) == (
+        last["epoch"],
+        last["global_step"],
+    )
+    assert isinstance(scores["checkpoint/step"], int) and scores["val/semseg/mIoU"] > 0
+
+
+def test_a_model_option_replaces_the_stored_node_and_an_unfit_checkpoint_is_one_error(
+    trained_run, tmp_path
+):
+    checkpoint = trained_run / "checkpoints" / "last.ckpt"
+    out = tmp_path / "eval"
+    result = run_script(
+        "eval.py", f"ckpt_path={checkpoint}", f"hydra.run.dir={out}", "model/decoder=hrnet"
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: checkpoint {checkpoint} was written for another model:"]
+    assert "decoder: checkpoint 'mtl.models.decoders.ConvDecoder', config " in result.stderr
+    assert "drop model/decoder=hrnet: evaluation builds the model from the checkpoint's" in (
+        result.stderr
+    )
+    assert not (out / "metrics.json").exists()
+
+
+def test_resuming_a_checkpoint_of_another_model_is_one_error(trained_run, tiny_data_root, tmp_path):
+    checkpoint = trained_run / "checkpoints" / "last.ckpt"
+    result = run_script(
+        "train.py", f"ckpt_path={checkpoint}", "data.tasks=[semseg,depth]",
+        "data.generate.n_train=16", "data.generate.n_val=8", "data.image_size=[48,64]",
+        f"data.root={tiny_data_root}", f"hydra.run.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    assert f"error: checkpoint {checkpoint} was written for another model" in result.stderr
+    assert "tasks: checkpoint ['semseg', 'depth', 'normals', 'edge', 'sal'], config " in (
+        result.stderr
+    )
+
+
+def test_command_line_values_win_over_the_stored_config(make_cfg):
+    stored = OmegaConf.to_container(
+        make_cfg("model/decoder=conv", "model.decoder.hidden_channels=16",
+                 "data.tasks=[semseg,depth]", "data.batch_size=8"),
+        resolve=True,
+    )  # fmt: skip
+    stored["data"]["root"] = "/elsewhere/scenes"
+    overrides = [
+        "experiment=synthetic_vit_tiny_none_equal",  # a global group: the values it changes
+        "data.batch_size=2",  # typed: wins
+        "~data.metric_options",  # removed
+        "model/adapter=lora",  # a group inside the model: the chosen node, whole
+    ]
+    cfg = make_cfg(*overrides)
+    groups = ["data", "model", "model/backbone", "model/decoder", "model/adapter", "experiment"]
+    merged = evaluation_config(
+        cfg, stored, overrides, groups,
+        compose=lambda given: make_cfg(*given),
+    )  # fmt: skip
+    assert list(merged.data.tasks) == ["semseg", "depth"]  # stored
+    assert merged.data.root == "/elsewhere/scenes"  # stored
+    assert merged.data.batch_size == 2  # typed
+    assert "metric_options" not in merged.data
+    assert merged.model.decoder.hidden_channels == 16  # stored, untouched by the options
+    assert merged.model.backbone.name == "vit_tiny_patch16_224"  # the experiment's
+    assert merged.model.backbone.patch_size == 8
+    assert merged.model.adapter._target_ == cfg.model.adapter._target_ == "mtl.models.adapters.LoRA"
+    assert merged.trainer == cfg.trainer and merged.paths == cfg.paths  # not stored sections
+    # without command-line changes, the stored sections as they are
+    plain = evaluation_config(make_cfg(), stored, [])
+    for section in ("data", "model", "balancer", "flat"):
+        assert OmegaConf.to_container(plain[section], resolve=True) == stored[section]
+    # a value redacted when stored (it held a credential-like string) is never used as is
+    stored["data"]["root"] = REDACTED
+    assert evaluation_config(cfg, stored, []).data.root == cfg.data.root
+

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mtl.data.base import DatasetError
+
 __all__ = [
     "CLASS_NAMES",
     "DEPTH_EDGE_REL",
@@ -759,7 +761,8 @@ def ensure_generated(
 ) -> Path:
     """Return ``root`` holding the requested set, generating it first if it is missing.
 
-    Raises ``ValueError`` if ``root/meta.json`` exists with other parameters.
+    Raises `DatasetError` (a ``ValueError``) naming the config keys that differ if
+    ``root/meta.json`` exists with other parameters.
     """
     root = Path(root)
     requested = _params(n_train, n_val, _validate(n_train, n_val, size, seed), seed)
@@ -767,9 +770,13 @@ def ensure_generated(
     if stored == requested:
         return root
     if stored is not None:
-        raise ValueError(
-            f"synthetic dataset at {root} was generated with {stored}, but {requested} was "
-            "requested; delete the folder or point to another one"
+        keys = {"n_train": "data.generate.n_train", "n_val": "data.generate.n_val",
+                "image_size": "data.image_size", "seed": "data.generate.seed"}  # fmt: skip
+        differ = [keys.get(k, k) for k in _PARAM_KEYS if stored.get(k) != requested.get(k)]
+        raise DatasetError(
+            f"data.root: the synthetic scenes at {root} were generated with {stored}, but the "
+            f"config asks for {requested}; set {', '.join(differ)} to the generated values, "
+            "or point data.root to another folder (or delete this one)"
         )
     _log.info(
         "No synthetic dataset at %s: generating %d train + %d val scenes of %dx%d (seed %d)",
