@@ -365,9 +365,9 @@ def _evaluation_checkpoint(trainer: L.Trainer, which: str) -> str | None:
     written last by any checkpoint callback (None: no file, keep the weights in memory)."""
     if which not in ("best", "last"):
         raise ValueError(f"eval_ckpt: '{which}'; expected 'best' or 'last'")
-    if which == "best" and trainer.checkpoint_callback is not None:
-        if trainer.checkpoint_callback.best_model_path:
-            return trainer.checkpoint_callback.best_model_path
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if which == "best" and best:
+        return best
     written = {
         path
         for callback in trainer.checkpoint_callbacks
