@@ -3,9 +3,9 @@
 ``python predict.py ckpt_path=PATH input=DIR_OR_GLOB [output=DIR]`` runs the checkpoint's model
 (`mtl.load`) on every image of a folder or glob, at each image's own size, and writes::
 
-    <task>/<name>.png      a picture: classes coloured (PASCAL VOC palette), depth with a colour
-                           map (near = dark), normals as RGB ((n + 1) / 2), edge and saliency
-                           probabilities as grey levels
+    <task>/<name>.png      a picture drawn by the task's kind (`mtl.render`): classes coloured
+                           (PASCAL VOC palette), normals as RGB ((n + 1) / 2), depth (0 to its
+                           maximum) and edge/saliency probabilities (0 to 1) through viridis
     <task>/<name>.npy      the raw prediction: class indices (uint8, HxW), depth in metres
                            (float32, HxW), unit normals (float32, HxWx3), probabilities
                            (float32, HxW)
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mtl import render
 from mtl.api import LoadedModel
-from mtl.export import colourise
 from mtl.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -94,27 +94,11 @@ def raw_array(task: str, prediction: torch.Tensor) -> np.ndarray:
 
 
 def picture(task: str, prediction: torch.Tensor) -> np.ndarray:
-    """A decoded prediction as an HxWx3 uint8 picture (see the module docstring)."""
-    spec = get_task(task)
-    if spec.classification:
-        return colourise(task, prediction, is_target=True)  # class indices -> palette
-    if prediction.shape[0] == 3:  # vectors: RGB
-        return np.round((prediction.clamp(-1, 1).permute(1, 2, 0).numpy() + 1) * 127.5).astype(
-            np.uint8
-        )
-    value = prediction[0].float().numpy()
-    if spec.decode is torch.sigmoid:  # probabilities: grey levels
-        return np.repeat(np.round(value * 255).astype(np.uint8)[..., None], 3, axis=-1)
-    return colour_map(value)
-
-
-def colour_map(value: np.ndarray, name: str = "viridis") -> np.ndarray:
-    """A scalar map (e.g. depth) in colours, 0 to its maximum."""
-    from matplotlib import colormaps
-
-    top = float(value.max()) if value.size and value.max() > 0 else 1.0
-    rgba = colormaps[name](np.clip(value / top, 0, 1))
-    return np.round(rgba[..., :3] * 255).astype(np.uint8)
+    """A decoded prediction as an HxWx3 uint8 picture, drawn by the task's kind in the registry
+    (`mtl.render`): classes in palette colours, vectors as RGB, other maps through viridis from
+    0 (or their minimum) to their maximum."""
+    values = prediction.detach().float().cpu().numpy().reshape(-1, *prediction.shape[-2:])
+    return render.picture(task, values, render.colour_range(task, values, None), is_target=False)
 
 
 def save_overview(

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import mtl
+from mtl import render
 from mtl.config import ConfigError
 from mtl.predict import PredictError, check_images, find_images, output_names, read_image
 
@@ -67,9 +68,10 @@ def test_predict_writes_pictures_arrays_and_an_overview_per_image(trained_run, p
         semseg = np.load(out / "semseg" / f"{name}.npy")
         assert semseg.dtype == np.uint8 and semseg.max() < 5
         assert np.allclose(np.linalg.norm(np.load(out / "normals" / f"{name}.npy"), axis=2), 1)
+        # probabilities through the shared colour scale on [0, 1] (as in W&B and exports)
         sal = np.load(out / "sal" / f"{name}.npy")
-        grey = np.asarray(Image.open(out / "sal" / f"{name}.png"))[..., 0]
-        assert np.abs(grey.astype(float) - sal * 255).max() <= 0.5 + 1e-3
+        drawn = np.asarray(Image.open(out / "sal" / f"{name}.png")).astype(int)
+        assert np.abs(drawn - render.colourise(sal, 0.0, 1.0)).max() <= 1
         # one class, one colour: the picture's colours follow the class map
         colours = np.asarray(Image.open(out / "semseg" / f"{name}.png")).reshape(-1, 3)
         pairs = {(int(c), tuple(rgb)) for c, rgb in zip(semseg.reshape(-1), colours, strict=True)}
