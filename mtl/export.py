@@ -75,10 +75,13 @@ def save_array(path: Path, array: np.ndarray) -> Path:
 # --------------------------------------------------------------------------- colours
 
 
-def denormalise(image: Tensor) -> np.ndarray:
-    """Normalised [3,H,W] image -> HxWx3 uint8."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+def denormalise(
+    image: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> np.ndarray:
+    """[3,H,W] image normalised by `mean` and `std` (``data.mean``/``data.std``) -> HxWx3
+    uint8."""
+    mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     rgb = (image.detach().float().cpu() * std + mean).clamp(0, 1)
     return (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
@@ -115,6 +118,7 @@ class PredictionWriter(L.Callback):
         depth_format: "png16" (uint16 millimetres) or "npy" (float32 metres).
         max_visuals: side-by-side pictures to write (the first images; 0: none, -1: all).
         edge_thresholds: threshold set written to ``seism_parameters.txt`` (99, "hed" or a list).
+        mean, std: the input normalisation (``data.mean``/``data.std``), undone for pictures.
     """
 
     def __init__(
@@ -123,6 +127,8 @@ class PredictionWriter(L.Callback):
         depth_format: str = "png16",
         max_visuals: int = 16,
         edge_thresholds: int | str | Sequence[float] = 99,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         if depth_format not in ("png16", "npy"):
             raise ValueError(f"depth_format '{depth_format}': expected 'png16' or 'npy'")
@@ -130,6 +136,7 @@ class PredictionWriter(L.Callback):
         self.depth_format = depth_format
         self.max_visuals = max_visuals
         self.edge_thresholds = edge_thresholds
+        self.mean, self.std = tuple(mean), tuple(std)
         self.ids: list[str] = []
         self.tasks: set[str] = set()
         self.dataset: Any | None = None
@@ -212,7 +219,7 @@ class PredictionWriter(L.Callback):
             rows.append((label, truth, picture))
         folder = self.out_dir / "visual"
         folder.mkdir(parents=True, exist_ok=True)
-        side_by_side(denormalise(image), rows).save(folder / f"{sample_id}.png")
+        side_by_side(denormalise(image, self.mean, self.std), rows).save(folder / f"{sample_id}.png")
 
     def write_lists(self, rank: int = 0, world_size: int = 1) -> None:
         """Write the evaluated ids and the edge thresholds (SEISM's id list and parameters)."""

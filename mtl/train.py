@@ -37,6 +37,7 @@ from mtl.console import quiet_console
 from mtl.data.datamodule import MultiTaskDataModule
 from mtl.data.gpu_augment import gpu_augment_pipeline
 from mtl.data.skip import SkippedSamples
+from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mtl.eval_config import evaluation_config, section_overrides
 from mtl.export import PredictionWriter
 from mtl.loggers import build_loggers, finish_loggers, logger_callbacks
@@ -147,7 +148,13 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
         callbacks.append(SkippedSamples())  # logs data/skipped per epoch
     has_writer = any(isinstance(c, PredictionWriter) for c in callbacks)
     if cfg.get("save_predictions") and not has_writer:
-        callbacks.append(PredictionWriter(Path(cfg.paths.output_dir) / "predictions"))
+        callbacks.append(
+            PredictionWriter(
+                Path(cfg.paths.output_dir) / "predictions",
+                mean=list(cfg.data.get("mean") or IMAGENET_MEAN),
+                std=list(cfg.data.get("std") or IMAGENET_STD),
+            )
+        )
     return callbacks
 
 

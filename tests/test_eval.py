@@ -279,3 +279,18 @@ def test_command_line_values_win_over_the_stored_config(make_cfg):
     stored["data"]["root"] = REDACTED
     assert evaluation_config(cfg, stored, []).data.root == cfg.data.root
 
+
+
+def test_exported_pictures_undo_the_run_normalisation_not_imagenet():
+    """A ViT run normalises with 0.5/0.5 (its weights' config): the side-by-side pictures must
+    show the input as it was, which ImageNet constants would colour-shift."""
+    import numpy as np
+    import torch
+
+    from mtl.export import denormalise
+
+    rgb = np.random.default_rng(0).integers(0, 256, (3, 6, 7)).astype(np.float32)
+    normalised = (torch.tensor(rgb) / 255 - 0.5) / 0.5
+    shown = denormalise(normalised, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert np.array_equal(shown, np.moveaxis(rgb, 0, -1).astype(np.uint8))
+    assert not np.array_equal(denormalise(normalised), shown)
