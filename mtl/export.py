@@ -219,7 +219,8 @@ class PredictionWriter(L.Callback):
             rows.append((label, truth, picture))
         folder = self.out_dir / "visual"
         folder.mkdir(parents=True, exist_ok=True)
-        side_by_side(denormalise(image, self.mean, self.std), rows).save(folder / f"{sample_id}.png")
+        picture = side_by_side(denormalise(image, self.mean, self.std), rows)
+        picture.save(folder / f"{sample_id}.png")
 
     def write_lists(self, rank: int = 0, world_size: int = 1) -> None:
         """Write the evaluated ids and the edge thresholds (SEISM's id list and parameters)."""
