@@ -164,7 +164,9 @@ def plan(command: Command) -> Command:
         command.argv = first_job(argv)
         command.extra = [*size, "--cfg", "job", "--resolve"]
         return command
-    evaluates = script in ("eval.py", "predict.py") or "train=false" in words
+    if script == "predict.py":
+        return command  # its own small config: images and a checkpoint, nothing to shrink
+    evaluates = script == "eval.py" or "train=false" in words
     if evaluates or "debug=" in words:
         command.extra = [*size]
     elif "hparams_search=optuna" in words:
