@@ -91,16 +91,36 @@ def shell_lines(text: str) -> list[tuple[int, str]]:
     return lines
 
 
+def python_blocks(text: str) -> list[tuple[int, str]]:
+    """The ```python blocks, each as one program, with the line number of its first line."""
+    blocks, code, start = [], None, 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip() == "```python":
+            code, start = [], number + 1
+        elif line.strip() == "```" and code is not None:
+            blocks.append((start, "\n".join(code)))
+            code = None
+        elif code is not None:
+            code.append(line)
+    return blocks
+
+
 def readme_commands() -> list[Command]:
-    """Every command of the documents, split at ``&&``, with its plan."""
+    """Every command of the documents, split at ``&&``, and every Python example (run as
+    ``python -c``), in the order of each document, with its plan."""
     commands = []
     for document in DOCUMENTS:
-        for line, text in shell_lines((ROOT / document).read_text()):
-            words = shlex.split(text, comments=True)
+        text = (ROOT / document).read_text()
+        found = []
+        for line, shell in shell_lines(text):
+            words = shlex.split(shell, comments=True)
             while words:
                 cut = words.index("&&") if "&&" in words else len(words)
-                commands.append(plan(Command(document, line, words[:cut])))
+                found.append(Command(document, line, words[:cut]))
                 words = words[cut + 1 :]
+        for line, code in python_blocks(text):
+            found.append(Command(document, line, ["python", "-c", code]))
+        commands += [plan(c) for c in sorted(found, key=lambda c: c.line)]
     return commands
 
 
@@ -136,6 +156,8 @@ def plan(command: Command) -> Command:
         return command
     if program != "python":
         return command  # unknown: fails in the test, naming the command
+    if argv[1] == "-c":
+        return command  # a Python example: it reads what earlier commands wrote
     if argv[1:3] == ["-m", "pytest"]:
         command.skip = "the test command itself"
         return command
