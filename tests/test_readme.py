@@ -1,12 +1,14 @@
-"""Every shell command in README.md and datasets/README.md runs as written.
+"""Every shell command and Python example in README.md and datasets/README.md runs as written.
 
-The commands are read from the ```bash blocks of both files and run, in the order the files give
-them, in a scratch copy of the repository root (its entry points and ``conf/``; the package is
-the installed one), so they create ``data/`` and ``outputs/`` there exactly as they would for a
-user. The only arguments a test adds are size-reducing ones (``debug=fdr`` or a one-epoch limit,
-tiny generated data, fewer Optuna trials), and placeholders the README asks the user to fill in
-(``<run>``, ``...``, ``/data/NYUD_MT``, a weights file) become small folders and files written
-here in the official formats. A command no rule below knows fails: a command added to the README
+The commands are read from the ```bash blocks (and the ```python examples) of both files and run,
+in the order the files give them, in a scratch copy of the repository root (its entry points,
+``conf/`` and ``baselines/``; the package is the installed one), so they create ``data/`` and
+``outputs/`` there exactly as they would for a user. The only arguments a test adds are
+size-reducing ones (``debug=fdr`` or ``debug=limit``, tiny generated data, fewer Optuna trials),
+and placeholders the README asks the user to fill in (``<run>``, ``/data/NYUD_MT``, a weights
+file, the offline Hugging Face cache) become small folders and files written here in the
+official formats. Commands that need a GPU or a SLURM cluster are composed and resolved instead
+of run. A command no rule below knows fails: a command added to the README
 must come with a way to run it here, or a stated reason why it cannot.
 """
 
@@ -36,7 +38,7 @@ TINY_SYNTHETIC = ("data.generate.n_train=16", "data.generate.n_val=8", "data.ima
 #: ... and for the real datasets' small generated copies (images of 48x64).
 TINY_REAL = ("data.image_size=[48,64]", "data.batch_size=2", "data.num_workers=0")
 #: A short fit (2 epochs of a few batches) that writes checkpoints, which debug=fdr does not.
-ONE_EPOCH = ("debug=limit",)
+SHORT_FIT = ("debug=limit",)
 
 #: Modules that read what earlier commands wrote and run as they are.
 READ_ONLY_MODULES = ("bench.trivial_baselines", "mtl.metrics.baselines", "mtl.compare")
@@ -194,7 +196,7 @@ def plan(command: Command) -> Command:
     elif "hparams_search=optuna" in words:
         command.extra = [*size, "debug=fdr", "hydra.sweeper.n_trials=2"]
     elif "ddp" in words or any(key in words for key in NEEDS_CHECKPOINTS):
-        command.extra = [*size, *ONE_EPOCH]  # real checkpoints, or several processes
+        command.extra = [*size, *SHORT_FIT]  # real checkpoints, or several processes
     else:
         command.extra = [*size, "debug=fdr"]
     return command
@@ -297,7 +299,7 @@ def checkout(tmp_path_factory: pytest.TempPathFactory) -> Checkout:
     write_pascal(root / "data" / "PASCAL_MT", splits, size=(48, 64), persons=("t0", "v0"))
 
     # the README's "<run>": a finished short run of the default experiment
-    done = _run(["python", "train.py", *TINY_SYNTHETIC, *ONE_EPOCH], root)
+    done = _run(["python", "train.py", *TINY_SYNTHETIC, *SHORT_FIT], root)
     assert done.returncode == 0, done.stderr[-3000:]
     run = sorted((root / "outputs" / "train" / "runs").iterdir())[-1]
     ckpt = f"outputs/train/runs/{run.name}/checkpoints/last.ckpt"
