@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from hydra.utils import get_class
@@ -49,12 +52,15 @@ def config_problems(cfg: DictConfig) -> list[str]:
             )
         elif TASKS[task].out_channels is None and task not in (data.get("num_classes") or {}):
             problems.append(f"data.num_classes.{task}: missing; task '{task}' needs a class count")
+    for task in sorted({t for t in tasks if list(tasks).count(t) > 1}):
+        problems.append(f"data.tasks: '{task}' is listed twice; each task once")
     if not data.tasks:
         problems.append("data.tasks: empty; choose at least one of " + str(available))
+    problems += data_root_problems(data)
     for task in data.get("loss_weights") or {}:
         if task not in available:
             problems.append(f"data.loss_weights.{task}: '{task}' is not a task of '{data.name}'")
-    if not isinstance(data.batch_size, int) or data.batch_size <= 0:
+    if not _integer(data.batch_size) or data.batch_size <= 0:
         problems.append(f"data.batch_size: {data.batch_size!r}; expected a positive integer")
     else:
         devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
@@ -73,6 +79,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
         cfg.get("delta_m_baselines"), list(data.tasks), cfg.get("optimized_metric")
     )
     problems += trainer_argument_problems(cfg.get("trainer"))
+    problems += ckpt_path_problems(cfg)
+    problems += optimized_metric_problems(cfg)
 
     import timm  # imported here: timm's import is slow and the task checks do not need it
 
@@ -87,6 +95,85 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems += _adapter_problems(cfg)
         problems += weights_problems(cfg)
     return problems
+
+
+def data_root_problems(data: DictConfig) -> list[str]:
+    """``data.root`` missing, a file, or (for data generated on first use, ``data.prepare``)
+    a folder that does not exist and cannot be created."""
+    root = data.get("root")
+    if not isinstance(root, str) or not root:
+        return [f"data.root: {_show(root)}; expected the dataset's folder"]
+    path = Path(root).expanduser()
+    if path.exists() and not path.is_dir():
+        return [f"data.root: {path} is a file; expected a folder"]
+    if path.exists() or not data.get("prepare"):
+        return []  # a missing real dataset is reported by its loader, with the expected layout
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        return [f"data.root: {path} cannot be created: {parent} is a file"]
+    if not _writable(parent):
+        return [
+            f"data.root: {path} does not exist and cannot be created ({parent} is not "
+            "writable); the synthetic scenes are generated there on first use"
+        ]
+    return []
+
+
+def _writable(folder: Path) -> bool:
+    """Whether new files can be made in `folder`: its permissions, and for root (whom
+    permissions do not stop) whether its file system is mounted read-only."""
+    if not os.access(folder, os.W_OK):
+        return False
+    try:
+        return not os.statvfs(folder).f_flag & os.ST_RDONLY
+    except OSError:
+        return True
+
+
+def ckpt_path_problems(cfg: DictConfig) -> list[str]:
+    """A ``ckpt_path`` file that is not there (``last`` is looked up in the run directory)."""
+    given = cfg.get("ckpt_path")
+    if given in (None, "last"):
+        return []
+    path = Path(str(given)).expanduser()
+    if not path.exists():
+        return [f"ckpt_path: no checkpoint file at {given}"]
+    if path.is_dir():
+        return [f"ckpt_path: {given} is a folder; expected a checkpoint file (.ckpt)"]
+    return []
+
+
+def run_scores(cfg: DictConfig) -> list[str]:
+    """The keys of the scores a run returns and writes to ``metrics.json``: parameter counts,
+    the scored checkpoint's position, the losses and every task's metrics, and Δm with
+    baselines (``val/`` after training, ``test/`` for an evaluation)."""
+    from mtl.metrics.boundary import pyedgeeval_available
+
+    stage = "val" if cfg.get("train", True) else "test"
+    keys = ["params/total", "params/trainable", "checkpoint/epoch", "checkpoint/step"]
+    keys.append(f"{stage}/loss")
+    tasks = [t for t in cfg.data.tasks if t in TASKS]
+    for task in tasks:
+        names = set(TASKS[task].higher_is_better) | {"loss"}
+        if task == "edge" and not pyedgeeval_available():
+            names = {"loss"}
+        keys += [f"{stage}/{task}/{name}" for name in sorted(names)]
+    if cfg.get("delta_m_baselines"):
+        keys += [f"{stage}/delta_m", *(f"{stage}/delta/{t}" for t in tasks)]
+    return keys
+
+
+def optimized_metric_problems(cfg: DictConfig) -> list[str]:
+    """An ``optimized_metric`` the run will not report (checked now, not after training)."""
+    metric = cfg.get("optimized_metric")
+    if not metric or isinstance(cfg.data.tasks, str):
+        return []
+    scores = run_scores(cfg)
+    if metric in scores:
+        return []
+    return [
+        f"optimized_metric: {_show(metric)} is not a score this run reports; its scores: {scores}"
+    ]
 
 
 def weights_problems(cfg: DictConfig) -> list[str]:
@@ -240,7 +327,12 @@ def _show(value: Any) -> str:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite int or float (booleans are not numbers here)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _non_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def _integer(value: Any) -> bool:
@@ -310,11 +402,14 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
         lambda v: len(v) == 2 and all(_integer(x) and x > 0 for x in v),
         "[height, width], positive integers",
     ),
-    (
-        "data.scale_range",
-        lambda v: len(v) == 2 and all(_number(x) for x in v) and 0 < v[0] <= v[1],
-        "[low, high] with 0 < low <= high",
-    ),
+    *(
+        (
+            key,
+            lambda v: len(v) == 2 and all(_number(x) for x in v) and 0 < v[0] <= v[1],
+            "[low, high] with 0 < low <= high",
+        )
+        for key in ("data.scale_range", "data.train_transform.scale_range")
+    ),  # fmt: skip
     ("model.decoder.hidden_channels", lambda v: _integer(v) and v > 0, "an integer > 0"),
     ("model.decoder.norm", lambda v: v in ("batch", "group", "none"), "batch, group or none"),
     ("model.adapter.alpha", lambda v: _number(v) and v > 0, "a number > 0"),
@@ -328,6 +423,11 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("diagnostics_every_n_steps", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: never)"),
     ("eval_ckpt", lambda v: v in ("best", "last"), "best or last"),
     ("resume", lambda v: v in ("never", "auto"), "never or auto"),
+    (
+        "ckpt_every_n_steps",
+        lambda v: _integer(v) and v >= 0,
+        "an integer >= 0 (0: only after validation)",
+    ),
 ]
 
 
@@ -338,6 +438,9 @@ def range_problems(cfg: DictConfig) -> list[str]:
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:
             continue
+        if _non_finite(value):
+            problems.append(f"{key}: {value}; expected a finite number")
+            continue
         try:
             ok = bool(test(value))
         except (TypeError, ValueError):
@@ -345,7 +448,9 @@ def range_problems(cfg: DictConfig) -> list[str]:
         if not ok:
             problems.append(f"{key}: {_show(value)}; expected {allowed}")
     for task, weight in (cfg.data.get("loss_weights") or {}).items():
-        if not (_number(weight) and weight >= 0):
+        if _non_finite(weight):
+            problems.append(f"data.loss_weights.{task}: {weight}; expected a finite number")
+        elif not (_number(weight) and weight >= 0):
             problems.append(f"data.loss_weights.{task}: {_show(weight)}; expected a number >= 0")
     return problems
 

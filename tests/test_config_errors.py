@@ -4,6 +4,9 @@ the value and what is allowed."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +63,27 @@ CASES = [
                                 "(lightning.pytorch.Trainer); did you mean trainer.max_epochs?"]),
     (["train=false"], ["ckpt_path: missing; evaluation (eval.py, train.py train=false) scores a "
                        "checkpoint: ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt"]),
+    (["data.batch_size=true"], ["data.batch_size: True; expected a positive integer"]),
+    (["optim.optimizer.lr=inf"], ["optim.optimizer.lr: inf; expected a finite number"]),
+    (["optim.optimizer.weight_decay=nan"],
+     ["optim.optimizer.weight_decay: nan; expected a finite number"]),
+    (["data.tasks=[semseg,depth,semseg]"],
+     ["data.tasks: 'semseg' is listed twice; each task once"]),
+    (["data.train_transform.scale_range=[1.5,0.5]"],
+     ["data.train_transform.scale_range: [1.5, 0.5]; expected [low, high] with 0 < low <= high"]),
+    (["ckpt_every_n_steps=abc"], ["ckpt_every_n_steps: 'abc'; expected an integer >= 0"]),
+    (["data.root=null"], ["data.root: None; expected the dataset's folder"]),
+    (["ckpt_path=/nonexistent/last.ckpt"],
+     ["ckpt_path: no checkpoint file at /nonexistent/last.ckpt"]),
+    (["delta_m_baselines=nosuch"], ["delta_m_baselines: baselines 'nosuch' not found"]),
+    (["optimized_metric=val/foo"],
+     ["optimized_metric: 'val/foo' is not a score this run reports; its scores: ['params/total'"]),
+    (["data.tasks=[semseg,depth]", "optimized_metric=val/normals/mean_angle"],
+     ["optimized_metric: 'val/normals/mean_angle' is not a score this run reports",
+      "'val/depth/rmse'"]),
+    (["optimized_metric=test/semseg/mIoU"],
+     ["optimized_metric: 'test/semseg/mIoU' is not a score this run reports",
+      "'val/semseg/mIoU'"]),
 ]  # fmt: skip
 
 
@@ -158,6 +182,10 @@ COMMANDS = [
                                            "trainer.max_epochs?"),
     (["train.py", "data.tasks=semseg"], "data.tasks: 'semseg' is a single name; expected a list: "
                                         "data.tasks=[semseg]"),
+    (["train.py", "ckpt_every_n_steps=abc"], "ckpt_every_n_steps: 'abc'; expected an integer >= 0"),
+    (["train.py", "optimized_metric=val/semseg/miou"],
+     "optimized_metric: 'val/semseg/miou' is not a score this run reports"),
+    (["train.py", "resume=yes"], "resume: 'yes'; expected never or auto"),
 ]  # fmt: skip
 
 
@@ -188,4 +216,47 @@ def test_synthetic_scenes_of_other_counts_and_size_are_one_error_line(tmp_path):
     assert (
         "set data.generate.n_train, data.generate.n_val, data.image_size to the generated values, "
         "or point data.root to another folder" in errors[0]
+    )
+
+
+def test_a_data_root_that_is_a_file_is_reported_before_building(make_cfg, nothing_built, tmp_path):
+    file = tmp_path / "scenes"
+    file.write_text("not a folder")
+    with pytest.raises(ConfigError) as info:
+        train(make_cfg(f"data.root={file}"))
+    assert f"data.root: {file} is a file; expected a folder" in str(info.value)
+
+
+def _read_only_prefix(folder: Path) -> list[str] | None:
+    """A command prefix under which `folder` is read-only: its permissions for an ordinary
+    user, a read-only mount in a private mount namespace for root (None: not possible here)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return []
+    if not shutil.which("unshare"):
+        return None
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        return None
+    mount = f"mount -t tmpfs -o ro tmpfs {shlex.quote(str(folder))} && exec \"$@\""
+    return ["unshare", "-m", "sh", "-c", mount, "sh"]
+
+
+def test_synthetic_scenes_on_a_read_only_folder_are_one_error_line(tmp_path):
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    prefix = _read_only_prefix(folder)
+    if prefix is None:
+        pytest.skip("no way to make a read-only folder here")
+    data_root = folder / "scenes"
+    result = subprocess.run(
+        [*prefix, sys.executable, "train.py", f"data.root={data_root}",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    folder.chmod(0o755)
+    assert _error_lines(result) == ["error: invalid configuration:"], result.stderr[-2000:]
+    assert (
+        f"  - data.root: {data_root} does not exist and cannot be created ({folder} is not "
+        "writable); the synthetic scenes are generated there on first use" in result.stderr
     )
