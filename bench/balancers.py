@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from bench.table import Table
 from bench.timing import median_paired_ratio, median_seconds
-from mtl.balancers import build_balancer
+from mtl.balancers import available_modes, build_balancer
 from mtl.balancers.base import BalanceContext
 from mtl.models.multitask import Decoded
 from mtl.tasks import TASKS, get_task, register
@@ -31,8 +32,17 @@ from mtl.train import build_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 ALL_TASKS = ["semseg", "depth", "normals", "edge", "sal"]
-LOSS_METHODS = ["uncertainty", "dwa", "rlw", "famo"]
-GRADIENT_METHODS = ["pcgrad", "cagrad", "mgda", "imtl", "nash", "aligned", "upgrad"]
+
+
+def methods() -> list[tuple[str, type]]:
+    """Every balancer config of ``conf/balancer/`` (but equal weighting, the reference) and its
+    class, loss-weighting methods first: a new method is benchmarked without editing this file."""
+    found = []
+    for path in sorted((CONF / "balancer").glob("*.yaml")):
+        target = OmegaConf.load(path).get("_target_")
+        if path.stem != "equal" and target:
+            found.append((path.stem, get_class(target)))
+    return sorted(found, key=lambda item: item[1].needs_task_gradients)
 
 
 @dataclasses.dataclass
@@ -132,10 +142,14 @@ def make_step(overrides: list[str], tasks: list[str], settings: Settings) -> Cal
 def configurations(num_tasks: int) -> list[tuple[str, list[str], float | None]]:
     """(name, config overrides, bound on the ratio to equal weighting) of every method."""
     t = num_tasks
-    configs = [(m, [f"balancer={m}"], None) for m in LOSS_METHODS]
-    for m in GRADIENT_METHODS:
-        configs.append((f"{m} (param)", [f"balancer={m}"], 1.1 * (1 + 2 * t) / 3))
-        configs.append((f"{m} (rep)", [f"balancer={m}", "balancer.mode=rep"], 1.3))
+    configs: list[tuple[str, list[str], float | None]] = []
+    for name, method in methods():
+        if not method.needs_task_gradients:
+            configs.append((name, [f"balancer={name}"], None))
+            continue
+        configs.append((f"{name} (param)", [f"balancer={name}"], 1.1 * (1 + 2 * t) / 3))
+        if "rep" in available_modes(method):
+            configs.append((f"{name} (rep)", [f"balancer={name}", "balancer.mode=rep"], 1.3))
     configs.append(("equal + sam", ["balancer=equal", "flat=sam"], 1.1 * (1 + 5 * t) / 3))
     configs.append(("pcgrad + asam", ["balancer=pcgrad", "flat=asam"], 1.1 * (1 + 5 * t) / 3))
     return configs

@@ -13,6 +13,7 @@ from typing import Any
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from mtl.balancers import available_modes
 from mtl.metrics.delta_m import baselines_problems
 from mtl.tasks import TASKS
 
@@ -277,6 +278,10 @@ def _balancer_problems(cfg: DictConfig) -> list[str]:
         problems.append(
             f"balancer.mode: 'rep' is for gradient methods; {name} only weights losses "
             "(use balancer.mode=param)"
+        )
+    elif mode in ("param", "rep") and mode not in available_modes(method):
+        problems.append(
+            f"balancer.mode: {mode!r}; {name} offers only {' and '.join(available_modes(method))}"
         )
     if mode == "rep" and (cfg.model.get("adapter") or {}).get("task_aware", False):
         problems.append(

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from mtl.balancers.base import BalanceContext, Balancer, BalanceResult
 
-__all__ = ["BalanceContext", "Balancer", "BalanceResult", "build_balancer"]
+__all__ = ["BalanceContext", "Balancer", "BalanceResult", "available_modes", "build_balancer"]
 
 
 def build_balancer(balancer: DictConfig, flat: DictConfig | None, tasks: Sequence[str]) -> Balancer:
@@ -23,3 +23,10 @@ def build_balancer(balancer: DictConfig, flat: DictConfig | None, tasks: Sequenc
     if flat is not None and flat.get("_target_"):
         return instantiate(flat)(method)
     return method
+
+
+def available_modes(method: type[Balancer]) -> tuple[str, ...]:
+    """The ``balancer.mode`` values a method offers: its class attribute ``modes``, else both
+    ``param`` and ``rep`` for gradient methods and ``param`` for loss weighting."""
+    default = ("param", "rep") if method.needs_task_gradients else ("param",)
+    return tuple(getattr(method, "modes", default))
