@@ -166,6 +166,40 @@ def test_param_mode_shared_gradient_is_the_reference_clipped_update():
         assert torch.allclose(g, e, atol=1e-6)
 
 
+def test_rep_mode_caps_the_shared_parameters_gradient_after_the_backward():
+    """In ``rep`` mode the weights come from the feature Gramian; max_norm still caps the
+    shared parameters' gradient (measured after the backbone backward), heads untouched."""
+
+    def run(method):
+        torch.manual_seed(0)
+        shared = torch.nn.Linear(4, 6)
+        heads = {t: torch.nn.Linear(6, 1) for t in ("a", "b", "c")}
+        x, y = torch.randn(16, 4), {t: torch.randn(16, 1) for t in heads}
+        features = torch.tanh(shared(x))
+        leaf = features.detach().requires_grad_()
+        losses = {t: 10 * ((heads[t](leaf) - y[t]) ** 2).mean() for t in heads}
+        context = _context(
+            shared_params=list(shared.parameters()),
+            task_params={t: list(h.parameters()) for t, h in heads.items()},
+            features=[features],
+            head_inputs=[leaf],
+        )
+        result = method.backward(losses, context)
+        shared_grad = torch.cat([p.grad.flatten() for p in shared.parameters()])
+        head_grad = torch.cat([p.grad.flatten() for p in heads["a"].parameters()])
+        return result, shared_grad, head_grad
+
+    free, free_shared, free_head = run(NashMTL(mode="rep", max_norm=None))
+    capped, capped_shared, capped_head = run(NashMTL(mode="rep"))
+    norm = free_shared.norm().item()
+    assert norm > 1.0  # the cap is active
+    assert math.isclose(capped_shared.norm().item(), 1.0, rel_tol=1e-6)
+    assert torch.allclose(capped_shared, free_shared / norm, rtol=1e-5, atol=1e-7)
+    assert torch.equal(capped_head, free_head)
+    for task in free.weights:
+        assert math.isclose(capped.weights[task], free.weights[task] / norm, rel_tol=1e-6)
+
+
 # ----------------------------------------------------------------------------- rank-deficient G
 def test_rank_deficient_gramian_with_a_solution_is_solved_exactly():
     """g_3 = g_1 + g_2: G is singular, yet α = (2, 2, 1)/√6 solves the equation (by hand:

@@ -214,10 +214,10 @@ class NashMTL(GramianMethod):
     directional derivative positive, and norm √T.
 
     Args:
-        max_norm: the update Jᵀα is scaled down to this norm when longer (the returned weights
-            include the scaling): on the shared parameters' gradient in ``param`` mode, as the
-            reference code's ``clip_grad_norm_``, on the shared features' gradient in ``rep``
-            mode. ``None`` or 0: no scaling.
+        max_norm: the shared parameters' update is scaled down to this norm when longer, as
+            the reference code's ``clip_grad_norm_`` (the returned weights include the scaling).
+            In ``param`` mode that update is Jᵀα and its norm comes from G; in ``rep`` mode it
+            is measured on the gradients the backbone backward wrote. ``None`` or 0: no scaling.
         normalize: solve on G/|G|_F instead of G (same direction, weights and step √|G|_F
             times the reference's; the behaviour of earlier versions with ``max_norm=None``).
         mode: ``param`` or ``rep`` (see `GramianMethod`).
@@ -248,11 +248,25 @@ class NashMTL(GramianMethod):
         alpha = _nash_or_fallback(g)
         if self.normalize:
             alpha = alpha * np.sqrt(np.linalg.norm(g))
-        if self.max_norm:
+        if self.max_norm and self.mode == "param":  # rep: after the backward, `_backward_rep`
             norm = np.sqrt(max(alpha @ g @ alpha, 0.0))  # |Jᵀα|
             if norm > self.max_norm:
                 alpha = alpha * (self.max_norm / norm)
         return torch.from_numpy(alpha)
+
+    def _backward_rep(self, losses: Mapping[str, Tensor], context: BalanceContext) -> BalanceResult:
+        result = super()._backward_rep(losses, context)
+        grads = [p.grad for p in context.shared_params if p.grad is not None]
+        if not self.max_norm or not grads:
+            return result
+        # After the backward (averaged over processes under DDP): the same norm everywhere.
+        norm = torch.stack([g.double().square().sum() for g in grads]).sum().sqrt().item()
+        if norm > self.max_norm:
+            scale = self.max_norm / norm
+            for grad in grads:
+                grad.mul_(scale)
+            result.weights = {task: w * scale for task, w in result.weights.items()}
+        return result
 
 
 def _nash_or_fallback(gram: np.ndarray) -> np.ndarray:
