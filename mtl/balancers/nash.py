@@ -8,12 +8,12 @@ stationary; linearly independent gradients suffice, and a rank-deficient G can s
 (g_3 = g_1 + g_2 does). When it does not exist (a task without gradient, or exactly opposed
 tasks), f decreases without bound along that v and no weights satisfy the equation.
 
-Written by hand: it is a T x T problem (T = number of tasks) solved once per step, where
-Newton's method takes a few dozen microseconds. A general convex-programming stack (the
-authors' cvxpy/ECOS sequence of linearised programs) adds a heavy dependency and, from a
-cold start, stops with a visible residual on some inputs; f is self-concordant (a quadratic
-plus a log barrier), so damped Newton with a backtracking line search converges from any
-start, quadratically near the solution.
+Written by hand: it is a T x T problem (T = number of tasks) solved once per step, which
+damped Newton finishes in about 7 iterations (under a millisecond, against T backward passes).
+f is self-concordant (a quadratic plus a log barrier), so damped Newton with a backtracking line
+search converges from any start, quadratically near the solution; no warm start is needed. The
+authors' code instead runs up to 20 linearised convex programs through cvxpy/ECOS, warm-started
+from the previous step: a heavy dependency, and a loop that can stop before the equation holds.
 """
 
 from __future__ import annotations
