@@ -256,15 +256,11 @@ class NashMTL(GramianMethod):
 
     def _backward_rep(self, losses: Mapping[str, Tensor], context: BalanceContext) -> BalanceResult:
         result = super()._backward_rep(losses, context)
-        grads = [p.grad for p in context.shared_params if p.grad is not None]
-        if not self.max_norm or not grads:
-            return result
-        # After the backward (averaged over processes under DDP): the same norm everywhere.
-        norm = torch.stack([g.double().square().sum() for g in grads]).sum().sqrt().item()
-        if norm > self.max_norm:
-            scale = self.max_norm / norm
-            for grad in grads:
-                grad.mul_(scale)
+        params = [p for p in context.shared_params if p.grad is not None]
+        if self.max_norm and params:
+            # After the backward (averaged over processes under DDP): the same norm everywhere.
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_norm))
+            scale = min(1.0, self.max_norm / (norm + 1e-6))  # the factor clip_grad_norm_ applied
             result.weights = {task: w * scale for task, w in result.weights.items()}
         return result
 
