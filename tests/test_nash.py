@@ -270,6 +270,14 @@ def test_config_builds_the_reference_defaults_and_takes_the_options():
     assert method.max_norm is None and method.normalize
 
 
-def test_negative_max_norm_is_refused_naming_the_key():
-    with pytest.raises(ValueError, match="balancer.max_norm"):
-        NashMTL(max_norm=-1.0)
+@pytest.mark.parametrize(
+    "options,key",
+    [
+        ({"max_norm": -1.0}, "max_norm"),
+        ({"max_norm": "1"}, "max_norm"),
+        ({"normalize": 1}, "normalize"),
+    ],
+)
+def test_bad_options_are_refused_naming_the_key(options, key):
+    with pytest.raises(ValueError, match=f"balancer.{key}="):
+        NashMTL(**options)

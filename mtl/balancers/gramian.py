@@ -237,9 +237,12 @@ class NashMTL(GramianMethod):
         self, max_norm: float | None = 1.0, normalize: bool = False, mode: str = "param"
     ) -> None:
         super().__init__(mode)
-        if max_norm is not None and not max_norm >= 0:
+        number = isinstance(max_norm, int | float) and not isinstance(max_norm, bool)
+        if max_norm is not None and not (number and max_norm >= 0):
             raise ValueError(f"balancer.max_norm={max_norm!r}; expected a number >= 0 or null")
-        self.max_norm, self.normalize = max_norm, bool(normalize)
+        if not isinstance(normalize, bool):
+            raise ValueError(f"balancer.normalize={normalize!r}; expected true or false")
+        self.max_norm, self.normalize = max_norm, normalize
 
     def weights(self, gram: Tensor, context: BalanceContext) -> Tensor:
         g = gram.numpy()
