@@ -15,7 +15,6 @@ from mtl.balancers.gramian import (
     MGDA,
     AlignedMTL,
     CAGrad,
-    NashMTL,
     PCGrad,
     UPGrad,
 )
@@ -116,7 +115,7 @@ def test_cagrad_improves_the_worst_task_over_the_mean():
     assert (update - mean).norm() <= 0.8 * mean.norm() + 1e-9  # stays in the ball around g0
 
 
-# ------------------------------------------------------------ IMTL, Nash, Aligned, UPGrad
+# ------------------------------------------ IMTL, Aligned, UPGrad (Nash: tests/test_nash.py)
 def test_imtl_update_has_equal_projections_on_every_unit_gradient():
     jacobian = _random_jacobian(4, 9, 1)
     weights = IMTL().weights(gramian(jacobian), _context())
@@ -124,17 +123,6 @@ def test_imtl_update_has_equal_projections_on_every_unit_gradient():
     projections = jacobian @ update / jacobian.norm(dim=1)
     assert math.isclose(weights.sum().item(), 1.0, rel_tol=1e-9)
     assert torch.allclose(projections, projections[0].expand(4), rtol=1e-7)
-
-
-def test_nash_weights_solve_the_bargaining_equations():
-    jacobian = _random_jacobian(3, 8, 2).abs()  # positively correlated tasks: a solution exists
-    g = gramian(jacobian)
-    alpha = NashMTL().weights(g, _context())
-    normalised = g / torch.linalg.matrix_norm(g)
-    assert (alpha > 0).all()
-    assert torch.allclose(
-        alpha * (normalised @ alpha), torch.ones(3, dtype=torch.float64), atol=1e-8
-    )
 
 
 def test_aligned_mtl_balances_singular_values_to_the_smallest():

@@ -8,15 +8,19 @@ all-reduced G, on the CPU in float64.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import numpy as np
 import torch
-from scipy.optimize import least_squares, minimize, nnls
+from scipy.optimize import minimize, nnls
 from torch import Tensor
 
 from mtl.balancers.base import BalanceContext, Balancer, BalanceResult
 from mtl.balancers.jacobian import TaskGradients, empty_jacobian, flatten, gramian
+from mtl.balancers.nash import NashSolveError, nash_weights
+
+log = logging.getLogger(__name__)
 
 MODES = ("param", "rep")
 
@@ -205,21 +209,84 @@ class IMTL(GramianMethod):
 
 
 class NashMTL(GramianMethod):
-    """Nash bargaining [Navon et al. 2022]: α > 0 with α_i (Ĝα)_i = 1 for all i, where
-    Ĝ = G / |G|_F. Solved as non-linear least squares on log α (the authors approximate the
-    same solution with a sequence of convex programs)."""
+    """Nash bargaining [Navon et al. 2022]: the weights α > 0 with α_i (Gα)_i = 1 for every
+    task, solved exactly (`mtl.balancers.nash`); the shared update Jᵀα has every task's
+    directional derivative positive, and norm √T.
+
+    Args:
+        max_norm: the shared parameters' update is scaled down to this norm when longer, as
+            the reference code's ``clip_grad_norm_`` (the returned weights include the scaling).
+            In ``param`` mode that update is Jᵀα and its norm comes from G; in ``rep`` mode it
+            is measured on the gradients the backbone backward wrote. ``None`` or 0: no scaling.
+        normalize: solve on G/|G|_F instead of G (same direction, weights and step √|G|_F
+            times the reference's; the behaviour of earlier versions with ``max_norm=None``).
+        mode: ``param`` or ``rep`` (see `GramianMethod`).
+
+    The defaults are the reference's (max_norm 1.0 on the unnormalised G). Weights are solved
+    anew every step (the reference's ``update_weights_every=1``) from a cold start: the exact
+    solve needs no warm start, so the weights depend on the current G only, which keeps resumed
+    and multi-process runs exact. When no weights satisfy the equation (a task without a
+    gradient on the shared parameters, or gradients that cancel: Pareto stationary), the
+    tasks with a zero gradient get weight 0 and the others are solved again; if the remaining
+    ones still have no solution, every weight is 0 (no shared update this step) and a warning
+    is logged. A non-finite G gives NaN weights, which the training step's non-finite check
+    reports and skips.
+    """
+
+    def __init__(
+        self, max_norm: float | None = 1.0, normalize: bool = False, mode: str = "param"
+    ) -> None:
+        super().__init__(mode)
+        number = isinstance(max_norm, int | float) and not isinstance(max_norm, bool)
+        if max_norm is not None and not (number and max_norm >= 0):
+            raise ValueError(f"balancer.max_norm={max_norm!r}; expected a number >= 0 or null")
+        if not isinstance(normalize, bool):
+            raise ValueError(f"balancer.normalize={normalize!r}; expected true or false")
+        self.max_norm, self.normalize = max_norm, normalize
 
     def weights(self, gram: Tensor, context: BalanceContext) -> Tensor:
         g = gram.numpy()
-        g = g / max(np.linalg.norm(g), 1e-20)
-        t = g.shape[0]
+        if not np.isfinite(g).all():
+            return torch.full((g.shape[0],), float("nan"), dtype=torch.float64)
+        alpha = _nash_or_fallback(g)
+        if self.normalize:
+            alpha = alpha * np.sqrt(np.linalg.norm(g))
+        if self.max_norm and self.mode == "param":  # rep: after the backward, `_backward_rep`
+            norm = np.sqrt(max(alpha @ g @ alpha, 0.0))  # |Jᵀα|
+            if norm > self.max_norm:
+                alpha = alpha * (self.max_norm / norm)
+        return torch.from_numpy(alpha)
 
-        def residual(log_alpha):
-            alpha = np.exp(log_alpha)
-            return alpha * (g @ alpha) - 1.0
+    def _backward_rep(self, losses: Mapping[str, Tensor], context: BalanceContext) -> BalanceResult:
+        result = super()._backward_rep(losses, context)
+        params = [p for p in context.shared_params if p.grad is not None]
+        if self.max_norm and params:
+            # After the backward (averaged over processes under DDP): the same norm everywhere.
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_norm))
+            scale = min(1.0, self.max_norm / (norm + 1e-6))  # the factor clip_grad_norm_ applied
+            result.weights = {task: w * scale for task, w in result.weights.items()}
+        return result
 
-        result = least_squares(residual, np.zeros(t), xtol=1e-14, ftol=1e-14, gtol=1e-14)
-        return torch.from_numpy(np.exp(result.x))
+
+def _nash_or_fallback(gram: np.ndarray) -> np.ndarray:
+    """`nash_weights`, with tasks without gradient left out (weight 0), and all-zero weights,
+    logged, when the others have no solution either."""
+    alpha = np.zeros(gram.shape[0])
+    active = np.flatnonzero(gram.diagonal() > 0)
+    if active.size:
+        try:
+            alpha[active] = nash_weights(gram[np.ix_(active, active)])
+            return alpha
+        except NashSolveError as error:
+            reason = str(error)
+    else:
+        reason = "every task gradient is zero"
+    log.warning(
+        "Nash-MTL: no bargaining solution (%s): the task gradients are Pareto stationary; "
+        "no shared update this step",
+        reason,
+    )
+    return alpha
 
 
 class AlignedMTL(GramianMethod):
