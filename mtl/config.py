@@ -423,6 +423,7 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("model.adapter.noise_std", lambda v: _number(v) and v >= 0, "a number >= 0"),
     ("model.adapter.balance_weight", lambda v: _number(v) and v >= 0, "a number >= 0"),
     ("flat.rho", lambda v: _number(v) and v > 0, "a number > 0"),
+    ("balancer.max_norm", lambda v: _number(v) and v > 0, "a number > 0, or null (no cap)"),
     ("seed", _integer, "an integer"),
     ("max_bad_steps", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     ("diagnostics_every_n_steps", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: never)"),
