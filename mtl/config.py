@@ -74,6 +74,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
                 )
 
     problems += _balancer_problems(cfg)
+    problems += _regularizer_problems(cfg)
     problems += _decoder_problems(cfg)
     problems += range_problems(cfg)
     problems += baselines_problems(
@@ -308,6 +309,24 @@ def _balancer_problems(cfg: DictConfig) -> list[str]:
             "balancer (equal, uncertainty, dwa, rlw, famo)"
         )
     return problems
+
+
+def _regularizer_problems(cfg: DictConfig) -> list[str]:
+    """A representation regulariser needs one representation shared by every task."""
+    regularizer = cfg.get("regularizer") or {}
+    target = regularizer.get("_target_")
+    if not target:
+        return []
+    try:
+        get_class(target)
+    except Exception as error:  # hydra wraps import errors in several types
+        return [f"regularizer._target_: cannot import '{target}' ({error})"]
+    if (cfg.model.get("adapter") or {}).get("task_aware", False):
+        return [
+            f"regularizer: {target.rsplit('.', 1)[-1]} needs one shared representation, "
+            "but the adapter is task-aware (per-task features); use regularizer=none"
+        ]
+    return []
 
 
 def _decoder_problems(cfg: DictConfig) -> list[str]:

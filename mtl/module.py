@@ -22,6 +22,7 @@ from mtl.metrics.collection import TaskMetrics
 from mtl.models.multitask import Decoded, MultiTaskModel
 from mtl.numerics import StepGuard, agree, nonfinite_gradients, nonfinite_losses
 from mtl.optim import rebuild_schedule
+from mtl.regularizers.base import RepresentationRegularizer
 from mtl.steps import logging_step
 from mtl.tasks import get_task
 
@@ -51,6 +52,8 @@ class MultiTaskModule(L.LightningModule):
         metrics: the evaluation metrics (default: each task's registry metrics, no options).
         max_bad_steps: consecutive steps with a non-finite loss or gradient (each skipped, see
             ``mtl.numerics``) after which training stops.
+        regularizer: a term on the shared representation whose gradient is added to the
+            balancer's update (``mtl.regularizers``), or None.
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class MultiTaskModule(L.LightningModule):
         diagnostics_every: int = 0,
         metrics: TaskMetrics | None = None,
         max_bad_steps: int = 3,
+        regularizer: RepresentationRegularizer | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -82,6 +86,7 @@ class MultiTaskModule(L.LightningModule):
         self.diagnostics_every = diagnostics_every
         self.metrics = metrics if metrics is not None else TaskMetrics(self.tasks, num_classes)
         self.guard = StepGuard(max_bad_steps)
+        self.regularizer = regularizer
 
     def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         return self.model(images, tasks)
@@ -108,7 +113,10 @@ class MultiTaskModule(L.LightningModule):
 
         def compute_losses(tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
             out = self.model.decode(
-                images, tasks or self.tasks, detach_features=self.balancer.uses_representation
+                images,
+                tasks or self.tasks,
+                detach_features=self.balancer.uses_representation,
+                probe_features=self.regularizer is not None,
             )
             decoded[:] = [out]
             losses = self.weighted(self.task_losses(out.preds, batch, tasks))
@@ -135,12 +143,17 @@ class MultiTaskModule(L.LightningModule):
             head_inputs=decoded[0].head_inputs,
             model=self.model,
         )
+        regularizer_grads = self._regularizer_gradients(losses, decoded[0], context)
         diagnose = bool(self.diagnostics_every) and self.global_step % self.diagnostics_every == 0
         gram = None
         if diagnose and not self.balancer.needs_task_gradients:
             # Loss-only methods never form task gradients: form them on diagnostic steps only.
             gram = gramian(TaskGradients.compute(losses, context, retain_graph=True).jacobian)
         result = self.balancer.backward(losses, context)
+        if regularizer_grads is not None:  # weight 1, no part of the balancer's surgery
+            for p, g in zip(self._regularized_params(), regularizer_grads, strict=True):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
         params = [p for group in optimizer.param_groups for p in group["params"]]
         bad = nonfinite_gradients(params, context.task_params, result.gramian)
         if bad := agree(bad, self._sum_over_processes, images.device):
@@ -171,6 +184,29 @@ class MultiTaskModule(L.LightningModule):
         if diagnose and gram is not None:
             self._log_now(conflict_statistics(gram, list(losses)))
         return total
+
+    def _regularized_params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _regularizer_gradients(
+        self, losses: Mapping[str, Tensor], decoded: Decoded, context: BalanceContext
+    ) -> list[Tensor | None] | None:
+        """The representation regulariser's gradient per trainable model parameter (None
+        without a regulariser), its terms logged; computed before the balancer, which may
+        free the forward graph."""
+        if self.regularizer is None:
+            return None
+        grads, values = self.regularizer.gradients(
+            losses,
+            decoded,
+            self._regularized_params(),
+            context.shared_params,
+            context.all_reduce_mean if context.world_size > 1 else None,
+        )
+        batch_size = decoded.features[0].shape[0]
+        for key, value in values.items():
+            self.log(key, value, batch_size=batch_size)
+        return grads
 
     def _log_now(self, values: Mapping[str, float]) -> None:
         """Hand `values` to the loggers at this step only. ``self.log`` keeps a value logged on

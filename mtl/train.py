@@ -49,6 +49,7 @@ from mtl.models.multitask import MultiTaskModel
 from mtl.models.pretrained import WeightsError
 from mtl.module import MultiTaskModule
 from mtl.redact import resolved_config
+from mtl.regularizers import build_regularizer
 from mtl.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ def build_module(cfg: DictConfig) -> MultiTaskModule:
         diagnostics_every=cfg.get("diagnostics_every_n_steps", 0),
         metrics=build_metrics(cfg),
         max_bad_steps=cfg.get("max_bad_steps", 3),
+        regularizer=build_regularizer(cfg.get("regularizer")),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -120,7 +121,11 @@ class MultiTaskModel(nn.Module):
         return self.decode(images, tasks).preds
 
     def decode(
-        self, images: Tensor, tasks: Sequence[str] | None = None, detach_features: bool = False
+        self,
+        images: Tensor,
+        tasks: Sequence[str] | None = None,
+        detach_features: bool = False,
+        probe_features: bool = False,
     ) -> Decoded:
         """Predictions for `tasks` (default: all) with the backbone features they came from.
 
@@ -130,6 +135,12 @@ class MultiTaskModel(nn.Module):
         multi-scale backbone computes each scale from the previous one, so the gradient of a
         coarse-to-fine list is the total derivative through the later stages. Task-aware
         backbone: the features are the task batch, T*B rows, task-major in `tasks` order.
+
+        With `probe_features` (and without `detach_features`), the heads decode from
+        ``feature + probe``, ``probe`` a zero leaf per feature (``Decoded.probes``): the
+        gradient with respect to a probe is that of the heads alone, while the backbone
+        receives its gradients as without probes. With `detach_features` the leaf copies serve
+        as probes.
         """
         tasks = self.tasks if tasks is None else list(tasks)
         unknown = set(tasks) - set(self.decoders)
@@ -139,9 +150,15 @@ class MultiTaskModel(nn.Module):
         features = (
             self.backbone(images, tasks) if self.task_aware_backbone else self.backbone(images)
         )
-        head_inputs = (
-            [f.detach().requires_grad_() for f in features] if detach_features else features
-        )
+        probes: list[Tensor] | None = None
+        if detach_features:
+            head_inputs = [f.detach().requires_grad_() for f in features]
+            probes = head_inputs
+        elif probe_features:
+            probes = [torch.zeros_like(f, requires_grad=True) for f in features]
+            head_inputs = [f + probe for f, probe in zip(features, probes, strict=True)]
+        else:
+            head_inputs = features
         if self.task_aware_backbone:
             per_task = [f.chunk(len(tasks)) for f in head_inputs]
             inputs = {task: [chunks[i] for chunks in per_task] for i, task in enumerate(tasks)}
@@ -153,7 +170,7 @@ class MultiTaskModel(nn.Module):
             )
             for task in tasks
         }
-        return Decoded(preds, list(features), list(head_inputs))
+        return Decoded(preds, list(features), list(head_inputs), probes)
 
 
 class Decoded(NamedTuple):
@@ -163,3 +180,4 @@ class Decoded(NamedTuple):
     preds: dict[str, Tensor]
     features: list[Tensor]
     head_inputs: list[Tensor]
+    probes: list[Tensor] | None = None  # leaves whose gradient covers the heads alone
