@@ -34,14 +34,15 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 ALL_TASKS = ["semseg", "depth", "normals", "edge", "sal"]
 
 
-def methods() -> list[tuple[str, type]]:
-    """Every balancer config of ``conf/balancer/`` (but equal weighting, the reference) and its
-    class, loss-weighting methods first: a new method is benchmarked without editing this file."""
+def methods() -> list[tuple[str, type, str]]:
+    """Every balancer config of ``conf/balancer/`` (but equal weighting, the reference) with
+    its class and configured mode, loss-weighting methods first: a new method is benchmarked
+    without editing this file."""
     found = []
     for path in sorted((CONF / "balancer").glob("*.yaml")):
-        target = OmegaConf.load(path).get("_target_")
-        if path.stem != "equal" and target:
-            found.append((path.stem, get_class(target)))
+        node = OmegaConf.load(path)
+        if path.stem != "equal" and node.get("_target_"):
+            found.append((path.stem, get_class(node._target_), node.get("mode", "param")))
     return sorted(found, key=lambda item: item[1].needs_task_gradients)
 
 
@@ -143,9 +144,12 @@ def configurations(num_tasks: int) -> list[tuple[str, list[str], float | None]]:
     """(name, config overrides, bound on the ratio to equal weighting) of every method."""
     t = num_tasks
     configs: list[tuple[str, list[str], float | None]] = []
-    for name, method in methods():
+    for name, method, mode in methods():
         if not method.needs_task_gradients:
             configs.append((name, [f"balancer={name}"], None))
+            continue
+        if mode == "rep":  # a named rep-mode setting (fuller)
+            configs.append((f"{name} (rep)", [f"balancer={name}"], 1.3))
             continue
         configs.append((f"{name} (param)", [f"balancer={name}"], 1.1 * (1 + 2 * t) / 3))
         if "rep" in available_modes(method):

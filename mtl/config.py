@@ -284,6 +284,13 @@ def _balancer_problems(cfg: DictConfig) -> list[str]:
         problems.append(
             f"balancer.mode: {mode!r}; {name} offers only {' and '.join(available_modes(method))}"
         )
+    if balancer.get("equalize_levels", False) and not (
+        mode == "rep" and hasattr(method, "equalize_levels")
+    ):
+        problems.append(
+            "balancer.equalize_levels: true calibrates the feature gradient of a Gramian method "
+            f"in rep mode; {name} with balancer.mode={mode} has none (set balancer.mode=rep)"
+        )
     if mode == "rep" and (cfg.model.get("adapter") or {}).get("task_aware", False):
         problems.append(
             "balancer.mode: 'rep' needs one shared representation, but the adapter is "

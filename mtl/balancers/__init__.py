@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Sequence
 
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from mtl.balancers.base import BalanceContext, Balancer, BalanceResult
 
@@ -16,10 +16,15 @@ __all__ = ["BalanceContext", "Balancer", "BalanceResult", "available_modes", "bu
 def build_balancer(balancer: DictConfig, flat: DictConfig | None, tasks: Sequence[str]) -> Balancer:
     """The configured balancer (told the number of tasks if it asks for it), wrapped in the
     flat-region method when ``flat`` names one."""
+    balancer = balancer.copy()
+    with open_dict(balancer):  # an option of every Gramian method, not a constructor argument
+        equalize_levels = bool(balancer.pop("equalize_levels", False))
     extra = {}
     if "num_tasks" in inspect.signature(get_class(balancer._target_)).parameters:
         extra["num_tasks"] = len(tasks)
     method = instantiate(balancer, **extra)
+    if equalize_levels:
+        method.equalize_levels = True
     if flat is not None and flat.get("_target_"):
         return instantiate(flat)(method)
     return method

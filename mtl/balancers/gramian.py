@@ -35,6 +35,10 @@ class GramianMethod(Balancer):
     """
 
     needs_task_gradients = True
+    #: ``rep`` mode: rescale the aggregated feature gradient of every feature level to their
+    #: mean norm before the backbone backward (FULLER's calibration; ``balancer.equalize_levels``,
+    #: set by ``build_balancer`` for every Gramian method)
+    equalize_levels: bool = False
 
     def __init__(self, mode: str = "param") -> None:
         super().__init__()
@@ -87,17 +91,33 @@ class GramianMethod(Balancer):
         gram = context.all_reduce_mean(gramian(local).to(local.device)).cpu() / context.world_size
         weights = self.weights(gram, context)
         feature_grad = weights.to(local) @ local
+        parts = _split_like(feature_grad, leaves)
+        if self.equalize_levels:
+            parts = equalized_levels(parts, context)
         # One backward through the backbone: a surrogate whose gradient is the chosen feature
         # gradient (and each head's own gradient), so DDP averages all of it as usual.
-        surrogate = sum(
-            (f * g.view_as(f)).sum()
-            for f, g in zip(features, _split_like(feature_grad, leaves), strict=True)
-        )
+        surrogate = sum((f * g.view_as(f)).sum() for f, g in zip(features, parts, strict=True))
         for task, grads in heads.items():
             own = context.task_params.get(task, ())
             surrogate = surrogate + sum((p * g).sum() for p, g in zip(own, grads, strict=True))
         context.backward(surrogate)
         return BalanceResult(dict(zip(losses, weights.tolist(), strict=True)), None)
+
+
+def equalized_levels(parts: list[Tensor], context: BalanceContext) -> list[Tensor]:
+    """Each level's slice of the feature gradient rescaled to the mean norm of the non-zero
+    slices (FULLER-style calibration, Huang et al. 2023). Norms are those of the global batch:
+    squared norms are summed over processes, so every process scales alike."""
+    squared = torch.stack([p.detach().float().pow(2).sum() for p in parts])
+    if context.world_size > 1:
+        squared = context.all_reduce_mean(squared) * context.world_size
+    norms = squared.sqrt()
+    present = norms > 0
+    if present.sum() < 2:
+        return parts
+    target = norms[present].mean()
+    scales = torch.where(present, target / norms.clamp_min(torch.finfo(norms.dtype).tiny), 1.0)
+    return [p * scale.to(p.dtype) for p, scale in zip(parts, scales, strict=True)]
 
 
 def _split_like(vector: Tensor, tensors: list[Tensor]) -> list[Tensor]:
