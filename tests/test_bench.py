@@ -105,3 +105,16 @@ def test_gpu_peaks_and_skip_without_cuda():
         pytest.skip("CUDA present: the skip note does not apply")
     table = gpu.gpu_table(gpu.Settings())
     assert table.rows == [] and "Skipped" in table.notes[0]
+
+
+@pytest.mark.slow
+def test_balancer_comparison_trains_baselines_and_methods_into_one_table(tmp_path, capsys):
+    from bench import balancer_comparison
+
+    balancer_comparison.main(["--quick", "--out", str(tmp_path)])
+    table = capsys.readouterr().out
+    baselines = (tmp_path / "baselines.yaml").read_text()
+    assert all(f"\n{task}:\n" in f"\n{baselines}" for task in balancer_comparison.TASKS)
+    rows = [line for line in table.splitlines() if line.startswith("| balancer=")]
+    assert [row.split(" |")[0] for row in rows] == ["| balancer=equal", "| balancer=pcgrad"]
+    assert "Δm (%)" in table and all(row.rstrip(" |").split("| ")[-1][0] in "+-" for row in rows)
