@@ -51,7 +51,8 @@ def run_name(cfg: DictConfig, redactor: Redactor | None = None) -> str:
     if HydraConfig.initialized():
         hydra = HydraConfig.get()
         redactor = redactor or Redactor.of_config(cfg)
-        overrides = redactor.override_dirname(hydra.overrides.task, hydra.job.config.override_dirname)
+        settings = hydra.job.config.override_dirname
+        overrides = redactor.override_dirname(hydra.overrides.task, settings)
     return overrides or Path(cfg.paths.output_dir).name
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 REDACTED = "***REDACTED***"
@@ -91,6 +92,45 @@ def _env_paths(node: Any, path: tuple = ()) -> set[tuple]:
     return found
 
 
+def _resolved(node: DictConfig | ListConfig) -> Any:
+    """`node` as plain containers, resolved where it resolves (a value that does not, e.g. an
+    unset environment variable, is kept as written: the job fails on it later, not here)."""
+    try:
+        return OmegaConf.to_container(node, resolve=True)
+    except Exception:  # noqa: BLE001 - any resolution error: resolve the parts one by one
+        pass
+    keys = list(node) if isinstance(node, DictConfig) else range(len(node))
+    out = {}
+    for key in keys:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig | ListConfig):
+            out[key] = _resolved(child)
+        else:
+            try:
+                out[key] = node[key]
+            except Exception:  # noqa: BLE001
+                out[key] = child._value() if child is not None else None
+    return out if isinstance(node, DictConfig) else list(out.values())
+
+
+def _credentials(resolved: Any, env_paths: set[tuple]) -> list[str]:
+    """The credentials of a config as text: values under credential names and at `env_paths`."""
+    values: list[str] = []
+
+    def collect(node: Any, path: tuple, secret: bool) -> None:
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                collect(v, (*path, k), secret or is_secret_name(str(k)))
+        elif isinstance(node, list | tuple):
+            for i, v in enumerate(node):
+                collect(v, (*path, i), secret)
+        elif _is_value(node) and (secret or path in env_paths):
+            values.append(str(node))
+
+    collect(resolved, (), False)
+    return values
+
+
 class Redactor:
     """The credentials of one run (`values`: the credential-named environment variables and
     those found in its config) and how to redact them from configs and override lines."""
@@ -107,30 +147,20 @@ class Redactor:
         """The redactor of a config: `resolved` as plain containers and, to find the values read
         from credential-named environment variables, `cfg` unresolved."""
         env_paths = _env_paths(cfg) if cfg is not None else set()
-        values: list[str] = []
-
-        def collect(node: Any, path: tuple, secret: bool) -> None:
-            if isinstance(node, Mapping):
-                for k, v in node.items():
-                    collect(v, (*path, k), secret or is_secret_name(str(k)))
-            elif isinstance(node, list | tuple):
-                for i, v in enumerate(node):
-                    collect(v, (*path, i), secret)
-            elif _is_value(node) and (secret or path in env_paths):
-                values.append(str(node))
-
-        collect(resolved, (), False)
-        return cls(values, env_paths)
+        return cls(_credentials(resolved, env_paths), env_paths)
 
     @classmethod
     def of_config(cls, cfg: DictConfig) -> Redactor:
-        """The redactor of `cfg`, resolved where it can be (the environment variable of a
-        credential can be unset when only the files are redacted)."""
-        try:
-            resolved = OmegaConf.to_container(cfg, resolve=True)
-        except Exception:  # noqa: BLE001 - any resolution error: the unresolved values
-            resolved = OmegaConf.to_container(cfg, resolve=False)
-        return cls.of(resolved, cfg)
+        """The redactor of a job's config `cfg` (with or without its ``hydra`` node)."""
+        task, hydra_values = cfg, []
+        if "hydra" in cfg:  # its override lists interpolate: only the credential-named values
+            task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+            hydra = OmegaConf.to_container(cfg.hydra, resolve=False)
+            hydra_values = [v for v in _credentials(hydra, set()) if "${" not in v]
+        resolved = _resolved(task)
+        env_paths = _env_paths(task)
+        values = [v for v in _credentials(resolved, env_paths) if "${" not in v]
+        return cls([*values, *hydra_values], env_paths)
 
     def leaks(self, text: str) -> bool:
         """True when `text` holds a credential (a known value or a URL password)."""
@@ -150,7 +180,10 @@ class Redactor:
 
         def walk(node: Any, path: tuple, secret: bool) -> Any:
             if isinstance(node, Mapping):
-                return {k: walk(v, (*path, k), secret or is_secret_name(str(k))) for k, v in node.items()}  # fmt: skip
+                return {
+                    k: walk(v, (*path, k), secret or is_secret_name(str(k)))
+                    for k, v in node.items()
+                }
             if isinstance(node, list | tuple):
                 return [walk(v, (*path, i), secret) for i, v in enumerate(node)]
             if not _is_value(node):
@@ -184,8 +217,12 @@ class Redactor:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         exclude = set(settings.get("exclude_keys") or ())
-        parsed = OverridesParser.create().parse_overrides([str(o) for o in overrides])
-        lines = sorted(self.override(o.input_line) for o in parsed if o.key_or_group not in exclude)
+        try:
+            parsed = OverridesParser.create().parse_overrides([str(o) for o in overrides])
+            kept = [o.input_line for o in parsed if o.key_or_group not in exclude]
+        except Exception:  # noqa: BLE001 - not Hydra's syntax: every line, none excluded
+            kept = [str(o) for o in overrides]
+        lines = sorted(self.override(line) for line in kept)
         joined = str(settings.get("item_sep", ",")).join(lines)
         return re.sub("[=]", str(settings.get("kv_sep", "=")), joined)
 
@@ -270,7 +307,8 @@ class RedactHydraFiles(Callback):
 
     @staticmethod
     def _redact_sweep(config: DictConfig, redactor: Redactor) -> None:
-        sweep_dir = OmegaConf.select(config, "hydra.sweep.dir", default=None)
-        path = Path(str(sweep_dir)) / "multirun.yaml" if sweep_dir else None
-        if path is not None and path.is_file():
+        if OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN:
+            return
+        path = Path(str(config.hydra.sweep.dir)) / "multirun.yaml"
+        if path.is_file():
             redact_yaml_file(path, redactor)
