@@ -9,7 +9,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mtl import wandb_run
 from mtl.log_history import history_callbacks
@@ -52,7 +52,8 @@ def run_name(cfg: DictConfig, redactor: Redactor | None = None) -> str:
         hydra = HydraConfig.get()
         redactor = redactor or Redactor.of_config(cfg)
         settings = hydra.job.config.override_dirname
-        overrides = redactor.override_dirname(hydra.overrides.task, settings)
+        given = OmegaConf.to_container(hydra.overrides.task)  # as typed: ${oc.env:...} unresolved
+        overrides = redactor.override_dirname(given, settings)
     return overrides or Path(cfg.paths.output_dir).name
 
 

@@ -100,6 +100,33 @@ def test_redact_overrides(monkeypatch):
     ]
 
 
+def test_wandb_run_name_has_no_credential(monkeypatch, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from mtl.loggers import run_name
+
+    monkeypatch.setenv("HF_TOKEN", "q7z9")  # too short to be searched for in text
+    overrides = [
+        "seed=3",
+        "+notes.service=${oc.env:HF_TOKEN}",
+        "+db.password=abc",
+        "+notes.repo=https://bob:pw@host/x",
+        f"data.root={tmp_path}",  # excluded from names (conf/hydra/default.yaml)
+    ]
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        name = run_name(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert name == (
+        f"+db.password={REDACTED},+notes.repo=https://bob:{REDACTED}@host/x,"
+        "+notes.service=${oc.env:HF_TOKEN},seed=3"
+    )
+
+
 # ---------------------------------------------------------------- a whole run, as users start it
 TINY = [
     "data.generate.n_train=16",
