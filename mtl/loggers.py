@@ -25,19 +25,22 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
     for name, node in (cfg.get("logger") or {}).items():
         if not isinstance(node, DictConfig) or "_target_" not in node:
             raise ValueError(f"logger.{name}: expected a node with _target_, got {node!r}")
+        wandb_name = None
         if node._target_.endswith("WandbLogger"):
             node = node.copy()
             with open_dict(node):
                 node.id = node.get("id") or wandb_run.run_id(
                     cfg.paths.output_dir, cfg.get("ckpt_path")
                 )
-                node.name = node.get("name") or run_name(cfg, redactor)
+            wandb_name = None if node.get("name") else run_name(cfg, redactor)
         logger = instantiate(node)
-        if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous") is None:
-            # Lightning passes anonymous=None, which W&B answers with a warning that the
-            # setting has no effect; not passing it is the same run without the warning.
-            logger._wandb_init.pop("anonymous")
         if isinstance(logger, WandbLogger):
+            if wandb_name:  # set here: instantiate would resolve an override's ${oc.env:...}
+                logger._wandb_init["name"] = logger._name = wandb_name
+            if logger._wandb_init.get("anonymous") is None:
+                # Lightning passes anonymous=None, which W&B answers with a warning that the
+                # setting has no effect; not passing it is the same run without the warning.
+                logger._wandb_init.pop("anonymous")
             with redacted_argv(redactor):
                 _ = logger.experiment  # starts the run (rank zero only)
         loggers.append(logger)

@@ -203,7 +203,8 @@ def _encodings(secret: str) -> list[bytes]:
 
 
 @pytest.mark.slow
-def test_no_credential_in_any_file_of_a_run_and_its_wandb_run(tmp_path, tiny_data_root):
+@pytest.mark.parametrize("mode", ["run", "multirun"])
+def test_no_credential_in_any_file_of_a_run_and_its_wandb_run(mode, tmp_path, tiny_data_root):
     """Credentials from an experiment file, `+key=` overrides and `${oc.env:...}`: none in any
     file under the output tree (config.yaml, .hydra/, multirun.yaml, CSV and TensorBoard logs,
     W&B offline run, checkpoints, train.log), nor in the W&B run name; paths are kept."""
@@ -224,7 +225,7 @@ def test_no_credential_in_any_file_of_a_run_and_its_wandb_run(tmp_path, tiny_dat
     command = [
         sys.executable,
         "train.py",
-        "-m",
+        *(["-m"] if mode == "multirun" else []),
         "experiment=private_db",
         "logger=[csv,tensorboard,wandb]",
         "seed=3",
@@ -242,7 +243,7 @@ def test_no_credential_in_any_file_of_a_run_and_its_wandb_run(tmp_path, tiny_dat
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
     outputs = checkout / "outputs"
-    (job,) = list(outputs.glob("train/multiruns/*/0"))
+    (job,) = list(outputs.glob("train/multiruns/*/0" if mode == "multirun" else "train/runs/*"))
     config = yaml.safe_load((job / "config.yaml").read_text())
     leaves = _leaves(config)
     assert {k for k, v in leaves.items() if v == REDACTED} == REDACTED_KEYS  # nothing else
@@ -259,7 +260,8 @@ def test_no_credential_in_any_file_of_a_run_and_its_wandb_run(tmp_path, tiny_dat
 
     files = [p for p in [*outputs.rglob("*"), *home.rglob("*")] if p.is_file()]
     kinds = {p.suffix for p in files} | {p.name.split(".")[0] for p in files}
-    assert {".ckpt", ".wandb", ".csv", "events", "hparams", "train", "multirun"} <= kinds, kinds
+    expected = {".ckpt", ".wandb", ".csv", "events", "hparams", "train", "overrides", "hydra"}
+    assert expected | ({"multirun"} if mode == "multirun" else set()) <= kinds, kinds
     for path in files:
         data = path.read_bytes()
         for secret in SECRETS:
