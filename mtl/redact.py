@@ -21,6 +21,7 @@ override (``key=value``) only the credential is.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -286,11 +287,34 @@ def redact_yaml_file(path: Path, redactor: Redactor) -> None:
     os.replace(tmp, path)
 
 
+class _RedactedOverrides(logging.Filter):
+    """Redacts the ``key=value`` words of a log message (Hydra's launcher logs each job's
+    overrides as given)."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        words = record.getMessage().split(" ")
+        record.msg, record.args = " ".join(self.redactor.overrides(words)), ()
+        return True
+
+
+#: The logger of Hydra's local launcher, which lists each job's overrides on the console.
+_LAUNCHER_LOG = "hydra._internal.core_plugins.basic_launcher"
+
+
 class RedactHydraFiles(Callback):
     """Hydra callback (``hydra.callbacks`` in ``conf/hydra/default.yaml``): Hydra writes
     ``.hydra/{config,hydra,overrides}.yaml`` and a sweep's ``multirun.yaml`` with the values as
     given; each job rewrites them redacted before the task runs, and a sweep once more at its
-    end."""
+    end. The overrides the local launcher logs for each job are redacted too."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        log = logging.getLogger(_LAUNCHER_LOG)
+        log.filters = [f for f in log.filters if not isinstance(f, _RedactedOverrides)]
+        log.addFilter(_RedactedOverrides(Redactor.of_config(config)))
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         redactor = Redactor.of_config(config)

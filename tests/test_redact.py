@@ -241,6 +241,8 @@ def test_no_credential_in_any_file_of_a_run_and_its_wandb_run(mode, tmp_path, ti
         command, cwd=checkout, env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    for secret in SECRETS:
+        assert secret not in done.stdout + done.stderr, f"{secret} on the console"
 
     outputs = checkout / "outputs"
     (job,) = list(outputs.glob("train/multiruns/*/0" if mode == "multirun" else "train/runs/*"))
