@@ -3,7 +3,9 @@ scalarisers (oracle for the gradient weights), and each one training through `tr
 
 from __future__ import annotations
 
+import csv
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from torch import nn
 from mtl.balancers.base import BalanceContext
 from mtl.balancers.gls import GLS
 from mtl.balancers.logloss import LogLoss
+from mtl.balancers.stch import STCH
 from mtl.train import train
 
 
@@ -95,6 +98,71 @@ def test_gls_is_finite_where_the_product_underflows():
     assert torch.allclose(weights, torch.full((12,), 1 / 12), rtol=1e-5)
 
 
+# ----------------------------------------------------------------------------- STCH
+@pytest.mark.parametrize("mu", [0.01, 0.1, 1.0])
+def test_stch_torchjd_form_matches_torchjd(mu):
+    scalarization = pytest.importorskip("torchjd.scalarization")
+    preference, reference = [0.1, 0.2, 0.3, 0.4], [0.5, 0.0, 0.01, 2.0]
+    method = STCH(4, mu=mu, form="torchjd", preference=preference, reference=reference)
+    oracle = scalarization.STCH(
+        mu,
+        weights=torch.tensor(preference, dtype=torch.float64),
+        reference=torch.tensor(reference, dtype=torch.float64),
+    )
+    _assert_matches(method.weights(_losses(*LOSSES), _context()), _oracle_weights(oracle, LOSSES))
+    uniform = STCH(4, mu=mu, form="torchjd").weights(_losses(*LOSSES), _context())
+    _assert_matches(uniform, _oracle_weights(scalarization.STCH(mu), LOSSES))
+    assert uniform.sum().item() == pytest.approx(
+        0.25
+    )  # mean convention: λ = 1/T, weights sum to 1/T
+
+
+def _step(method: STCH, values: list[float], epoch: int) -> torch.Tensor:
+    losses, context = _losses(*values), _context(epoch=epoch)
+    method.observe(losses, context)
+    return method.weights(losses, context)
+
+
+def test_stch_libmtl_form_warms_up_records_the_nadir_then_smooths_the_max():
+    method = STCH(2, mu=0.5, warmup_epochs=2)
+    for epoch in (0, 1):  # warm-up: Σ log L, weights 1/L
+        assert torch.allclose(_step(method, [2.0, 0.5], epoch), torch.tensor([0.5, 2.0]))
+    assert not method.has_nadir and method.nadir_count == 0
+    for values in ([4.0, 1.0], [2.0, 3.0]):  # epoch E_w: still log-loss; its mean is the nadir
+        assert torch.allclose(_step(method, values, 2), 1 / torch.tensor(values))
+    weights = _step(method, [1.5, 4.0], 3)
+    assert method.has_nadir
+    assert torch.allclose(method.nadir, torch.tensor([3.0, 2.0], dtype=torch.float64))
+    normalised = torch.log(torch.tensor([1.5 / 3.0, 4.0 / 2.0]))
+    expected = 2 * torch.softmax(normalised / 0.5, 0) / torch.tensor([1.5, 4.0])
+    assert torch.allclose(weights, expected.float(), rtol=1e-6)
+    # the worse normalised task (the second, at twice its nadir) gets almost all the weight
+    assert weights[1] * 4.0 > 10 * weights[0] * 1.5
+    # the nadir stays fixed afterwards
+    _step(method, [100.0, 100.0], 7)
+    assert torch.allclose(method.nadir, torch.tensor([3.0, 2.0], dtype=torch.float64))
+
+
+def test_stch_nadir_is_in_the_state_dict():
+    method = STCH(2, warmup_epochs=0)
+    _step(method, [4.0, 1.0], 0)
+    _step(method, [2.0, 3.0], 1)
+    restored = STCH(2, warmup_epochs=0)
+    restored.load_state_dict(method.state_dict())
+    assert restored.has_nadir
+    assert torch.equal(restored.nadir, method.nadir)
+    assert torch.equal(_step(restored, [1.0, 1.0], 2), _step(method, [1.0, 1.0], 2))
+
+
+def test_stch_refuses_bad_options():
+    with pytest.raises(ValueError, match="balancer.mu"):
+        STCH(2, mu=0.0)
+    with pytest.raises(ValueError, match="balancer.form"):
+        STCH(2, form="max")
+    with pytest.raises(ValueError, match="balancer.preference"):
+        STCH(2, form="torchjd", preference=[1.0, 2.0, 3.0])
+
+
 # ----------------------------------------------------------------------------- through train.py
 SHORT = [
     "trainer.max_epochs=1",
@@ -104,7 +172,58 @@ SHORT = [
 ]
 
 
-@pytest.mark.parametrize("overrides", [["balancer=logloss"], ["balancer=gls"]], ids=lambda o: o[0])
+@pytest.mark.parametrize(
+    "overrides",
+    [["balancer=logloss"], ["balancer=gls"], ["balancer=stch", "balancer.form=torchjd"]],
+    ids=lambda o: o[0],
+)
 def test_trains_through_train_py(make_cfg, overrides):
     scores = train(make_cfg(*overrides, *SHORT))
     assert math.isfinite(scores["val/loss"])
+
+
+TWO_TASKS = ["data.tasks=[semseg,depth]", "trainer.log_every_n_steps=1"]
+
+
+def _trajectory(run: Path, tasks: list[str]) -> list[dict]:
+    """Per training step of the run's CSV log: epoch, and per task its logged (unweighted)
+    loss and the weight the balancer reported."""
+    (path,) = run.rglob("metrics.csv")
+    steps = []
+    with path.open() as file:
+        for row in csv.DictReader(file):
+            if row.get(f"balancer/{tasks[0]}/weight"):
+                steps.append(
+                    {
+                        "epoch": int(row["epoch"]),
+                        "loss": torch.tensor([float(row[f"train/{t}/loss"]) for t in tasks]),
+                        "weight": torch.tensor([float(row[f"balancer/{t}/weight"]) for t in tasks]),
+                    }
+                )
+    return steps
+
+
+def test_stch_weights_follow_warm_up_then_nadir_in_training(make_cfg, tmp_path):
+    """Epochs 0–1 (warm-up and nadir epoch, E_w = 1): weights 1/L; epoch 2: T·softmax(log(L/z)/μ)/L
+    with z the mean loss of epoch 1, all read back from the run's log."""
+    cfg = make_cfg(
+        "balancer=stch",
+        "balancer.warmup_epochs=1",
+        "balancer.mu=0.5",
+        *TWO_TASKS,
+        "trainer.max_epochs=3",
+        *SHORT[1:],
+    )
+    train(cfg)
+    tasks = list(cfg.data.tasks)
+    scale = torch.tensor([cfg.data.loss_weights[t] for t in tasks])
+    steps = _trajectory(Path(cfg.paths.output_dir), tasks)
+    assert [s["epoch"] for s in steps] == [0, 0, 1, 1, 2, 2]
+    for s in steps[:4]:
+        assert torch.allclose(s["weight"], 1 / (scale * s["loss"]), rtol=1e-4)
+    nadir = scale * torch.stack([s["loss"] for s in steps[2:4]]).mean(0)
+    for s in steps[4:]:
+        loss = scale * s["loss"]
+        expected = 2 * torch.softmax(torch.log(loss / nadir) / 0.5, 0) / loss
+        assert torch.allclose(s["weight"], expected, rtol=1e-4)
+        assert not torch.allclose(s["weight"], 1 / loss, rtol=1e-2)  # the phase did change
