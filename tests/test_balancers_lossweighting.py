@@ -13,6 +13,10 @@ from torch import nn
 
 from mtl.balancers.base import BalanceContext
 from mtl.balancers.gls import GLS
+from mtl.balancers.gramian import IMTL
+from mtl.balancers.imtl_full import IMTLFull
+from mtl.balancers.imtl_l import IMTLL
+from mtl.balancers.jacobian import gramian
 from mtl.balancers.logloss import LogLoss
 from mtl.balancers.stch import STCH
 from mtl.train import train
@@ -163,6 +167,143 @@ def test_stch_refuses_bad_options():
         STCH(2, form="torchjd", preference=[1.0, 2.0, 3.0])
 
 
+# ----------------------------------------------------------------------------- IMTL
+class Toy(nn.Module):
+    """A shared layer and three linear heads (three tasks of different scales)."""
+
+    TASKS = ("a", "b", "c")
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.shared = nn.Linear(3, 5)
+        self.heads = nn.ModuleDict({t: nn.Linear(5, 1) for t in self.TASKS})
+        self.x = torch.randn(8, 3)
+        self.y = {
+            t: torch.randn(8, 1) * s for t, s in zip(self.TASKS, (1.0, 10.0, 0.1), strict=True)
+        }
+
+    def features(self) -> torch.Tensor:
+        return torch.tanh(self.shared(self.x))
+
+    def losses(self, features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        features = self.features() if features is None else features
+        return {t: ((self.heads[t](features) - self.y[t]) ** 2).mean() for t in self.TASKS}
+
+    def context(self, **kwargs) -> BalanceContext:
+        return _context(
+            shared_params=list(self.shared.parameters()),
+            task_params={t: list(h.parameters()) for t, h in self.heads.items()},
+            **kwargs,
+        )
+
+    def jacobian(self) -> torch.Tensor:
+        shared = list(self.shared.parameters())
+        rows = []
+        for loss in self.losses().values():
+            rows.append(
+                torch.cat(
+                    [g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)]
+                )
+            )
+        return torch.stack(rows)
+
+
+SCALES = [0.3, -0.2, 1.0]
+
+
+def test_imtl_l_matches_torchjd_in_the_loss_and_scale_gradients():
+    scalarization = pytest.importorskip("torchjd.scalarization")
+    ours, oracle = IMTLL(3), scalarization.IMTLL(3)
+    with torch.no_grad():
+        ours.log_scales.copy_(torch.tensor(SCALES))
+        oracle.log_scale.copy_(torch.tensor(SCALES))
+    values = [0.7, 2.5, 0.03]
+    mine = {t: torch.tensor(v, requires_grad=True) for t, v in zip("abc", values, strict=True)}
+    ours.backward(mine, _context())
+    theirs = torch.tensor(values, requires_grad=True)
+    oracle(theirs).backward()
+    assert torch.allclose(torch.stack([v.grad for v in mine.values()]), theirs.grad)
+    assert torch.allclose(ours.log_scales.grad, oracle.log_scale.grad)
+    # ∂/∂s_t = e^{s_t}·L_t − 1: zero when the scaled loss is 1
+    expected = torch.tensor(SCALES).exp() * torch.tensor(values) - 1
+    assert torch.allclose(ours.log_scales.grad, expected)
+
+
+def test_imtl_full_is_imtl_g_on_the_scaled_gradients_with_the_imtl_l_scale_gradient():
+    toy = Toy()
+    method = IMTLFull(3)
+    with torch.no_grad():
+        method.scales.log_scales.copy_(torch.tensor(SCALES))
+    losses = toy.losses()
+    context = toy.context()
+    result = method.backward(losses, context)
+    scale = torch.tensor(SCALES, dtype=torch.float64).exp()
+    jacobian = toy.jacobian().double()
+    alpha = IMTL().weights(gramian(scale[:, None] * jacobian), _context())
+    assert alpha.sum().item() == pytest.approx(1.0)
+    expected_update = (alpha * scale) @ jacobian
+    got = torch.cat([p.grad.flatten() for p in toy.shared.parameters()]).double()
+    assert torch.allclose(got, expected_update, rtol=1e-5, atol=1e-7)
+    # impartial: equal projections onto every unit task gradient (scaling keeps the direction)
+    units = jacobian / jacobian.norm(dim=1, keepdim=True)
+    projections = units @ got
+    assert torch.allclose(projections, projections.mean().expand(3), rtol=1e-4)
+    assert torch.allclose(
+        torch.tensor(list(result.weights.values()), dtype=torch.float64), alpha * scale, rtol=1e-5
+    )
+    # heads: the gradient of their own scaled loss; scales: e^s·L − 1
+    fresh = toy.losses()
+    for i, task in enumerate(Toy.TASKS):
+        own = torch.autograd.grad(
+            scale[i].float() * fresh[task], list(toy.heads[task].parameters())
+        )
+        for p, e in zip(toy.heads[task].parameters(), own, strict=True):
+            assert torch.allclose(p.grad, e, rtol=1e-5, atol=1e-7)
+    values = torch.stack([loss.detach() for loss in fresh.values()])
+    assert torch.allclose(method.scales.log_scales.grad, scale.float() * values - 1, rtol=1e-5)
+
+
+def test_imtl_full_rep_mode_adds_the_scale_gradient_to_the_one_backward():
+    toy = Toy()
+    method = IMTLFull(3, mode="rep")
+    with torch.no_grad():
+        method.scales.log_scales.copy_(torch.tensor(SCALES))
+    features = toy.features()
+    leaf = features.detach().requires_grad_()
+    losses = toy.losses(leaf)
+    result = method.backward(losses, toy.context(features=[features], head_inputs=[leaf]))
+    scale = torch.tensor(SCALES).exp()
+    rows = []
+    for task in Toy.TASKS:
+        feats = toy.features()
+        rows.append(torch.autograd.grad(toy.losses(feats)[task], feats)[0].flatten())
+    feature_jacobian = torch.stack(rows).double()
+    alpha = IMTL().weights(gramian(scale.double()[:, None] * feature_jacobian), _context())
+    weights = torch.tensor(list(result.weights.values()))
+    assert torch.allclose(weights.double(), alpha * scale.double(), rtol=1e-5)
+    fresh = toy.losses()
+    expected = torch.autograd.grad(
+        sum(w * loss for w, loss in zip(weights, fresh.values(), strict=True)),
+        list(toy.shared.parameters()),
+    )
+    for p, e in zip(toy.shared.parameters(), expected, strict=True):
+        assert torch.allclose(p.grad, e, rtol=1e-4, atol=1e-6)
+    values = torch.stack([loss.detach() for loss in fresh.values()])
+    assert torch.allclose(method.scales.log_scales.grad, scale * values - 1, rtol=1e-5)
+
+
+def test_imtl_full_combine_weights_the_unscaled_rows():
+    method = IMTLFull(3)
+    with torch.no_grad():
+        method.scales.log_scales.copy_(torch.tensor(SCALES))
+    jacobian = torch.randn(3, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    update, weights = method.combine(jacobian, _losses(1.0, 2.0, 3.0), _context())
+    assert torch.allclose(update, weights @ jacobian)
+    units = jacobian / jacobian.norm(dim=1, keepdim=True)
+    assert torch.allclose(units @ update, (units @ update).mean().expand(3))
+
+
 # ----------------------------------------------------------------------------- through train.py
 SHORT = [
     "trainer.max_epochs=1",
@@ -174,7 +315,14 @@ SHORT = [
 
 @pytest.mark.parametrize(
     "overrides",
-    [["balancer=logloss"], ["balancer=gls"], ["balancer=stch", "balancer.form=torchjd"]],
+    [
+        ["balancer=logloss"],
+        ["balancer=gls"],
+        ["balancer=stch", "balancer.form=torchjd"],
+        ["balancer=imtl_l"],
+        ["balancer=imtl_full"],
+        ["balancer=imtl_full", "balancer.mode=rep"],
+    ],
     ids=lambda o: o[0],
 )
 def test_trains_through_train_py(make_cfg, overrides):
