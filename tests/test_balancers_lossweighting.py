@@ -13,6 +13,7 @@ from torch import nn
 
 from mtl.balancers.base import BalanceContext
 from mtl.balancers.gls import GLS
+from mtl.balancers.gradnorm import GradNorm
 from mtl.balancers.gramian import IMTL
 from mtl.balancers.imtl_full import IMTLFull
 from mtl.balancers.imtl_l import IMTLL
@@ -302,6 +303,80 @@ def test_imtl_full_combine_weights_the_unscaled_rows():
     assert torch.allclose(update, weights @ jacobian)
     units = jacobian / jacobian.norm(dim=1, keepdim=True)
     assert torch.allclose(units @ update, (units @ update).mean().expand(3))
+
+
+# ----------------------------------------------------------------------------- GradNorm
+def _gradnorm_target_gradient(logits, norms, losses, initial, alpha):
+    """∂/∂ξ Σ_t |w_t n_t − c_t| by hand: sign_t·n_t·∂w_t/∂ξ_k, ∂w_t/∂ξ_k = w_t(δ_tk − w_k/T)."""
+    t = len(logits)
+    w = t * torch.softmax(logits, 0)
+    rate = losses / initial
+    target = (w * norms).mean() * (rate / rate.mean()) ** alpha
+    sign = torch.sign(w * norms - target)
+    jac = torch.diag(w) - w[:, None] * w[None, :] / t  # [t, k] = ∂w_t/∂ξ_k
+    return (sign * norms) @ jac
+
+
+def test_gradnorm_first_epoch_is_the_plain_sum_then_the_logits_follow_the_norm_targets():
+    method = GradNorm(3, alpha=1.5)
+    with torch.no_grad():
+        method.logits.copy_(torch.tensor([0.2, 1.0, -0.5]))
+    jacobian = torch.randn(3, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    jacobian[1] *= 10
+    norms = jacobian.norm(dim=1)
+    for values in ([1.0, 2.0, 4.0], [3.0, 2.0, 2.0]):  # epoch 0: weights 1, no ξ gradient
+        losses = _losses(*values)
+        method.observe(losses, _context(epoch=0))
+        _, weights = method.combine(jacobian, losses, _context(epoch=0))
+        assert torch.equal(weights, torch.ones(3, dtype=torch.float64))
+        method.write_own_gradients(losses, _context(epoch=0))
+        assert method.logits.grad is None
+    initial = torch.tensor([2.0, 2.0, 3.0], dtype=torch.float64)
+    assert torch.allclose(method.initial_sum / method.initial_count, initial)
+    losses = _losses(1.0, 1.5, 2.7)
+    method.observe(losses, _context(epoch=1))
+    update, weights = method.combine(jacobian, losses, _context(epoch=1))
+    logits = torch.tensor([0.2, 1.0, -0.5], dtype=torch.float64)
+    assert torch.allclose(weights, 3 * torch.softmax(logits, 0))
+    assert weights.sum().item() == pytest.approx(3.0)
+    assert torch.allclose(update, weights @ jacobian)
+    method.write_own_gradients(losses, _context(epoch=1))
+    values = torch.tensor([1.0, 1.5, 2.7], dtype=torch.float64)
+    expected = _gradnorm_target_gradient(logits, norms, values, initial, 1.5)
+    assert torch.allclose(method.logits.grad.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gradnorm_weights_converge_to_the_norm_targets():
+    """ξ stepped alone (model fixed, so norms and losses fixed): L_grad = Σ_t |w_t n_t − Ḡ r_t^α|
+    falls to its floor T·Ḡ·(mean_t r_t^α − 1) (Σ_t G_t = T·Ḡ, but the targets sum to more)."""
+    toy = Toy()
+    method = GradNorm(3, alpha=1.5)
+    optimizer = torch.optim.SGD([method.logits], lr=0.02)
+    method.backward(toy.losses(), toy.context(epoch=0))  # records L̄(0)
+    with torch.no_grad():  # later losses: task "a" trains slower (larger r) than "b" and "c"
+        toy.y["a"] *= 1.3
+    norms = toy.jacobian().norm(dim=1).double()
+    values = torch.stack([loss.detach() for loss in toy.losses().values()]).double()
+    rate = values / (method.initial_sum / method.initial_count)
+    rate = rate / rate.mean()
+    floor = 3 * ((rate**1.5).mean() - 1)
+
+    def relative_gap() -> float:
+        scaled = method.weights(gramian(toy.jacobian()), _context()) * norms
+        return float((scaled - scaled.mean() * rate**1.5).abs().sum() / scaled.mean())
+
+    history = []
+    for _ in range(300):
+        optimizer.zero_grad()
+        method.backward(toy.losses(), toy.context(epoch=1))
+        optimizer.step()
+        history.append(relative_gap())
+    assert history[0] > 3  # gradient norms 0.7 to 9.6 at w = 1
+    assert all(floor - 1e-9 <= gap < 1.5 * floor for gap in history[-50:])
+    weights = method.weights(gramian(toy.jacobian()), _context())
+    assert weights.sum().item() == pytest.approx(3.0)
+    assert weights.argmin() == norms.argmax()  # the task with the largest gradient is damped
+    assert weights.argmax() == rate.argmax()  # the slowest task is pushed
 
 
 # ----------------------------------------------------------------------------- through train.py
