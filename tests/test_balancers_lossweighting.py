@@ -379,6 +379,41 @@ def test_gradnorm_weights_converge_to_the_norm_targets():
     assert weights.argmax() == rate.argmax()  # the slowest task is pushed
 
 
+def test_gradnorm_rep_mode_takes_the_norms_on_the_features_and_steps_logits_in_the_backward():
+    toy = Toy()
+    method = GradNorm(3, mode="rep")
+    backward_calls = []
+
+    def rep_step(epoch: int) -> None:
+        features = toy.features()
+        leaf = features.detach().requires_grad_()
+        context = toy.context(
+            features=[features],
+            head_inputs=[leaf],
+            epoch=epoch,
+            backward=lambda t: (backward_calls.append(epoch), t.backward()),
+        )
+        method.logits.grad = None
+        method.backward(toy.losses(leaf), context)
+
+    rep_step(0)
+    initial = torch.stack([loss.detach() for loss in toy.losses().values()]).double()
+    with torch.no_grad():
+        method.logits.copy_(torch.tensor([0.0, 0.5, 1.0]))
+        toy.y["b"] *= 2
+    rep_step(1)
+    assert backward_calls == [0, 1]  # one framework backward per step, ξ's gradient inside it
+    rows = []
+    for task in Toy.TASKS:
+        feats = toy.features()
+        rows.append(torch.autograd.grad(toy.losses(feats)[task], feats)[0].flatten())
+    norms = torch.stack(rows).double().norm(dim=1)
+    values = torch.stack([loss.detach() for loss in toy.losses().values()]).double()
+    logits = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    expected = _gradnorm_target_gradient(logits, norms, values, initial, 1.5)
+    assert torch.allclose(method.logits.grad.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- through train.py
 SHORT = [
     "trainer.max_epochs=1",
@@ -397,11 +432,12 @@ SHORT = [
         ["balancer=imtl_l"],
         ["balancer=imtl_full"],
         ["balancer=imtl_full", "balancer.mode=rep"],
+        ["balancer=gradnorm", "balancer.mode=rep", "trainer.max_epochs=2"],
     ],
     ids=lambda o: o[0],
 )
 def test_trains_through_train_py(make_cfg, overrides):
-    scores = train(make_cfg(*overrides, *SHORT))
+    scores = train(make_cfg(*SHORT, *overrides))
     assert math.isfinite(scores["val/loss"])
 
 
@@ -410,19 +446,23 @@ TWO_TASKS = ["data.tasks=[semseg,depth]", "trainer.log_every_n_steps=1"]
 
 def _trajectory(run: Path, tasks: list[str]) -> list[dict]:
     """Per training step of the run's CSV log: epoch, and per task its logged (unweighted)
-    loss and the weight the balancer reported."""
+    loss, the weight the balancer reported and, when logged, its gradient norm."""
     (path,) = run.rglob("metrics.csv")
-    steps = []
+    rows: dict[int, dict] = {}
     with path.open() as file:
         for row in csv.DictReader(file):
-            if row.get(f"balancer/{tasks[0]}/weight"):
-                steps.append(
-                    {
-                        "epoch": int(row["epoch"]),
-                        "loss": torch.tensor([float(row[f"train/{t}/loss"]) for t in tasks]),
-                        "weight": torch.tensor([float(row[f"balancer/{t}/weight"]) for t in tasks]),
-                    }
-                )
+            merged = rows.setdefault(int(row["step"]), {})
+            merged.update({k: v for k, v in row.items() if v != ""})
+    steps = []
+    for _, row in sorted(rows.items()):
+        if f"balancer/{tasks[0]}/weight" not in row:
+            continue
+        step = {"epoch": int(float(row["epoch"]))}
+        for key, name in (("loss", "train/{}/loss"), ("weight", "balancer/{}/weight")):
+            step[key] = torch.tensor([float(row[name.format(t)]) for t in tasks])
+        if f"grad/{tasks[0]}/norm" in row:
+            step["norm"] = torch.tensor([float(row[f"grad/{t}/norm"]) for t in tasks])
+        steps.append(step)
     return steps
 
 
@@ -450,3 +490,39 @@ def test_stch_weights_follow_warm_up_then_nadir_in_training(make_cfg, tmp_path):
         expected = 2 * torch.softmax(torch.log(loss / nadir) / 0.5, 0) / loss
         assert torch.allclose(s["weight"], expected, rtol=1e-4)
         assert not torch.allclose(s["weight"], 1 / loss, rtol=1e-2)  # the phase did change
+
+
+def test_gradnorm_weights_follow_the_norm_targets_in_training(make_cfg):
+    """Epoch 0: weights 1. Epoch 1: every plain SGD step moves ξ = log(w/T) by −lr·∂L_grad/∂ξ,
+    computed here from the logged gradient norms, losses and the epoch-0 mean losses."""
+    lr = 0.05
+    cfg = make_cfg(
+        "balancer=gradnorm",
+        "optim=sgd",
+        f"optim.optimizer.lr={lr}",
+        "optim.optimizer.momentum=0",
+        "optim.optimizer.weight_decay=0",
+        "optim.scheduler=null",
+        "diagnostics_every_n_steps=1",
+        *TWO_TASKS,
+        "trainer.max_epochs=2",
+        "+trainer.limit_train_batches=4",
+        *SHORT[2:],
+    )
+    train(cfg)
+    tasks = list(cfg.data.tasks)
+    scale = torch.tensor([cfg.data.loss_weights[t] for t in tasks])
+    steps = _trajectory(Path(cfg.paths.output_dir), tasks)
+    assert [s["epoch"] for s in steps] == [0] * 4 + [1] * 4
+    for s in steps[:5]:  # ξ moves only after the first GradNorm step
+        assert torch.allclose(s["weight"], torch.ones(2))
+    initial = torch.stack([scale * s["loss"] for s in steps[:4]]).mean(0).double()
+    for now, after in zip(steps[4:-1], steps[5:], strict=True):
+        logits = torch.log(now["weight"].double() / 2)
+        grad = _gradnorm_target_gradient(
+            logits, now["norm"].double(), (scale * now["loss"]).double(), initial, 1.5
+        )
+        expected = 2 * torch.softmax(logits - lr * grad, 0)
+        assert torch.allclose(after["weight"].double(), expected, rtol=1e-4)
+    assert not torch.allclose(steps[-1]["weight"], torch.ones(2), atol=1e-3)
+    assert steps[-1]["weight"].sum().item() == pytest.approx(2.0, rel=1e-5)
