@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from mtl.balancers.base import BalanceContext
+from mtl.balancers.cosmos import COSMOS
 from mtl.balancers.gls import GLS
 from mtl.balancers.gradnorm import GradNorm
 from mtl.balancers.gramian import IMTL
@@ -19,6 +20,7 @@ from mtl.balancers.imtl_full import IMTLFull
 from mtl.balancers.imtl_l import IMTLL
 from mtl.balancers.jacobian import gramian
 from mtl.balancers.logloss import LogLoss
+from mtl.balancers.pbi import PBI
 from mtl.balancers.stch import STCH
 from mtl.train import train
 
@@ -414,6 +416,66 @@ def test_gradnorm_rep_mode_takes_the_norms_on_the_features_and_steps_logits_in_t
     assert torch.allclose(method.logits.grad.double(), expected, rtol=1e-5, atol=1e-6)
 
 
+# ----------------------------------------------------------------------------- PBI, COSMOS
+PREFERENCE = [0.1, 0.2, 0.3, 0.4]
+
+
+@pytest.mark.parametrize("theta", [0.0, 5.0])
+def test_pbi_matches_torchjd_and_has_negative_weights(theta):
+    scalarization = pytest.importorskip("torchjd.scalarization")
+    reference = [0.1, 0.0, 0.0, 1.0]
+    method = PBI(4, theta=theta, preference=PREFERENCE, reference=reference)
+    weights = method.weights(_losses(*LOSSES), _context())
+    oracle = scalarization.PBI(
+        theta,
+        weights=torch.tensor(PREFERENCE, dtype=torch.float64),
+        reference=torch.tensor(reference, dtype=torch.float64),
+    )
+    _assert_matches(weights, _oracle_weights(oracle, LOSSES))
+    if theta == 0:  # the projection onto the preference direction
+        unit = torch.tensor(PREFERENCE) / torch.tensor(PREFERENCE).norm()
+        assert torch.allclose(weights, unit)
+    else:  # losses off the preference ray: the penalty raises some of them
+        assert (weights < 0).any()
+
+
+@pytest.mark.parametrize("lambda_", [0.0, 0.5, 8.0])
+def test_cosmos_matches_torchjd_and_has_negative_weights(lambda_):
+    scalarization = pytest.importorskip("torchjd.scalarization")
+    method = COSMOS(4, lambda_=lambda_, preference=PREFERENCE)
+    losses = [0.7, 2.5, 0.03, 0.2]
+    weights = method.weights(_losses(*losses), _context())
+    oracle = scalarization.COSMOS(lambda_, weights=torch.tensor(PREFERENCE, dtype=torch.float64))
+    _assert_matches(weights, _oracle_weights(oracle, losses))
+    r, loss = torch.tensor(PREFERENCE), torch.tensor(losses)
+    hand = r - lambda_ * (
+        r / (r.norm() * loss.norm()) - (r @ loss) * loss / (r.norm() * loss.norm() ** 3)
+    )
+    assert torch.allclose(weights, hand, rtol=1e-5)
+    assert (weights < 0).any() == (lambda_ == 8.0)
+
+
+@pytest.mark.parametrize("method", [PBI, COSMOS])
+def test_dirichlet_preference_is_drawn_per_step_from_the_seeded_generator(method):
+    scalariser = method(3, preference="dirichlet")
+    draws = torch.stack([scalariser.preference(_context(step=k, seed=7)) for k in range(2000)])
+    assert torch.allclose(draws.sum(1), torch.ones(2000, dtype=torch.float64))
+    assert (draws > 0).all()
+    assert torch.equal(draws[5], method(3, preference="dirichlet").preference(_context(5, 7)))
+    assert not torch.equal(draws[5], draws[6])
+    # Dirichlet(1, 1, 1): each coordinate has mean 1/3 and variance (1/3)(2/3)/4 = 1/18
+    assert torch.allclose(draws.mean(0), torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.02)
+    assert torch.allclose(draws.var(0), torch.full((3,), 1 / 18, dtype=torch.float64), atol=0.01)
+    uniform = method(3).preference(_context())
+    assert torch.equal(uniform, torch.full((3,), 1 / 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("preference", ["random", [1.0, 2.0], [1.0, -1.0, 0.5], [0.0, 0.0, 0.0]])
+def test_bad_preferences_are_refused(preference):
+    with pytest.raises(ValueError, match="balancer.preference"):
+        PBI(3, preference=preference)
+
+
 # ----------------------------------------------------------------------------- through train.py
 SHORT = [
     "trainer.max_epochs=1",
@@ -433,6 +495,8 @@ SHORT = [
         ["balancer=imtl_full"],
         ["balancer=imtl_full", "balancer.mode=rep"],
         ["balancer=gradnorm", "balancer.mode=rep", "trainer.max_epochs=2"],
+        ["balancer=pbi", "balancer.preference=dirichlet"],
+        ["balancer=cosmos"],
     ],
     ids=lambda o: o[0],
 )

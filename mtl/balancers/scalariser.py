@@ -12,7 +12,7 @@ losses, as on one process.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -48,3 +48,37 @@ class Scalariser(LossWeighting):
         values = global_losses(losses, context)
         grad = gradient_weights(lambda v: self.scalarise(v, context), values)
         return grad.float().to(next(iter(losses.values())).device)
+
+
+class PreferenceScalariser(Scalariser):
+    """A scalariser conditioned on a preference vector p over the tasks: ``uniform`` (1/T each),
+    ``dirichlet`` (drawn anew every step from Dirichlet(1), uniform on the simplex, to cover the
+    Pareto front), or T non-negative numbers. The draws come from the (seed, step) generator, so
+    every process draws the same p."""
+
+    def __init__(
+        self, num_tasks: int, preference: str | Sequence[float] = "uniform", mode: str = "param"
+    ) -> None:
+        super().__init__(mode)
+        self.num_tasks, self.draw = num_tasks, preference == "dirichlet"
+        if preference in ("uniform", "dirichlet"):
+            self.fixed = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
+            return
+        problem = isinstance(preference, str) or len(preference) != num_tasks
+        if not problem:
+            self.fixed = torch.tensor([float(v) for v in preference], dtype=torch.float64)
+            problem = bool((self.fixed < 0).any() or self.fixed.sum() <= 0)
+        if problem:
+            raise ValueError(
+                f"balancer.preference: {preference!r}; expected 'uniform', 'dirichlet' or "
+                f"{num_tasks} non-negative numbers, not all 0"
+            )
+
+    def preference(self, context: BalanceContext) -> Tensor:
+        """This step's preference (float64, CPU)."""
+        if not self.draw:
+            return self.fixed
+        # Dirichlet(1, ..., 1) = independent Exp(1) draws normalised to sum 1
+        draws = torch.empty(self.num_tasks, dtype=torch.float64)
+        draws.exponential_(generator=context.generator())
+        return draws / draws.sum()
