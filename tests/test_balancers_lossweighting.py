@@ -498,7 +498,7 @@ SHORT = [
         ["balancer=pbi", "balancer.preference=dirichlet"],
         ["balancer=cosmos"],
     ],
-    ids=lambda o: o[0],
+    ids=lambda o: "+".join(x.split("=")[1] for x in o),
 )
 def test_trains_through_train_py(make_cfg, overrides):
     scores = train(make_cfg(*SHORT, *overrides))
@@ -590,3 +590,61 @@ def test_gradnorm_weights_follow_the_norm_targets_in_training(make_cfg):
         assert torch.allclose(after["weight"].double(), expected, rtol=1e-4)
     assert not torch.allclose(steps[-1]["weight"], torch.ones(2), atol=1e-3)
     assert steps[-1]["weight"].sum().item() == pytest.approx(2.0, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- DDP
+@pytest.mark.parametrize(
+    ("overrides", "epochs"),
+    [
+        (["balancer=stch", "balancer.warmup_epochs=0"], 2),  # nadir epoch, then STCH
+        (["balancer=gradnorm", "balancer.mode=rep"], 2),  # initial losses, then GradNorm
+    ],
+    ids=["stch", "gradnorm-rep"],
+)
+def test_two_processes_equal_one_process_with_the_same_balancer_state(make_cfg, overrides, epochs):
+    """State from all-reduced losses and norms (STCH's nadir, GradNorm's initial losses and ξ)
+    is that of one process on the global batch, and so is the model."""
+    from test_ddp import DETERMINISTIC, EXACT_TASKS, _assert_same_training
+
+    cfg = make_cfg(EXACT_TASKS, *DETERMINISTIC, *overrides, "trainer=ddp_cpu")
+    single, double = _fit_epochs(cfg, 1, epochs), _fit_epochs(cfg, 2, epochs)
+    balancer = {k: v for k, v in single.items() if k.startswith("balancer.")}
+    assert balancer
+    for name, value in balancer.items():
+        assert torch.allclose(double[name].double(), value.double(), rtol=1e-4, atol=1e-6), name
+    if "balancer.has_nadir" in balancer:
+        assert balancer["balancer.has_nadir"] and balancer["balancer.nadir"].min() > 0
+    if "balancer.logits" in balancer:
+        assert balancer["balancer.active"] and balancer["balancer.logits"].std() > 0
+    model = {k[len("model.") :]: v for k, v in single.items() if k.startswith("model.")}
+    _assert_same_training(
+        cfg,
+        model,
+        {k[len("model.") :]: double[k] for k in single if k in double and k.startswith("model.")},
+    )
+
+
+def _fit_epochs(cfg, devices: int, epochs: int) -> dict[str, torch.Tensor]:
+    """The module's state after `epochs` epochs of the same 2 batches (sequential sampling)."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from mtl.train import build_datamodule, build_module
+
+    L.seed_everything(cfg.seed)
+    datamodule, module = build_datamodule(cfg.data), build_module(cfg)
+    trainer = instantiate(
+        cfg.trainer,
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        overfit_batches=2,
+        max_epochs=epochs,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
