@@ -476,6 +476,29 @@ def test_bad_preferences_are_refused(preference):
         PBI(3, preference=preference)
 
 
+def test_gradnorm_under_flat_regions_steps_the_logits_from_the_plain_gradient_norms():
+    from mtl.balancers.flat import FlatRegions
+
+    toy = Toy()
+    method = GradNorm(3)
+    flat = FlatRegions(method, rho=0.5)
+
+    def context(epoch: int) -> BalanceContext:
+        return toy.context(epoch=epoch, recompute_losses=lambda tasks=None: toy.losses(), model=toy)
+
+    flat.backward(toy.losses(), context(0))
+    assert method.logits.grad is None
+    initial = torch.stack([loss.detach() for loss in toy.losses().values()]).double()
+    with torch.no_grad():
+        method.logits.copy_(torch.tensor([0.0, 0.5, 1.0]))
+    flat.backward(toy.losses(), context(1))
+    values = torch.stack([loss.detach() for loss in toy.losses().values()]).double()
+    logits = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    norms = toy.jacobian().double().norm(dim=1)
+    expected = _gradnorm_target_gradient(logits, norms, values, initial, 1.5)
+    assert torch.allclose(method.logits.grad.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- through train.py
 SHORT = [
     "trainer.max_epochs=1",
@@ -495,6 +518,8 @@ SHORT = [
         ["balancer=imtl_full"],
         ["balancer=imtl_full", "balancer.mode=rep"],
         ["balancer=gradnorm", "balancer.mode=rep", "trainer.max_epochs=2"],
+        ["balancer=gradnorm", "flat=sam", "trainer.max_epochs=2"],
+        ["balancer=imtl_full", "flat=sam"],
         ["balancer=pbi", "balancer.preference=dirichlet"],
         ["balancer=cosmos"],
     ],
