@@ -275,6 +275,8 @@ def _balancer_problems(cfg: DictConfig) -> list[str]:
     problems = []
     if mode not in ("param", "rep"):
         problems.append(f"balancer.mode: {mode!r}; expected 'param' or 'rep'")
+    else:
+        problems += _option_problems(balancer, cfg.data.tasks)
     if mode == "rep" and not method.needs_task_gradients:
         problems.append(
             f"balancer.mode: 'rep' is for gradient methods; {name} only weights losses "
@@ -333,6 +335,23 @@ def _regularizer_problems(cfg: DictConfig) -> list[str]:
             f"regularizer: {target.rsplit('.', 1)[-1]} needs one shared representation, "
             "but the adapter is task-aware (per-task features); use regularizer=none"
         ]
+    return []
+
+
+def _option_problems(balancer: DictConfig, tasks: Any) -> list[str]:
+    """The balancer's own checks of its options (a constructor's ``ValueError`` naming the
+    key), run by building it once: it holds at most a few numbers per task."""
+    from mtl.balancers import build_balancer
+
+    if isinstance(tasks, str) or not tasks:
+        return []  # reported by the task checks
+    try:
+        build_balancer(balancer, None, list(tasks))
+    except Exception as error:  # hydra wraps the constructor's error
+        cause = error.__cause__ or error
+        if isinstance(cause, ValueError | TypeError):
+            return [f"balancer: {cause}"]
+        raise
     return []
 
 
