@@ -155,7 +155,9 @@ class MultiTaskModule(L.LightningModule):
         gradients = nonfinite_gradients(params, context.task_params, result.gramian)
         buffers = self.step_buffers.nonfinite()
         if bad := agree(gradients + buffers, self._sum_over_processes, images.device):
-            what = "gradient" if gradients or not buffers else "buffer"
+            what = " and ".join(
+                kind for kind, seen in (("gradient", gradients), ("buffer", buffers)) if seen
+            ) or "gradient or buffer"  # seen on another process
             return self._skip_step(optimizer, what, bad, losses)
         self.guard.good()
         if self.grad_clip_norm:
