@@ -19,23 +19,23 @@ import torch
 from mtl.data.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[1]
-# 10 training scenes: the setup check of 8 evenly spaced samples misses scene 2, damaged below;
+# 10 scenes per split: the setup check of 8 evenly spaced samples misses scene 2, damaged below;
 # a global batch of 2 is one sample per process, so that sample's batch is empty on its process.
-SIZE = ["data.generate.n_train=10", "data.generate.n_val=2", "data.image_size=[48,64]"]
-BAD = "train_00002"
+SIZE = ["data.generate.n_train=10", "data.generate.n_val=10", "data.image_size=[48,64]"]
 pytestmark = pytest.mark.slow
 
 
-def _damaged_scenes(tmp_path: Path) -> Path:
-    root = generate(tmp_path / "scenes", n_train=10, n_val=2, size=(48, 64))
-    depth = root / "depth" / f"{BAD}.npy"
+def _damaged_scenes(tmp_path: Path, bad: str) -> Path:
+    root = generate(tmp_path / "scenes", n_train=10, n_val=10, size=(48, 64))
+    depth = root / "depth" / f"{bad}.npy"
     depth.write_bytes(depth.read_bytes()[:-100])  # truncated
     return root
 
 
-def _train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """``train.py`` in its own session; fails when a process of it outlives the command."""
-    root = _damaged_scenes(tmp_path)
+def _train(tmp_path: Path, bad: str, *overrides: str) -> subprocess.CompletedProcess:
+    """``train.py`` on scenes whose sample `bad` is damaged, in its own session; fails when a
+    process of it outlives the command."""
+    root = _damaged_scenes(tmp_path, bad)
     command = [
         sys.executable, "train.py", "trainer=ddp_cpu", *SIZE, f"data.root={root}",
         "data.tasks=[semseg,depth]", "data.batch_size=2", "data.num_workers=0",
@@ -72,10 +72,10 @@ def _session_left(session: int, grace_s: float = 10.0) -> bool:
 
 
 def test_an_empty_batch_on_one_process_skips_that_update_on_every_process(tmp_path):
-    result = _train(tmp_path, "data.skip_bad=true")
+    result = _train(tmp_path, "train_00002", "data.skip_bad=true")
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr  # the log goes to stdout
-    assert f"skipping a bad sample (data.skip_bad=true): NYUD-v2 sample '{BAD}'" in output
+    assert "skipping a bad sample (data.skip_bad=true): NYUD-v2 sample 'train_00002'" in output
     assert "no process updates the model this step" in output
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 4  # 5 steps, the one with the empty batch skipped
@@ -84,12 +84,16 @@ def test_an_empty_batch_on_one_process_skips_that_update_on_every_process(tmp_pa
     assert [float(r["data/skipped"]) for r in rows] == [1.0]
 
 
-def test_a_bad_sample_on_one_process_stops_every_process_with_the_data_error(tmp_path):
-    result = _train(tmp_path)
+@pytest.mark.parametrize("bad", ["train_00002", "val_00002"])
+def test_a_bad_sample_on_one_process_stops_every_process_with_the_data_error(tmp_path, bad):
+    """In training the processes agree at the step; in validation, where the processes may
+    hold different numbers of batches, at the end of the epoch (here the first one's)."""
+    one_step = ["+trainer.limit_train_batches=1"] if bad.startswith("val") else []
+    result = _train(tmp_path, bad, *one_step)
     assert result.returncode == 1, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    path = tmp_path / "scenes" / "depth" / f"{BAD}.npy"
+    path = tmp_path / "scenes" / "depth" / f"{bad}.npy"
     assert len(errors) == 2, result.stderr[-3000:]  # one per process
     for error in errors:
-        assert error.startswith(f"error: NYUD-v2 sample '{BAD}': cannot read .npy file: {path}")
+        assert error.startswith(f"error: NYUD-v2 sample '{bad}': cannot read .npy file: {path}")
     assert "Traceback" not in result.stderr
