@@ -11,9 +11,10 @@ part in the step's collectives, so the processes agree on it first (`mtl.data.ag
 all of them skip the update.
 
 Without ``data.skip_bad`` a bad sample stops the run. On one process the loader raises; under
-DDP `DeferBad` and `collate_deferring` carry the error to the training step in the batch
-(``BAD``), so that every process learns of it at the same collective and all stop with the
-same message instead of the others waiting in a collective for a process that has died.
+DDP `DeferBad` and `collate_deferring` carry the error to the module in the batch (``BAD``),
+so that every process learns of it at the same collective (the training step's, or the end
+of an evaluation epoch) and all stop with the same message, instead of the others waiting in
+a collective for a process that has died.
 """
 
 from __future__ import annotations
