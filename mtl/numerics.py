@@ -17,9 +17,11 @@ process saw a non-finite value.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -72,8 +74,8 @@ def nonfinite_gradients(
 
 
 class Buffers:
-    """The persistent buffers of some modules: saved before a step, restored when it is
-    skipped, checked for non-finite values.
+    """The persistent buffers (and extra state) of some modules: saved before a step, restored
+    when it is skipped; the floating buffers checked for non-finite values.
 
     Non-persistent buffers (attention masks, index tables) are constants outside the state
     dict and are left alone. The copies are allocated once and refreshed with one fused copy
@@ -89,6 +91,14 @@ class Buffers:
         self.modules = dict(modules)
         self.slots: list[tuple[str, nn.Module, str]] | None = None
         self.saved: list[Tensor] = []
+        # modules with extra state (FAMO's optimiser of its task logits): saved as deep copies
+        self.extra = [
+            module
+            for root in self.modules.values()
+            for module in root.modules()
+            if type(module).get_extra_state is not nn.Module.get_extra_state
+        ]
+        self.saved_extra: list[Any] = []
 
     def find(self) -> None:
         """Find the buffers anew (after modules were replaced, e.g. by SyncBatchNorm)."""
@@ -107,6 +117,7 @@ class Buffers:
         return [owner._buffers[key] for _, owner, key in self.slots]
 
     def save(self) -> None:
+        self.saved_extra = [copy.deepcopy(module.get_extra_state()) for module in self.extra]
         current = self.tensors()
         if not current:
             return
@@ -120,6 +131,8 @@ class Buffers:
             self.saved = [tensor.detach().clone() for tensor in current]
 
     def restore(self) -> None:
+        for module, state in zip(self.extra, self.saved_extra, strict=False):
+            module.set_extra_state(copy.deepcopy(state))
         if self.saved:
             with torch.no_grad():
                 torch._foreach_copy_(self.tensors(), self.saved)

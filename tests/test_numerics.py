@@ -224,3 +224,34 @@ def test_huge_learning_rate_stops_with_finite_batchnorm_statistics(make_cfg):
         trainer.fit(module, datamodule=build_datamodule(cfg.data))
     buffers = _buffers(module).items()
     assert [n for n, b in buffers if b.is_floating_point() and not b.isfinite().all()] == []
+
+
+def test_skipped_step_leaves_the_balancer_state_as_it_was(make_cfg):
+    """FAMO updates its task logits, their optimiser and its last losses inside the step:
+    a step skipped for a non-finite gradient after a good one leaves all of them as they were."""
+    cfg = make_cfg("balancer=famo", *FAST)
+    L.seed_everything(0)
+    module = build_module(cfg)
+    head = next(iter(module.model.task_parameters()["normals"]))
+    calls = {"n": 0}
+
+    def poison_second_step(grad):
+        calls["n"] += 1
+        return grad * math.nan if calls["n"] == 2 else grad
+
+    head.register_hook(poison_second_step)
+    states = []
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            states.append(copy.deepcopy(pl_module.balancer.state_dict()))
+
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[Snapshot()],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=build_datamodule(cfg.data))
+    assert trainer.global_step == 1 and module.guard.skipped == 1
+    assert bool(states[0]["has_previous"])  # the good step recorded its losses
+    assert _same(states[0], states[1])
