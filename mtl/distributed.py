@@ -36,7 +36,7 @@ def gather_before_stopping(trainer: L.Trainer, value: Any) -> list[Any]:
     after it waits for them to exit (killing any still there after `CHILD_EXIT_TIMEOUT_S`)."""
     procs = getattr(getattr(trainer.strategy, "launcher", None), "procs", None)
     children: list[subprocess.Popen] = []
-    if isinstance(procs, list) and procs:
+    if isinstance(procs, list) and procs and all(isinstance(p, subprocess.Popen) for p in procs):
         children = list(procs)
         procs.clear()  # the launcher's observer thread polls this very list
     values = gather_objects(value)
