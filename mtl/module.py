@@ -17,10 +17,13 @@ from mtl.balancers.diagnostics import conflict_statistics
 from mtl.balancers.jacobian import TaskGradients, gramian
 from mtl.checkpoint import CONFIG_KEY, SIGNATURE_KEY, check_compatible
 from mtl.config import ConfigError
-from mtl.data.skip import is_empty
+from mtl.data.agreement import agree_on_batch, agree_on_failure
+from mtl.data.base import DatasetError
+from mtl.data.skip import bad_sample, is_empty
+from mtl.distributed import gather_before_stopping
 from mtl.metrics.collection import TaskMetrics
 from mtl.models.multitask import Decoded, MultiTaskModel
-from mtl.numerics import StepGuard, agree, nonfinite_gradients, nonfinite_losses
+from mtl.numerics import Buffers, StepGuard, agree, nonfinite_gradients, nonfinite_losses
 from mtl.optim import rebuild_schedule
 from mtl.regularizers.base import RepresentationRegularizer
 from mtl.steps import logging_step
@@ -50,8 +53,8 @@ class MultiTaskModule(L.LightningModule):
         seed: the run's seed, handed to balancers that draw random numbers.
         diagnostics_every: log gradient-conflict statistics every this many steps (0: never).
         metrics: the evaluation metrics (default: each task's registry metrics, no options).
-        max_bad_steps: consecutive steps with a non-finite loss or gradient (each skipped, see
-            ``mtl.numerics``) after which training stops.
+        max_bad_steps: consecutive steps with a non-finite loss, gradient or buffer (each
+            skipped, see ``mtl.numerics``) after which training stops.
         regularizer: a term on the shared representation whose gradient is added to the
             balancer's update (``mtl.regularizers``), or None.
     """
@@ -87,6 +90,9 @@ class MultiTaskModule(L.LightningModule):
         self.metrics = metrics if metrics is not None else TaskMetrics(self.tasks, num_classes)
         self.guard = StepGuard(max_bad_steps)
         self.regularizer = regularizer
+        # restored when a step is skipped: BatchNorm statistics, the balancer's loss statistics
+        self.step_buffers = Buffers({"model": self.model, "balancer": self.balancer})
+        self._evaluation_fault: str | None = None  # a bad sample met in this evaluation epoch
 
     def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         return self.model(images, tasks)
@@ -106,9 +112,13 @@ class MultiTaskModule(L.LightningModule):
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
-        if is_empty(batch):  # every sample of the batch was bad (data.skip_bad)
+        # every process takes the same decision on empty batches and bad samples
+        if not agree_on_batch(
+            batch, self.trainer.world_size, self._sum_over_processes, self._gather, self.device
+        ):
             return None
         images = batch["image"]
+        self.step_buffers.save()
         decoded: list[Decoded] = []
 
         def compute_losses(tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
@@ -155,9 +165,13 @@ class MultiTaskModule(L.LightningModule):
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad + g
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        bad = nonfinite_gradients(params, context.task_params, result.gramian)
-        if bad := agree(bad, self._sum_over_processes, images.device):
-            return self._skip_step(optimizer, "gradient", bad, losses)
+        gradients = nonfinite_gradients(params, context.task_params, result.gramian)
+        buffers = self.step_buffers.nonfinite()
+        if bad := agree(gradients + buffers, self._sum_over_processes, images.device):
+            what = " and ".join(
+                kind for kind, seen in (("gradient", gradients), ("buffer", buffers)) if seen
+            ) or "gradient or buffer"  # seen on another process
+            return self._skip_step(optimizer, what, bad, losses)
         self.guard.good()
         if self.grad_clip_norm:
             self.clip_gradients(
@@ -228,11 +242,16 @@ class MultiTaskModule(L.LightningModule):
     def _sum_over_processes(self, value: Tensor) -> Tensor:
         return self.trainer.strategy.reduce(value, reduce_op="sum")
 
+    def _gather(self, value: Any) -> list[Any]:
+        return gather_before_stopping(self.trainer, value)
+
     def _skip_step(
         self, optimizer: Optimizer, what: str, where: list[str], losses: Mapping[str, Tensor]
     ) -> Tensor:
-        """Zero the gradients, leave optimiser and scheduler untouched, log the tasks."""
+        """Zero the gradients, leave optimiser and scheduler untouched, put the buffers back
+        as the step found them, log the tasks."""
         optimizer.zero_grad(set_to_none=True)
+        self.step_buffers.restore()
         self.log("train/skipped_steps", float(self.guard.skipped + 1), reduce_fx="max")
         self.guard.bad(what, where, self.global_step, self.current_epoch)
         return torch.stack([loss.detach() for loss in losses.values()]).sum()
@@ -240,6 +259,10 @@ class MultiTaskModule(L.LightningModule):
     # ---------------------------------------------------------------- evaluation
     def _evaluation_step(self, batch: dict, stage: str) -> dict[str, Tensor]:
         """Losses and metric updates of one batch; returns the predictions (for callbacks)."""
+        if (message := bad_sample(batch)) is not None:  # data.skip_bad=false, under DDP
+            # the processes may hold different numbers of batches: agree at the epoch's end
+            self._evaluation_fault = self._evaluation_fault or message
+            return {}
         if is_empty(batch):  # every sample of the batch was bad (data.skip_bad)
             return {}
         images = batch["image"]
@@ -251,7 +274,13 @@ class MultiTaskModule(L.LightningModule):
         return preds
 
     def _log_metrics(self, stage: str) -> None:
-        """Log the epoch's dataset-level scores and reset the metrics."""
+        """Log the epoch's dataset-level scores and reset the metrics; first, stop every
+        process when any met a bad sample."""
+        message, self._evaluation_fault = self._evaluation_fault, None
+        if self.trainer.world_size > 1:
+            agree_on_failure(message, self._sum_over_processes, self._gather, self.device)
+        elif message is not None:
+            raise DatasetError(message)
         for key, value in self.metrics.compute().items():
             # already synced by torchmetrics: the average over ranks of equal values is a no-op
             self.log(f"{stage}/{key}", value, sync_dist=True, prog_bar=key == "loss")
@@ -313,6 +342,7 @@ class MultiTaskModule(L.LightningModule):
         self._restored_schedule_steps = checkpoint.get(SCHEDULE_KEY)
 
     def on_train_start(self) -> None:
+        self.step_buffers.find()  # after the strategy's changes (SyncBatchNorm replaces modules)
         # Lightning has restored the scheduler by now, with the length of the run that saved
         # it: when this fit is longer or shorter (trainer.max_epochs, limit_train_batches, batch
         # size), follow the new length from the step reached instead.

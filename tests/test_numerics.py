@@ -1,5 +1,6 @@
-"""Non-finite losses or gradients skip the optimiser step (parameters, Adam state and schedule
-untouched), name the task, and stop the run after ``max_bad_steps`` consecutive bad steps."""
+"""Non-finite losses, gradients or buffers skip the optimiser step (parameters, Adam state,
+schedule and buffers such as BatchNorm statistics untouched), name the task or buffer, and stop
+the run after ``max_bad_steps`` consecutive bad steps."""
 
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ def _fit(cfg, bad_calls, patch_task="depth", max_steps=3):
             optimizer = trainer.optimizers[0]
             snapshots[calls["n"]] = {
                 "params": {n: p.detach().clone() for n, p in pl_module.named_parameters()},
+                "buffers": _buffers(pl_module),
                 "adam": copy.deepcopy(optimizer.state_dict()["state"]),
                 "lr": [g["lr"] for g in optimizer.param_groups],
                 "step": trainer.global_step,
@@ -93,11 +95,18 @@ def _fit(cfg, bad_calls, patch_task="depth", max_steps=3):
     finally:
         snapshots["final"] = {
             "params": {n: p.detach().clone() for n, p in module.named_parameters()},
+            "buffers": _buffers(module),
             "adam": copy.deepcopy(trainer.optimizers[0].state_dict()["state"]),
             "lr": [g["lr"] for g in trainer.optimizers[0].param_groups],
             "step": trainer.global_step,
         }
     return module, trainer, snapshots
+
+
+def _buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The training state's buffers (BatchNorm statistics, balancer state; not the metrics')."""
+    buffers = module.named_buffers()
+    return {n: b.detach().clone() for n, b in buffers if not n.startswith("metrics.")}
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -125,6 +134,10 @@ def test_nan_loss_of_one_task_skips_that_step_and_names_the_task(make_cfg, caplo
     assert _same(before_bad["params"], after_bad["params"])
     assert before_bad["adam"] and _same(before_bad["adam"], after_bad["adam"])  # moments, step
     assert before_bad["lr"] == after_bad["lr"]  # the scheduler did not advance
+    # BatchNorm statistics as the skipped step found them; good steps do move them
+    assert any("running_var" in name for name in before_bad["buffers"])
+    assert _same(before_bad["buffers"], after_bad["buffers"])
+    assert not _same(snaps[0]["buffers"], snaps[1]["buffers"])
     assert not _same(snaps[2]["params"], snaps["final"]["params"])  # training went on
     assert trainer.global_step == 3 and module.guard.skipped == 1
     assert after_bad["no_grads"]  # the skipped step zeroed the gradients
@@ -143,11 +156,13 @@ def test_nan_gradient_of_one_head_is_named(make_cfg, caplog):
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     initial = {n: p.detach().clone() for n, p in module.named_parameters()}
+    buffers = _buffers(module)
     with caplog.at_level(logging.WARNING, logger="mtl.numerics"):
         trainer.fit(module, datamodule=datamodule)
     handle.remove()
     assert trainer.global_step == 0  # both batches skipped, below max_bad_steps=3
     assert all(torch.equal(initial[n], p) for n, p in module.named_parameters())
+    assert _same(buffers, _buffers(module))  # the forward passes' BatchNorm updates undone
     assert "non-finite gradient at step 0 (epoch 0) in normals" in caplog.text
 
 
@@ -164,3 +179,79 @@ def test_consecutive_bad_steps_stop_the_run_with_a_message(make_cfg):
 def test_debug_anomaly_turns_on_anomaly_detection(make_cfg):
     assert make_cfg("debug=anomaly").trainer.detect_anomaly is True
     assert make_cfg().trainer.get("detect_anomaly") in (None, False)
+
+
+def test_nonfinite_batchnorm_statistics_skip_the_step_and_name_the_buffer(make_cfg, caplog):
+    """A running variance that overflows in one step's forward pass (loss and gradients finite)
+    is found: the step is skipped, the buffer named, and the statistics put back."""
+    cfg = make_cfg(*FAST)
+    L.seed_everything(0)
+    module = build_module(cfg)
+    norm = module.model.backbone.model.layer2[0].bn1
+    calls = {"n": 0}
+
+    def overflow(bn, inputs, output):
+        if bn.training and calls["n"] == 1:
+            bn.running_var.data[3] = math.inf  # .data: autograd saved this tensor
+        calls["n"] += 1
+
+    norm.register_forward_hook(overflow)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, limit_train_batches=3, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="mtl.numerics"):
+        trainer.fit(module, datamodule=build_datamodule(cfg.data))
+    assert trainer.global_step == 2 and module.guard.skipped == 1
+    assert (
+        "non-finite buffer at step 1 (epoch 0) in model.backbone.model.layer2.0.bn1"
+        ".running_var; optimiser step skipped" in caplog.text
+    )
+    assert all(b.isfinite().all() for b in _buffers(module).values() if b.is_floating_point())
+
+
+def test_huge_learning_rate_stops_with_finite_batchnorm_statistics(make_cfg):
+    """``optim.optimizer.lr=1e6`` on the default model: the steps whose BatchNorm statistics
+    overflow are skipped (the buffers named) until the run stops; no buffer is left at inf."""
+    cfg = make_cfg("optim.optimizer.lr=1e6", "optim.scheduler=null", *FAST)
+    L.seed_everything(0)
+    module = build_module(cfg)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=3, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with pytest.raises(NonFiniteError, match=r"running_var"):
+        trainer.fit(module, datamodule=build_datamodule(cfg.data))
+    buffers = _buffers(module).items()
+    assert [n for n, b in buffers if b.is_floating_point() and not b.isfinite().all()] == []
+
+
+def test_skipped_step_leaves_the_balancer_state_as_it_was(make_cfg):
+    """FAMO updates its task logits, their optimiser and its last losses inside the step:
+    a step skipped for a non-finite gradient after a good one leaves all of them as they were."""
+    cfg = make_cfg("balancer=famo", *FAST)
+    L.seed_everything(0)
+    module = build_module(cfg)
+    head = next(iter(module.model.task_parameters()["normals"]))
+    calls = {"n": 0}
+
+    def poison_second_step(grad):
+        calls["n"] += 1
+        return grad * math.nan if calls["n"] == 2 else grad
+
+    head.register_hook(poison_second_step)
+    states = []
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            states.append(copy.deepcopy(pl_module.balancer.state_dict()))
+
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[Snapshot()],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=build_datamodule(cfg.data))
+    assert trainer.global_step == 1 and module.guard.skipped == 1
+    assert bool(states[0]["has_previous"])  # the good step recorded its losses
+    assert _same(states[0], states[1])

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mtl.data.base import DatasetError
 from mtl.data.sampling import ResumableSampler, SeededSamples, sample_seed
-from mtl.data.skip import SkipBad, collate_skipping
+from mtl.data.skip import DeferBad, SkipBad, collate_deferring, collate_skipping
 
 DatasetFactory = Callable[..., Dataset]
 log = logging.getLogger(__name__)
@@ -122,11 +122,15 @@ class MultiTaskDataModule(L.LightningDataModule):
             dataset, sampler = self._resumable(dataset)
         else:
             sampler = self._evaluation_sampler(dataset)
+        collate = None
         if self.skip_bad:
-            dataset = SkipBad(dataset)
+            dataset, collate = SkipBad(dataset), collate_skipping
+        elif self.trainer is not None and self.trainer.world_size > 1:
+            # a bad sample reaches the step, where all processes stop on it together
+            dataset, collate = DeferBad(dataset), collate_deferring
         return DataLoader(
             dataset,
-            collate_fn=collate_skipping if self.skip_bad else None,
+            collate_fn=collate,
             batch_size=self.per_process_batch_size(),
             sampler=sampler,
             drop_last=shuffle,

@@ -6,9 +6,15 @@
 the batch itself. `SkippedSamples` sums the counts over each epoch (and over processes) and
 logs ``data/skipped`` (training) and ``data/val_skipped`` (validation) plus a warning line.
 
-A batch whose samples are all bad holds only ``SKIPPED``; the module's steps skip it. Under
-DDP that one process then makes no optimiser step while the others do: prefer fixing the files
-(``python -m mtl.data.verify``) over relying on skipping for long runs.
+A batch whose samples are all bad holds only ``SKIPPED``. Under DDP that process cannot take
+part in the step's collectives, so the processes agree on it first (`mtl.data.agreement`) and
+all of them skip the update.
+
+Without ``data.skip_bad`` a bad sample stops the run. On one process the loader raises; under
+DDP `DeferBad` and `collate_deferring` carry the error to the module in the batch (``BAD``),
+so that every process learns of it at the same collective (the training step's, or the end
+of an evaluation epoch) and all stop with the same message, instead of the others waiting in
+a collective for a process that has died.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: Batch key holding the number of samples dropped from the batch.
 SKIPPED = "skipped"
+#: Batch key holding the error message of a bad sample (the batch holds nothing else).
+BAD = "bad_sample"
 
 
 class SkipBad(Dataset):
@@ -49,6 +57,32 @@ class SkipBad(Dataset):
         if name == "dataset":
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+
+class BadSample(str):
+    """The message of a sample that raised `DatasetError`, in place of the sample."""
+
+
+class DeferBad(SkipBad):
+    """A dataset whose bad samples come out as `BadSample` (their error message), so the
+    error travels with the batch from loader workers to the training step."""
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except DatasetError as error:
+            return BadSample(error)
+
+
+def collate_deferring(samples: Sequence[Any]) -> dict[str, Any]:
+    """`default_collate`, or ``{BAD: message}`` of the first `BadSample` when there is one."""
+    bad = next((sample for sample in samples if isinstance(sample, BadSample)), None)
+    return {BAD: str(bad)} if bad is not None else default_collate(samples)
+
+
+def bad_sample(batch: Any) -> str | None:
+    """The error message a deferred bad sample left in ``batch`` (None: no bad sample)."""
+    return batch.get(BAD) if isinstance(batch, dict) else None
 
 
 def collate_skipping(samples: Sequence[Any]) -> dict[str, Any]:
