@@ -14,29 +14,29 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
-from mtl.data.formats import write_nyud, write_pascal
-
+import scipy.io
 from conftest import ROOT
+
+from mtl.data.base import DatasetError
+from mtl.data.formats import write_nyud, write_pascal
+from mtl.data.io import DecodeError, read_mat
+from mtl.data.nyud import NYUDDataset
+from mtl.data.pascal_context import PASCALContextDataset
 
 SIZE = (24, 32)
 
-#: Runs in a fresh interpreter: open the split, then time one sample and measure the growth of
-#: the peak resident memory while it is read.
+#: Runs in a fresh interpreter (without torch, so it starts fast): read one file with a reader
+#: of `mtl.data.io`, timing it and measuring the growth of the peak resident memory.
 _PROBE = """
 import json, resource, sys, time
-from mtl.data.base import DatasetError
-from mtl.data.nyud import NYUDDataset
-from mtl.data.pascal_context import PASCALContextDataset
-kind, root, tasks = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
-cls = NYUDDataset if kind == "nyud" else PASCALContextDataset
-dataset = cls(root, "train", tasks)
+from pathlib import Path
+from mtl.data import io
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 try:
-    dataset[0]
+    getattr(io, sys.argv[1])(Path(sys.argv[2]))
     error = None
-except DatasetError as caught:
+except io.DecodeError as caught:
     error = str(caught)
 seconds = time.perf_counter() - start
 grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
@@ -44,9 +44,9 @@ print(json.dumps({"error": error, "seconds": seconds, "grown_mb": grown}))
 """
 
 
-def _probe(kind: str, root: Path, tasks: str) -> dict:
+def _probe(reader: str, path: Path) -> dict:
     result = subprocess.run(
-        [sys.executable, "-c", _PROBE, kind, str(root), tasks],
+        [sys.executable, "-c", _PROBE, reader, str(path)],
         capture_output=True, text=True, timeout=60, cwd=ROOT,
         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
     )  # fmt: skip
@@ -113,6 +113,13 @@ def _assert_refused(result: dict, path: Path, what: str) -> None:
     assert result["grown_mb"] < 100, result
 
 
+def _loader_refuses(dataset, path: Path, what: str) -> None:
+    """The sample of ``path`` is a `DatasetError` naming it (skippable with data.skip_bad)."""
+    with pytest.raises(DatasetError) as info:
+        dataset[0]
+    assert str(path) in str(info.value) and what in str(info.value), str(info.value)
+
+
 @pytest.mark.parametrize("variant", ["atrc", "nyud_mt"])
 def test_an_image_claiming_20000x20000_pixels_is_refused_from_its_header(tmp_path, variant):
     write_nyud(tmp_path, {"train": ["s0"], "val": ["v"]}, variant, SIZE)
@@ -123,14 +130,16 @@ def test_an_image_claiming_20000x20000_pixels_is_refused_from_its_header(tmp_pat
     else:
         path = tmp_path / "images" / "s0.jpg"
         _jpeg_claiming(path, 20000, 20000)
-    _assert_refused(_probe("nyud", tmp_path, "semseg"), path, "20000x20000 pixels")
+    _assert_refused(_probe("read_rgb", path), path, "20000x20000 pixels")
+    _loader_refuses(NYUDDataset(tmp_path, "train", ["semseg"]), path, "20000x20000 pixels")
 
 
 def test_a_label_png_claiming_more_pixels_than_allowed_is_refused(tmp_path):
     write_nyud(tmp_path, {"train": ["s0"], "val": ["v"]}, "atrc", SIZE)
     path = tmp_path / "segmentation" / "s0.png"
     _png_bomb(path, 12000, 12000)
-    _assert_refused(_probe("nyud", tmp_path, "semseg"), path, "12000x12000 pixels")
+    _assert_refused(_probe("read_label_png", path), path, "12000x12000 pixels")
+    _loader_refuses(NYUDDataset(tmp_path, "train", ["semseg"]), path, "12000x12000 pixels")
 
 
 def test_a_mat_of_compressed_zeros_is_refused_quickly(tmp_path):
@@ -138,11 +147,24 @@ def test_a_mat_of_compressed_zeros_is_refused_quickly(tmp_path):
     path = tmp_path / "pascal-context" / "trainval" / "a.mat"
     _mat(path, _zeros_deflated(256 << 20))
     assert path.stat().st_size < 400_000
-    _assert_refused(_probe("pascal", tmp_path, "edge"), path, "cannot read .mat file")
+    _assert_refused(_probe("read_mat", path), path, "holds a type 0 element")
+    _loader_refuses(PASCALContextDataset(tmp_path, "train", ["edge"]), path, "cannot read .mat")
 
 
 def test_a_mat_declaring_a_huge_array_is_refused_before_inflating_it(tmp_path):
     write_pascal(tmp_path, {"train": ["a"], "val": ["b"]}, SIZE)
     path = tmp_path / "pascal-context" / "trainval" / "a.mat"
     _mat(path, _zeros_deflated(16000 * 16000, head=_matrix_head(16000, 16000)))
-    _assert_refused(_probe("pascal", tmp_path, "edge"), path, "cannot read .mat file")
+    _assert_refused(_probe("read_mat", path), path, "more than the")
+    # the loader allows a LabelMap 8 bytes per pixel of its 24x32 image (plus headers)
+    _loader_refuses(PASCALContextDataset(tmp_path, "train", ["edge"]), path, "more than the")
+
+
+def test_a_mat_within_the_cap_still_reads(tmp_path):
+    """The cap is on inflation, not on compressed files: a real-sized compressed map reads."""
+    labels = np.random.default_rng(0).integers(0, 460, (375, 500)).astype(np.uint16)
+    path = tmp_path / "labels.mat"
+    scipy.io.savemat(path, {"LabelMap": labels}, do_compression=True)
+    assert np.array_equal(read_mat(path, max_bytes=8 * 375 * 500)["LabelMap"], labels)
+    with pytest.raises(DecodeError, match="more than the 100000 allowed"):
+        read_mat(path, max_bytes=100_000)

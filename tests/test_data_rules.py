@@ -11,18 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+from conftest import CONF, ROOT
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from mtl.data.base import DatasetError
 from mtl.data.formats import part_annotation, write_nyud, write_pascal
 from mtl.data.nyud import NYUDDataset
-from mtl.data.pascal_context import PASCALContextDataset
 from mtl.data.skip import SKIPPED
 from mtl.data.verify import main, verify
 from mtl.train import build_datamodule
-
-from conftest import CONF, ROOT
 
 SIZE = (20, 24)
 NYUD_TASKS = ["semseg", "depth", "normals", "edge"]

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from mtl.data.base import DatasetError, MultiTaskDataset, Problem, format_report, read_id_list
+from mtl.data.checks import repeated_ids
 from mtl.data.nyud import NYUDDataset
 from mtl.data.pascal_context import PASCALContextDataset
 
@@ -37,7 +37,7 @@ def open_split(dataset: str, root: Path, split: str, tasks: Sequence[str]) -> Mu
     """The dataset object of one split, set up for checking (raises ``DatasetError``)."""
     cls = DATASETS[dataset]
     options: dict[str, Any] = {"list_objects": False} if cls is PASCALContextDataset else {}
-    return cls(root, split, tasks, **options)
+    return cls(root, split, tasks, check_ids=False, **options)  # repeated ids: a problem
 
 
 def split_problems(datasets: dict[str, MultiTaskDataset], allow_subset: bool) -> list[Problem]:
@@ -50,9 +50,8 @@ def split_problems(datasets: dict[str, MultiTaskDataset], allow_subset: bool) ->
             problems.append(
                 Problem(path, f"{len(ds.ids)} ids, the official release has {official}")
             )
-        repeated = [i for i, n in Counter(ds.ids).items() if n > 1]
-        if repeated:
-            problems.append(Problem(path, f"ids listed more than once: {repeated[:8]}"))
+        if (repeated := repeated_ids(ds.ids)) is not None:  # the loader's rule
+            problems.append(Problem(path, repeated))
     if "train" in datasets and "val" in datasets:
         common = sorted(set(datasets["train"].ids) & set(datasets["val"].ids))
         if common:
