@@ -263,10 +263,10 @@ def _paint_parts(
         for part in parts:
             name = str(part["part_name"].ravel()[0])
             if name not in PART_OF:
-                raise DecodeError(f"unknown person part {name!r} in {path}")
+                raise DecodeError(f"{path}: unknown person part {name!r}")
             mask = part["mask"]
             if mask.shape != target.shape:
-                raise DecodeError(f"part mask {mask.shape} differs from {target.shape}: {path}")
+                raise DecodeError(f"{path}: part mask {mask.shape} differs from {target.shape}")
             target[mask.astype(bool)] = PART_OF[name]
     return target
 
