@@ -52,6 +52,8 @@ def test_synthetic_label_outside_its_five_classes_is_named_or_skipped(
     assert str(bad) in str(info.value) and "values [30] not allowed (allowed: 0..5, 255)" in str(
         info.value
     )
+    (problem,) = verify("synthetic", root)[0]  # the checker: same file, same words
+    assert problem.path == str(bad) and str(problem) in str(info.value)
 
     skipping = build_datamodule(make_cfg(f"data.root={root}", "data.skip_bad=true").data)
     skipping.setup("fit")

@@ -75,7 +75,8 @@ def test_each_planted_nyud_fault_is_reported_with_its_file(atrc: Path, capsys) -
     assert found["n3.npy"].startswith(f"{SIZE[0] * SIZE[1]} negative depth values")
     assert "not unit length" in found["n4.png"]
     assert found["n5.png"].startswith("binary map values [7] not allowed (allowed: 0..1, 255)")
-    assert found["n6.png"] == f"semseg has size {(SIZE[0] + 1, SIZE[1])}, the image n6.png has {SIZE}"
+    taller = (SIZE[0] + 1, SIZE[1])
+    assert found["n6.png"] == f"semseg has size {taller}, the image n6.png has {SIZE}"
     assert found["id 'n7'"].startswith("cannot decode image")
     assert found["val.txt"] == "ids listed more than once: ['n7'] | 1 ids also in train: ['n5']"
     for name in ("n0.npy", "n1.png", "n2.npy", "n3.npy", "n4.png", "n5.png", "n6.png"):

@@ -1,12 +1,13 @@
 """Check a dataset folder without training.
 
-    python -m mtl.data.verify --dataset nyud|pascal_context --root DIR [--split train val]
+    python -m mtl.data.verify --dataset nyud|pascal_context|synthetic --root DIR [--split train val]
         [--tasks semseg depth] [--limit N] [--workers N] [--allow-subset]
         [--edge-eval-list FILE]
 
 Every listed id must have every file of every task; images and label maps must agree in size;
 label values must be in range, depth finite and non-negative, normals unit length where valid;
-split lists must have the official sizes and no duplicates, train and val no common id. Exit
+split lists must have the official sizes and no duplicates, train and val no common id. These
+are the loader's own readers and rules: what is reported here, training refuses too. Exit
 status 0 when the folder is sound; otherwise a report naming each bad file and what is wrong
 with it, and status 1 (2 when the folder itself or a split list is missing).
 """
@@ -24,10 +25,12 @@ from mtl.data.base import DatasetError, MultiTaskDataset, Problem, format_report
 from mtl.data.checks import repeated_ids
 from mtl.data.nyud import NYUDDataset
 from mtl.data.pascal_context import PASCALContextDataset
+from mtl.data.scenes import SyntheticScenes
 
 DATASETS: dict[str, type[MultiTaskDataset]] = {
     "nyud": NYUDDataset,
     "pascal_context": PASCALContextDataset,
+    "synthetic": SyntheticScenes,
 }
 #: Size of the edge evaluation subset (``test_new``) of PASCAL-Context val in the literature.
 PASCAL_EDGE_EVAL_SIZE = 2498
