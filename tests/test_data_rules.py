@@ -4,7 +4,9 @@ class count, and PASCAL's object lists name the file they cannot read."""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from PIL import Image
 from mtl.data.base import DatasetError
 from mtl.data.formats import part_annotation, write_nyud, write_pascal
 from mtl.data.nyud import NYUDDataset
+from mtl.data.pascal_context import PASCALContextDataset
 from mtl.data.skip import SKIPPED
 from mtl.data.verify import main, verify
 from mtl.train import build_datamodule
@@ -129,6 +132,23 @@ def test_pascal_object_lists_name_a_bad_part_file_or_leave_it_out(
     assert sum(int(b[SKIPPED]) for b in batches) == 1
     loaded = [i for b in batches if "image" in b for i in b["meta"]["id"]]
     assert loaded == ["a", "c", "e"]
+
+
+def test_pascal_object_lists_from_a_damaged_json_are_named_or_rebuilt(tmp_path):
+    root = tmp_path / "pascal"
+    write_pascal(root, {"train": ["a", "b"], "val": ["d"]}, SIZE, persons=["a"])
+    cache = tmp_path / "cache"
+    first = PASCALContextDataset(root, "train", ["parts"], cache_dir=cache)
+    (stored,) = cache.iterdir()
+    stored.write_text('{"a": [15, 7], "b"')  # cut short
+    again = PASCALContextDataset(root, "train", ["parts"], cache_dir=cache)
+    assert again._has_person == first._has_person == {"a": True, "b": False}
+    assert json.loads(stored.read_text()) == {"a": [15, 7], "b": [7]}
+    shipped = root / "ImageSets" / "Parts" / "train.txt"
+    shipped.parent.mkdir()
+    shipped.write_text("a 15\nb 7\n")  # not the JSON the release ships
+    with pytest.raises(DatasetError, match=re.escape(f"{shipped}: expected a JSON object")):
+        PASCALContextDataset(root, "train", ["parts"], cache_dir=cache)
 
 
 # --------------------------------------------------------------------------- loader == checker

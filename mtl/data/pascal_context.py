@@ -296,15 +296,17 @@ def object_lists(
     """
     shipped = root / "ImageSets" / "Parts" / f"{split}.txt"
     if shipped.is_file():
-        lists = json.loads(shipped.read_text())
+        lists = _read_lists(shipped)
+        if lists is None:
+            raise DecodeError(f"{shipped}: expected a JSON object of id -> class indices")
         if all(i in lists for i in ids):
             return lists
     cache = None
     if cache_dir is not None:
         key = hashlib.sha1("\n".join([str(root.resolve()), *ids]).encode()).hexdigest()[:16]
         cache = Path(cache_dir) / f"pascal_parts_{split}_{key}.json"
-        if cache.is_file():
-            return json.loads(cache.read_text())
+        if cache.is_file() and (lists := _read_lists(cache)) is not None:
+            return lists  # an unreadable cache is rebuilt
     log.info("Listing PASCAL-Part objects of %d images (done once per split)", len(ids))
     lists: dict[str, list[int]] = {}
     for i in ids:
@@ -317,6 +319,15 @@ def object_lists(
     if cache is not None and len(lists) == len(set(ids)):
         _atomic_write(cache, json.dumps(lists))
     return lists
+
+
+def _read_lists(path: Path) -> dict[str, list[int]] | None:
+    """Object lists stored as JSON; None when the file does not hold them."""
+    try:
+        lists = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return lists if isinstance(lists, dict) else None
 
 
 def _jpeg_size(root: Path, sample_id: str) -> tuple[int, int] | None:
