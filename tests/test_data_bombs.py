@@ -168,3 +168,15 @@ def test_a_mat_within_the_cap_still_reads(tmp_path):
     assert np.array_equal(read_mat(path, max_bytes=8 * 375 * 500)["LabelMap"], labels)
     with pytest.raises(DecodeError, match="more than the 100000 allowed"):
         read_mat(path, max_bytes=100_000)
+
+
+def test_a_mat_of_too_many_elements_is_refused(tmp_path):
+    """Each element costs a Python step: a file of 40000 empty cells (a few KB) is refused
+    instead of walked."""
+    cells = np.empty((1, 40_000), dtype=object)
+    cells[0, :] = [np.zeros((0, 0))] * 40_000
+    path = tmp_path / "cells.mat"
+    scipy.io.savemat(path, {"c": cells}, do_compression=True)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(DecodeError, match="more than 32768 elements"):
+        read_mat(path)
