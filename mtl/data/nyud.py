@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mtl.data.base import MultiTaskDataset, Problem, Sample, problem_of
+from mtl.data.base import DatasetError, MultiTaskDataset, Problem, Sample, problem_of
 from mtl.data.checks import (
     allowed_values,
     require_depth,
@@ -55,8 +55,10 @@ _SEMSEG_LUT[1:255] = np.arange(254)
 
 @lru_cache
 def _semseg_allowed(num_classes: int) -> np.ndarray:
-    if not 0 < num_classes < IGNORE_INDEX:
-        raise ValueError(f"num_classes must be in 1..{IGNORE_INDEX - 1}, got {num_classes}")
+    if not 0 < num_classes < IGNORE_INDEX:  # labels are uint8 on disk, 255 = ignore
+        raise DatasetError(
+            f"data.num_classes.semseg: {num_classes}; expected 1..{IGNORE_INDEX - 1}"
+        )
     return allowed_values((*range(num_classes + 1), IGNORE_INDEX))
 
 
@@ -113,11 +115,6 @@ def unit_normals(
     norm = norm[..., None]
     scale = np.where(norm >= min_norm, 1.0 / np.maximum(norm, min_norm), 0.0)
     return (normals * scale).astype(np.float32)
-
-
-def decode_png_normals(raw: np.ndarray) -> np.ndarray:
-    """uint8 RGB-encoded normals -> float32 ``2 * v / 255 - 1`` (not re-normalised)."""
-    return raw.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
 
 
 #: uint8 code -> squared normal component ``(2 * v / 255 - 1) ** 2``.
