@@ -70,12 +70,13 @@ def test_each_planted_nyud_fault_is_reported_with_its_file(atrc: Path, capsys) -
     assert status == 1
     found = _messages(verify("nyud", atrc, allow_subset=True)[0])
     assert found["n0.npy"] == "missing (depth of id 'n0')"
-    assert found["n1.png"] == "label values [41] outside 0..40 or 255"
+    assert found["n1.png"] == "segmentation label values [41] not allowed (allowed: 0..40, 255)"
     assert found["n2.npy"] == "1 non-finite depth values"
     assert found["n3.npy"].startswith(f"{SIZE[0] * SIZE[1]} negative depth values")
     assert "not unit length" in found["n4.png"]
-    assert found["n5.png"].startswith("mask values [7] outside [0, 1, 255]")
-    assert found["n6.png"] == f"size {(SIZE[0] + 1, SIZE[1])} differs from the image's {SIZE}"
+    assert found["n5.png"].startswith("binary map values [7] not allowed (allowed: 0..1, 255)")
+    taller = (SIZE[0] + 1, SIZE[1])
+    assert found["n6.png"] == f"semseg has size {taller}, the image n6.png has {SIZE}"
     assert found["id 'n7'"].startswith("cannot decode image")
     assert found["val.txt"] == "ids listed more than once: ['n7'] | 1 ids also in train: ['n5']"
     for name in ("n0.npy", "n1.png", "n2.npy", "n3.npy", "n4.png", "n5.png", "n6.png"):
@@ -103,8 +104,8 @@ def test_pascal_faults(tmp_path: Path) -> None:
     for folder in ("VOC12", "pascal-context"):
         (root / "semseg" / folder / "c.png").unlink(missing_ok=True)
     found = _messages(verify("pascal_context", root, allow_subset=True)[0])
-    assert found["id 'a'"].startswith("unknown person part 'tail'")
-    assert found["b.mat"] == "label values [460] outside 0..459"
+    assert found["a.mat"] == "unknown person part 'tail'"
+    assert found["b.mat"] == "LabelMap values [460] outside 0..459"
     semseg = str(root / "semseg" / "VOC12" / "c.png") + " or "
     assert [m for k, m in found.items() if k.startswith(semseg)] == ["missing (semseg of id 'c')"]
     assert len(found) == 3

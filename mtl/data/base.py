@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mtl.data.checks import repeated_ids
 from mtl.data.io import DecodeError
 from mtl.data.transforms import ToTensorNormalize
 
@@ -49,67 +50,9 @@ def read_id_list(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-# --------------------------------------------------------------------------- value checks
-# Each returns a description of what is wrong with a raw (undecoded) array, or None.
-
-
-def label_problem(raw: np.ndarray, max_label: int, void: int | None = 255) -> str | None:
-    """Integer map whose values lie in 0..max_label (plus ``void``)."""
-    if raw.ndim != 2:
-        return f"expected a single-channel label map, got shape {raw.shape}"
-    if not np.issubdtype(raw.dtype, np.integer):
-        return f"expected integer labels, got {raw.dtype}"
-    values = np.unique(raw)
-    bad = values[(values < 0) | (values > max_label)]
-    if void is not None:
-        bad = bad[bad != void]
-    if bad.size:
-        allowed = f"0..{max_label}" + (f" or {void}" if void is not None else "")
-        return f"label values {bad[:8].tolist()} outside {allowed}"
-    return None
-
-
-def depth_problem(raw: np.ndarray) -> str | None:
-    """Depth in metres: finite and non-negative (0 = invalid)."""
-    if raw.ndim == 3 and raw.shape[2] == 1:
-        raw = raw[..., 0]
-    if raw.ndim != 2 or not np.issubdtype(raw.dtype, np.floating):
-        return f"expected a float HxW depth map, got {raw.dtype} {raw.shape}"
-    if not np.isfinite(raw).all():
-        return f"{int((~np.isfinite(raw)).sum())} non-finite depth values"
-    if (raw < 0).any():
-        return f"{int((raw < 0).sum())} negative depth values (min {float(raw.min()):.3g})"
-    return None
-
-
-def normals_problem(
-    vectors: np.ndarray, tolerance: float, valid: np.ndarray | None = None
-) -> str | None:
-    """Decoded normals: unit length within ``tolerance`` where not (near) zero / where ``valid``."""
-    if vectors.ndim != 3 or vectors.shape[2] != 3:
-        return f"expected HxWx3 normals, got shape {vectors.shape}"
-    if not np.isfinite(vectors).all():
-        return "non-finite normal components"
-    norm = np.sqrt((vectors.astype(np.float64) ** 2).sum(axis=2))
-    mask = norm > 0.5 if valid is None else valid
-    off = mask & (np.abs(norm - 1.0) > tolerance)
-    if off.any():
-        return (
-            f"{int(off.sum())} of {int(mask.sum())} valid normals are not unit length "
-            f"(|n| from {float(norm[off].min()):.3f} to {float(norm[off].max()):.3f})"
-        )
-    return None
-
-
-def binary_problem(raw: np.ndarray, allowed: Iterable[int]) -> str | None:
-    """Binary mask whose values lie in ``allowed``."""
-    if raw.ndim != 2:
-        return f"expected a single-channel mask, got shape {raw.shape}"
-    allowed = sorted(set(allowed))
-    bad = np.setdiff1d(np.unique(raw), allowed)
-    if bad.size:
-        return f"mask values {bad[:8].tolist()} outside {allowed}"
-    return None
+def problem_of(path: Path, error: Exception) -> Problem:
+    """The checker's report of what a reader refused, with the message the loader gives."""
+    return Problem(str(path), str(error).removeprefix(f"{path}: "))
 
 
 # --------------------------------------------------------------------------- dataset base
@@ -135,13 +78,14 @@ class MultiTaskDataset(Dataset, ABC):
         split: str,
         tasks: Sequence[str],
         transform: Callable[[Sample], Sample] | None = None,
+        check_ids: bool = True,
     ) -> None:
         self.root = Path(root).expanduser()
         self.split = split
         self.tasks = tuple(tasks)
         self.transform = transform if transform is not None else ToTensorNormalize()
         self.check_layout()
-        self.ids = self.read_split(split)
+        self.ids = self.read_split(split, check_ids)
 
     # ------------------------------------------------------------ what subclasses provide
     @classmethod
@@ -194,13 +138,17 @@ class MultiTaskDataset(Dataset, ABC):
         if missing:
             raise self.layout_error(f"missing folder(s) {missing}")
 
-    def read_split(self, split: str) -> list[str]:
+    def read_split(self, split: str, check_ids: bool = True) -> list[str]:
+        """The ids of ``split``; one listed twice is a `DatasetError` unless not ``check_ids``
+        (the checker reports it with the other problems instead)."""
         path = self.split_file(self.root, split)
         if not path.is_file():
             raise self.layout_error(f"split file not found: {path}")
         ids = read_id_list(path)
         if not ids:
             raise self.layout_error(f"split file lists no ids: {path}")
+        if check_ids and (problem := repeated_ids(ids)) is not None:
+            raise DatasetError(f"{self.NAME} split list {path}: {problem}")
         return ids
 
     def missing_files(self, sample_id: str) -> list[Problem]:
@@ -272,11 +220,3 @@ class MultiTaskDataset(Dataset, ABC):
             f"tasks={list(self.tasks)}, n={len(self)})"
         )
 
-
-def size_problem(
-    path: Path, shape: tuple[int, ...], image_shape: tuple[int, int]
-) -> Problem | None:
-    """A problem if a map's (H, W) differs from the image's."""
-    if tuple(shape[:2]) != tuple(image_shape):
-        return Problem(str(path), f"size {tuple(shape[:2])} differs from the image's {image_shape}")
-    return None

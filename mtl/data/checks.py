@@ -1,13 +1,15 @@
-"""Value checks the loaders run on every decoded file: vectorised, one pass over the array.
+"""The rules a dataset's files and split lists must follow: vectorised, one pass over the array.
 
 Each raises ``DecodeError`` naming the file and what is wrong, so a damaged file fails loudly
-instead of becoming a wrong training target. The dataset checker (``mtl.data.verify``) reports
-the same faults with more detail.
+instead of becoming a wrong training target. The loaders and the dataset checker
+(``python -m mtl.data.verify``) run the same readers, so both refuse the same files with the
+same message; the checker reports every problem instead of stopping at the first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +65,11 @@ def _ranges(values: np.ndarray) -> str:
 
 
 def require_depth(depth: np.ndarray, path: Path) -> None:
-    """Depth must be finite and non-negative (0 marks an invalid pixel)."""
+    """Depth must be floats in metres, finite and non-negative (0 marks an invalid pixel).
+    Integers (e.g. uint16 millimetres) or booleans are refused, not reinterpreted."""
+    if depth.dtype.kind != "f":
+        hint = " (millimetres? store metres as floats)" if depth.dtype.kind in "iu" else ""
+        raise DecodeError(f"{path}: expected float depth in metres, got {depth.dtype}{hint}")
     finite = np.isfinite(depth)
     if not finite.all():
         raise DecodeError(f"{path}: {int((~finite).sum())} non-finite depth values")
@@ -82,3 +88,24 @@ def require_unit(norm: np.ndarray, valid: np.ndarray, tolerance: float, path: Pa
             f"{path}: {int(off.sum())} of {int(valid.sum())} valid normals are not unit length "
             f"(|n| from {lengths.min():.3f} to {lengths.max():.3f}; tolerance {tolerance})"
         )
+
+
+def require_size(
+    shape: tuple[int, ...],
+    image_shape: tuple[int, ...],
+    path: Path,
+    what: str,
+    image: str | None = None,
+) -> None:
+    """A map's (H, W) must be its image's (the file named ``image``)."""
+    if tuple(shape[:2]) != tuple(image_shape[:2]):
+        named = f"the image {image}" if image else "the image"
+        raise DecodeError(
+            f"{path}: {what} has size {tuple(shape[:2])}, {named} has {tuple(image_shape[:2])}"
+        )
+
+
+def repeated_ids(ids: Sequence[str]) -> str | None:
+    """What is wrong with a split list that names an id more than once, or None."""
+    repeated = [i for i, n in Counter(ids).items() if n > 1]
+    return f"ids listed more than once: {repeated[:8]}" if repeated else None

@@ -3,11 +3,15 @@
 Images are decoded with OpenCV (libjpeg-turbo / libpng, no Python-level copies) and returned as
 RGB uint8. Single-channel label PNGs go through Pillow, because OpenCV expands palette PNGs
 (as used by PASCAL VOC label maps) to colours instead of returning the palette indices.
+Before any decoder runs, the pixel count in the file's header (PNG IHDR, JPEG SOF) is checked
+against `MAX_PIXELS`: a file of a few kilobytes can claim 20000x20000 pixels, and the decoders
+would allocate all of them.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,12 @@ _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 
 #: How far from the end of a file its end marker is looked for (trailing padding is allowed).
 _TAIL = 1024
+
+#: Largest image or map decoded (8192 x 4096): the datasets' images are under 1 megapixel; a
+#: header claiming more is refused before decoding (a decompression bomb).
+MAX_PIXELS = 1 << 25
+#: JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic), which carry the size.
+_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
 
 
 def _read_bytes(path: Path) -> np.ndarray:
@@ -51,9 +61,45 @@ def truncation_problem(data: np.ndarray) -> str | None:
     return None
 
 
+def header_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
+    """(H, W) from the header of encoded PNG (IHDR) or JPEG (SOF) bytes; None for other formats
+    or a header too short to say (the decoder then reports the file)."""
+    head = bytes(data[:8])
+    if head.startswith(b"\x89PNG") and len(data) >= 24 and bytes(data[12:16]) == b"IHDR":
+        width, height = struct.unpack(">II", bytes(data[16:24]))
+        return height, width
+    if not head.startswith(b"\xff\xd8"):
+        return None
+    pos = 2  # walk the marker segments up to the frame header (a handful per file)
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = int(data[pos + 1])
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = int(data[pos + 2]) << 8 | int(data[pos + 3])
+        if marker in _SOF and pos + 9 <= len(data):
+            height, width = struct.unpack(">HH", bytes(data[pos + 5 : pos + 9]))
+            return height, width
+        if marker == 0xDA or length < 2:  # start of scan before any frame header
+            return None
+        pos += 2 + length
+    return None
+
+
+def require_pixels(data: bytes | np.ndarray, path: Path) -> None:
+    """A `DecodeError` if the header of ``data`` claims more than `MAX_PIXELS` pixels."""
+    size = header_size(data)
+    if size is not None and size[0] * size[1] > MAX_PIXELS:
+        raise DecodeError(
+            f"{path}: header claims {size[0]}x{size[1]} pixels, more than the "
+            f"{MAX_PIXELS} allowed (not decoded)"
+        )
+
+
 def _decode(path: Path, flags: int, kind: str) -> np.ndarray:
     """Decode an image file with OpenCV; a truncated or undecodable file is a `DecodeError`."""
     data = _read_bytes(path)
+    require_pixels(data, path)
     image = cv2.imdecode(data, flags) if data.size else None
     if image is None:
         raise DecodeError(f"cannot decode {kind}: {path}")
@@ -79,6 +125,7 @@ def read_rgb_png(path: Path) -> np.ndarray:
 def read_label_png(path: Path) -> np.ndarray:
     """Single-channel PNG (grey or palette indices) as its raw HxW integer array."""
     data = _read_bytes(path)
+    require_pixels(data, path)
     if (problem := truncation_problem(data)) is not None:
         raise DecodeError(f"cannot decode PNG: {path} ({problem})")
     try:
@@ -104,12 +151,14 @@ def read_npy(path: Path) -> np.ndarray:
     return array
 
 
-def read_mat(path: Path) -> dict[str, Any]:
-    """Variables of a MATLAB (v5) ``.mat`` file."""
-    from mtl.data.matcheck import check_mat  # here: matcheck imports DecodeError from this module
+def read_mat(path: Path, max_bytes: int | None = None) -> dict[str, Any]:
+    """Variables of a MATLAB (v5) ``.mat`` file whose compressed variables inflate to at most
+    ``max_bytes`` in all (None: `mtl.data.matcheck.MAX_INFLATED`)."""
+    from mtl.data.matcheck import MAX_INFLATED, check_mat  # matcheck imports DecodeError from here
 
     data = _read_bytes(path).tobytes()
-    check_mat(path, data)  # scipy's compiled reader can crash on a damaged struct
+    # scipy's compiled reader can crash on a damaged struct, and inflates whatever it is given
+    check_mat(path, data, MAX_INFLATED if max_bytes is None else max_bytes)
     try:
         return scipy.io.loadmat(io.BytesIO(data))
     except Exception as error:  # scipy raises many types for damaged files

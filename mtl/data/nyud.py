@@ -4,7 +4,7 @@ Two releases exist and both are read, the variant detected per modality and per 
 extensions present (so mixed folders work too)::
 
     <root>/images/<id>.jpg | <id>.png          RGB image (NYUD_MT: 480x640 .jpg; ATRC: 425x560 .png)
-    <root>/segmentation/<id>.png               uint8, 0 = unlabeled, classes 1..40
+    <root>/segmentation/<id>.png               uint8, 0 = unlabeled, classes 1..40 (1..C)
     <root>/depth/<id>.npy                      float metres, 0 = invalid
     <root>/normals/<id>.npy | <id>.png         [-1, 1] floats | uint8 RGB (2 * v / 255 - 1)
     <root>/edge/<id>.npy | <id>.png            {0, 1} | uint8 0/255
@@ -12,33 +12,33 @@ extensions present (so mixed folders work too)::
     <root>/gt_sets/{train,val}.txt             one id per line (795 / 654 in the release)
 
 Decoded (see ``mtl.data.transforms`` for the numpy sample contract): semseg 0 -> 255 (ignore)
-and 1..40 -> 0..39; normals re-normalised to unit length, near-zero vectors -> zero (invalid;
-PNG normals stay uint8 until ``ToTensorNormalize`` decodes them); edge/saliency {0, 1}.
-A file that cannot be decoded or holds impossible values (a label outside 0..40/255, non-finite
-or negative depth, a valid normal far from unit length, a binary value outside 0/1/255) is a
-``DecodeError`` naming the file, never a silently repaired target.
+and 1..C -> 0..C-1 (C = ``num_classes``: 40, or 5 for the synthetic scenes); normals
+re-normalised to unit length, near-zero vectors -> zero (invalid; PNG normals stay uint8 until
+``ToTensorNormalize`` decodes them); edge/saliency {0, 1}.
+A file that cannot be decoded or holds impossible values (a label outside 0..C/255, depth that
+is not float metres or is non-finite or negative, a valid normal far from unit length, a binary
+value outside 0/1/255) is a ``DecodeError`` naming the file, never a silently repaired target.
+The checker (``mtl.data.verify``) runs the same readers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import lru_cache, partial
 from pathlib import Path
 from types import MappingProxyType
 from typing import NamedTuple
 
 import numpy as np
 
-from mtl.data.base import (
-    MultiTaskDataset,
-    Problem,
-    Sample,
-    binary_problem,
-    depth_problem,
-    label_problem,
-    normals_problem,
-    size_problem,
+from mtl.data.base import DatasetError, MultiTaskDataset, Problem, Sample, problem_of
+from mtl.data.checks import (
+    allowed_values,
+    require_depth,
+    require_size,
+    require_unit,
+    require_values,
 )
-from mtl.data.checks import allowed_values, require_depth, require_unit, require_values
 from mtl.data.io import DecodeError, read_label_png, read_npy, read_rgb, read_rgb_png
 from mtl.data.transforms import ENCODED_NORMAL_MIN_NORM, IGNORE_INDEX
 
@@ -51,7 +51,15 @@ NORMAL_TOLERANCE = 0.05
 # Raw label -> training label: 0 (unlabeled) -> 255, c -> c - 1, 255 stays 255.
 _SEMSEG_LUT = np.full(256, IGNORE_INDEX, dtype=np.uint8)
 _SEMSEG_LUT[1:255] = np.arange(254)
-_SEMSEG_ALLOWED = allowed_values((*range(NUM_CLASSES + 1), IGNORE_INDEX))
+
+
+@lru_cache
+def _semseg_allowed(num_classes: int) -> np.ndarray:
+    if not 0 < num_classes < IGNORE_INDEX:  # labels are uint8 on disk, 255 = ignore
+        raise DatasetError(
+            f"data.num_classes.semseg: {num_classes}; expected 1..{IGNORE_INDEX - 1}"
+        )
+    return allowed_values((*range(num_classes + 1), IGNORE_INDEX))
 
 
 # --------------------------------------------------------------------------- decoders
@@ -68,12 +76,13 @@ def read_image(path: Path) -> np.ndarray:
     return read_rgb(path)
 
 
-def read_semseg(path: Path) -> np.ndarray:
-    """Segmentation (.png) as uint8 HxW: 0 -> 255 (ignore), 1..C -> 0..C-1, 255 stays 255.
-    Raw values other than 0..C and 255 are a `DecodeError`."""
+def read_semseg(path: Path, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Segmentation (.png) as uint8 HxW: 0 -> 255 (ignore), 1..C -> 0..C-1, 255 stays 255
+    (C = ``num_classes``). Raw values other than 0..C and 255 are a `DecodeError`."""
     if path.suffix != ".png":
         raise _unsupported(path)
-    raw = require_values(read_label_png(path), _SEMSEG_ALLOWED, path, "segmentation label")
+    allowed = _semseg_allowed(num_classes)
+    raw = require_values(read_label_png(path), allowed, path, "segmentation label")
     return _SEMSEG_LUT[raw]
 
 
@@ -87,13 +96,13 @@ def _plane(raw: np.ndarray, path: Path, what: str) -> np.ndarray:
 
 
 def read_depth(path: Path) -> np.ndarray:
-    """Depth (.npy, metres) as float32 HxW (0 = invalid); non-finite or negative values are a
-    `DecodeError`."""
+    """Depth (.npy, float metres) as float32 HxW (0 = invalid); integer or bool arrays and
+    non-finite or negative values are a `DecodeError`."""
     if path.suffix != ".npy":
         raise _unsupported(path)
-    depth = _plane(np.asarray(read_npy(path), dtype=np.float32), path, "depth")
+    depth = _plane(read_npy(path), path, "depth")
     require_depth(depth, path)
-    return depth
+    return depth.astype(np.float32, copy=False)
 
 
 def unit_normals(
@@ -106,11 +115,6 @@ def unit_normals(
     norm = norm[..., None]
     scale = np.where(norm >= min_norm, 1.0 / np.maximum(norm, min_norm), 0.0)
     return (normals * scale).astype(np.float32)
-
-
-def decode_png_normals(raw: np.ndarray) -> np.ndarray:
-    """uint8 RGB-encoded normals -> float32 ``2 * v / 255 - 1`` (not re-normalised)."""
-    return raw.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
 
 
 #: uint8 code -> squared normal component ``(2 * v / 255 - 1) ** 2``.
@@ -163,46 +167,15 @@ def read_binary(path: Path) -> np.ndarray:
     raise _unsupported(path)
 
 
-# --------------------------------------------------------------------------- raw checks
-
-
-def _semseg_check(path: Path) -> str | None:
-    return label_problem(read_label_png(path), NUM_CLASSES)
-
-
-def _depth_check(path: Path) -> str | None:
-    return depth_problem(read_npy(path))
-
-
-def _normals_check(path: Path) -> str | None:
-    if path.suffix == ".npy":
-        raw = np.asarray(read_npy(path), dtype=np.float64)
-        if raw.ndim != 3:
-            return f"expected HxWx3 normals, got shape {raw.shape}"
-        valid = np.sqrt((raw**2).sum(axis=-1)) >= NPY_NORMAL_MIN_NORM
-    else:
-        raw = decode_png_normals(read_rgb_png(path))
-        valid = np.sqrt((raw**2).sum(axis=-1)) >= ENCODED_NORMAL_MIN_NORM
-    return normals_problem(raw, NORMAL_TOLERANCE, valid)
-
-
-def _binary_check(path: Path) -> str | None:
-    if path.suffix == ".npy":
-        raw = np.asarray(read_npy(path))
-        return binary_problem(raw.reshape(raw.shape[:2]) if raw.ndim == 3 else raw, (0, 1))
-    return binary_problem(read_label_png(path), (0, 1, 255))
-
-
 # --------------------------------------------------------------------------- layout
 
 
 class Modality(NamedTuple):
-    """Where a modality lives, its allowed extensions (in order), its decoder and its check."""
+    """Where a modality lives, its allowed extensions (in order) and its decoder."""
 
     folder: str
     extensions: tuple[str, ...]
     reader: Callable[[Path], np.ndarray]
-    check: Callable[[Path], str | None] | None = None
 
 
 IMAGE = Modality("images", (".jpg", ".png"), read_image)
@@ -210,11 +183,11 @@ IMAGE = Modality("images", (".jpg", ".png"), read_image)
 #: Task name -> modality, in canonical task order.
 TASKS = MappingProxyType(
     {
-        "semseg": Modality("segmentation", (".png",), read_semseg, _semseg_check),
-        "depth": Modality("depth", (".npy",), read_depth, _depth_check),
-        "normals": Modality("normals", (".npy", ".png"), read_normals, _normals_check),
-        "edge": Modality("edge", (".npy", ".png"), read_binary, _binary_check),
-        "sal": Modality("saliency", (".png",), read_binary, _binary_check),
+        "semseg": Modality("segmentation", (".png",), read_semseg),
+        "depth": Modality("depth", (".npy",), read_depth),
+        "normals": Modality("normals", (".npy", ".png"), read_normals),
+        "edge": Modality("edge", (".npy", ".png"), read_binary),
+        "sal": Modality("saliency", (".png",), read_binary),
     }
 )
 
@@ -256,7 +229,11 @@ def _require(path: Path, modality: Modality, role: str, sample_id: str) -> Path:
 
 
 class NYUDDataset(MultiTaskDataset):
-    """NYUD-v2 (either release, or scenes written in its layout) as framework samples."""
+    """NYUD-v2 (either release, or scenes written in its layout) as framework samples.
+
+    ``num_classes``: the semseg classes (labels 1..C on disk; 40 for NYUD-v2, the synthetic
+    scenes' config passes its 5); ``check_ids``: see `MultiTaskDataset.read_split`.
+    """
 
     NAME = "NYUD-v2"
     LAYOUT = LAYOUT
@@ -268,8 +245,12 @@ class NYUDDataset(MultiTaskDataset):
         split: str,
         tasks: Sequence[str],
         transform: Callable[[Sample], Sample] | None = None,
+        num_classes: int = NUM_CLASSES,
+        check_ids: bool = True,
     ) -> None:
-        super().__init__(root, split, tasks, transform)
+        self.num_classes = int(num_classes)
+        _semseg_allowed(self.num_classes)  # a bad count fails here, not in a loader worker
+        super().__init__(root, split, tasks, transform, check_ids)
 
     @classmethod
     def available_tasks(cls, root: str | Path) -> list[str]:
@@ -285,6 +266,11 @@ class NYUDDataset(MultiTaskDataset):
     def _modalities(self) -> dict[str, Modality]:
         return {"image": IMAGE, **{task: TASKS[task] for task in self.tasks}}
 
+    def _reader(self, key: str) -> Callable[[Path], np.ndarray]:
+        if key == "semseg":
+            return partial(read_semseg, num_classes=self.num_classes)
+        return self._modalities()[key].reader
+
     def files(self, sample_id: str) -> dict[str, Path]:
         return {
             key: find_file(self.root, modality, sample_id)
@@ -296,16 +282,12 @@ class NYUDDataset(MultiTaskDataset):
         modalities = self._modalities()
         files = self.files(sample_id)
         sample: Sample = {
-            key: modalities[key].reader(_require(path, modalities[key], key, sample_id))
+            key: self._reader(key)(_require(path, modalities[key], key, sample_id))
             for key, path in files.items()
         }
         size = sample["image"].shape[:2]
         for key in self.tasks:
-            if sample[key].shape[:2] != size:
-                raise DecodeError(
-                    f"{files[key]}: {key} has size {sample[key].shape[:2]}, "
-                    f"the image {files['image'].name} has {size}"
-                )
+            require_size(sample[key].shape, size, files[key], key, files["image"].name)
         sample["meta"] = self.meta(sample_id, size)
         return sample
 
@@ -318,6 +300,7 @@ class NYUDDataset(MultiTaskDataset):
         ]
 
     def sample_problems(self, sample_id: str) -> list[Problem]:
+        """What the loader would refuse in each file of the sample (its readers, its rules)."""
         missing = self.missing_files(sample_id)
         if missing:
             return missing
@@ -325,15 +308,10 @@ class NYUDDataset(MultiTaskDataset):
         problems: list[Problem] = []
         image_size = read_image(files["image"]).shape[:2]
         for task in self.tasks:
-            path, modality = files[task], TASKS[task]
-            if modality.check is not None and (message := modality.check(path)) is not None:
-                problems.append(Problem(str(path), message))
-                continue
+            path = files[task]
             try:
-                decoded = modality.reader(path)
-            except DecodeError as error:  # what the loader would refuse, named by its file
-                problems.append(Problem(str(path), str(error).removeprefix(f"{path}: ")))
-                continue
-            if (problem := size_problem(path, decoded.shape, image_size)) is not None:
-                problems.append(problem)
+                decoded = self._reader(task)(path)
+                require_size(decoded.shape, image_size, path, task, files["image"].name)
+            except DecodeError as error:
+                problems.append(problem_of(path, error))
         return problems

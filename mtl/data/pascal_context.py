@@ -19,7 +19,9 @@ saliency ``v / 255 > 0.5``; normals zeroed (invalid) where the Context class is 
 NYU-compatible classes, then re-normalised; edges = thinned non-zero Laplacian of the Context
 label map. Nothing is ever written under ``root``: the per-image object lists used to skip
 person-free images are read from ``ImageSets/Parts`` when the release has them, else built once
-and kept in ``cache_dir``.
+and kept in ``cache_dir``. The checker (``mtl.data.verify``) runs the same readers as the loader.
+A ``.mat`` file may inflate to a bounded number of bytes per pixel of its image (see
+`CONTEXT_BYTES_PER_PIXEL`, `PARTS_BYTES_PER_PIXEL`); a larger one is refused unread.
 """
 
 from __future__ import annotations
@@ -39,15 +41,13 @@ from mtl.data.base import (
     MultiTaskDataset,
     Problem,
     Sample,
-    label_problem,
-    normals_problem,
+    problem_of,
     read_id_list,
-    size_problem,
 )
-from mtl.data.checks import allowed_values, require_unit, require_values
+from mtl.data.checks import allowed_values, require_size, require_unit, require_values
 from mtl.data.edges import label_edges
-from mtl.data.io import DecodeError, read_label_png, read_mat, read_rgb, read_rgb_png
-from mtl.data.nyud import decode_png_normals, encoded_normal_lengths
+from mtl.data.io import DecodeError, image_size, read_label_png, read_mat, read_rgb, read_rgb_png
+from mtl.data.nyud import encoded_normal_lengths
 from mtl.data.transforms import ENCODED_NORMAL_MIN_NORM, ENCODED_NORMAL_PAD_VALUE, IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,19 @@ _SEMSEG_ALLOWED = allowed_values((*range(len(VOC_CLASSES)), IGNORE_INDEX))
 #: How far from unit length a distilled normal (a network output quantised to uint8) may be.
 NORMAL_TOLERANCE = 0.1
 
+#: Bytes a ``.mat`` file may inflate to per pixel of its image: a LabelMap holds one number per
+#: pixel (at most 8 bytes); a PASCAL-Part file one uint8 mask per object and per part (the
+#: busiest files of the release hold about 100). Plus `_MAT_HEADERS` for names and headers.
+CONTEXT_BYTES_PER_PIXEL = 8
+PARTS_BYTES_PER_PIXEL = 512
+_MAT_HEADERS = 1 << 16
+
+
+def _mat_budget(per_pixel: int, size: tuple[int, int] | None) -> int | None:
+    """How many bytes a ``.mat`` file of an image of ``size`` may inflate to (None: unknown
+    size, the reader's default cap)."""
+    return None if size is None else per_pixel * int(size[0]) * int(size[1]) + _MAT_HEADERS
+
 LAYOUT = """\
   <root>/JPEGImages/<id>.jpg
   <root>/ImageSets/Context/train.txt, val.txt   one id per line (4998 / 5105)
@@ -138,9 +151,10 @@ def read_saliency(path: Path) -> np.ndarray:
     return (read_label_png(path) > 127).astype(np.uint8)
 
 
-def read_context_labels(path: Path) -> np.ndarray:
-    """The 459-class Context label map (``LabelMap``) as an integer HxW array."""
-    labels = _label_map(path)
+def read_context_labels(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The 459-class Context label map (``LabelMap``) as an integer HxW array; ``size``: its
+    image's (H, W), which bounds how much the file may inflate."""
+    labels = _label_map(path, size)
     if labels.ndim != 2 or labels.dtype.kind not in "iu":
         raise DecodeError(
             f"{path}: expected an integer HxW LabelMap, got {labels.dtype} {labels.shape}"
@@ -151,9 +165,9 @@ def read_context_labels(path: Path) -> np.ndarray:
     return labels
 
 
-def _label_map(path: Path) -> np.ndarray:
+def _label_map(path: Path, size: tuple[int, int] | None) -> np.ndarray:
     """The ``LabelMap`` variable of a Context ``.mat`` file, unchecked."""
-    mat = read_mat(path)
+    mat = read_mat(path, _mat_budget(CONTEXT_BYTES_PER_PIXEL, size))
     if "LabelMap" not in mat:
         raise DecodeError(f"no variable 'LabelMap' in {path}")
     return np.asarray(mat["LabelMap"])
@@ -179,9 +193,10 @@ def read_normals(path: Path, context_labels: np.ndarray) -> np.ndarray:
     return normals
 
 
-def _objects(path: Path) -> np.ndarray:
-    """The ``anno.objects`` struct array of a PASCAL-Part file (possibly empty)."""
-    mat = read_mat(path)
+def _objects(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The ``anno.objects`` struct array of a PASCAL-Part file (possibly empty); ``size``: its
+    image's (H, W), which bounds how much the file may inflate."""
+    mat = read_mat(path, _mat_budget(PARTS_BYTES_PER_PIXEL, size))
     try:
         objects = mat["anno"][0, 0]["objects"]
     except (KeyError, IndexError, ValueError):
@@ -189,43 +204,69 @@ def _objects(path: Path) -> np.ndarray:
     return objects.ravel()
 
 
-def object_classes(path: Path) -> list[int]:
-    """``class_ind`` of every object of a PASCAL-Part file; -1 for objects with an empty mask."""
-    return [int(obj["class_ind"].ravel()[0]) if obj["mask"].any() else -1 for obj in _objects(path)]
+def _malformed(path: Path, what: str) -> DecodeError:
+    return DecodeError(f"{path}: malformed PASCAL-Part struct ({what})")
 
 
-def read_parts(path: Path, objects: np.ndarray | None = None) -> np.ndarray | None:
+def _class_ind(obj: np.void, path: Path) -> int:
+    values = np.asarray(obj["class_ind"]).ravel()
+    if values.size != 1:
+        raise _malformed(path, f"{'empty' if values.size == 0 else values.size} class_ind")
+    return int(values[0])
+
+
+def _struct_errors(path: Path, read: Callable[[], object]) -> object:
+    """``read()``, a struct that lacks a field or has one of the wrong kind a `DecodeError`."""
+    try:
+        return read()
+    except DecodeError:
+        raise
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as error:
+        raise _malformed(path, f"{type(error).__name__}: {error}") from None
+
+
+def object_classes(path: Path, size: tuple[int, int] | None = None) -> list[int]:
+    """``class_ind`` of every object of a PASCAL-Part file; -1 for objects with an empty mask.
+    A file that cannot be read or whose struct is malformed is a `DecodeError` naming it."""
+    objects = _objects(path, size)
+    return _struct_errors(
+        path, lambda: [_class_ind(obj, path) if obj["mask"].any() else -1 for obj in objects]
+    )
+
+
+def read_parts(
+    path: Path, objects: np.ndarray | None = None, size: tuple[int, int] | None = None
+) -> np.ndarray | None:
     """7-class human-part map (uint8 HxW) of a PASCAL-Part file; None without annotated persons.
 
     Every part of every person is painted in file order (later objects win); pixels outside
-    all parts are background (0). ``objects``: the file's objects, when already read. A file
-    whose struct is malformed is a `DecodeError`.
+    all parts are background (0). ``objects``: the file's objects, when already read; ``size``:
+    the image's (H, W), which every object mask must have. A file whose struct is malformed is
+    a `DecodeError`.
     """
-    try:
-        return _paint_parts(path, _objects(path) if objects is None else objects)
-    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as error:
-        if isinstance(error, DecodeError):
-            raise
-        raise DecodeError(
-            f"{path}: malformed PASCAL-Part struct ({type(error).__name__}: {error})"
-        ) from None
+    objects = _objects(path, size) if objects is None else objects
+    return _struct_errors(path, lambda: _paint_parts(path, objects, size))
 
 
-def _paint_parts(path: Path, objects: np.ndarray) -> np.ndarray | None:
+def _paint_parts(
+    path: Path, objects: np.ndarray, size: tuple[int, int] | None
+) -> np.ndarray | None:
     target = None
     for obj in objects:
+        if size is not None:
+            require_size(obj["mask"].shape, size, path, "object mask")
         parts = obj["parts"].ravel()
-        if int(obj["class_ind"].ravel()[0]) != PERSON or parts.size == 0:
+        if _class_ind(obj, path) != PERSON or parts.size == 0:
             continue
         if target is None:
             target = np.zeros(obj["mask"].shape, dtype=np.uint8)
         for part in parts:
             name = str(part["part_name"].ravel()[0])
             if name not in PART_OF:
-                raise DecodeError(f"unknown person part {name!r} in {path}")
+                raise DecodeError(f"{path}: unknown person part {name!r}")
             mask = part["mask"]
             if mask.shape != target.shape:
-                raise DecodeError(f"part mask {mask.shape} differs from {target.shape}: {path}")
+                raise DecodeError(f"{path}: part mask {mask.shape} differs from {target.shape}")
             target[mask.astype(bool)] = PART_OF[name]
     return target
 
@@ -243,30 +284,59 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def object_lists(
-    root: Path, split: str, ids: Sequence[str], cache_dir: Path | None
+    root: Path, split: str, ids: Sequence[str], cache_dir: Path | None, skip_bad: bool = False
 ) -> dict[str, list[int]]:
     """Object classes of every id's PASCAL-Part file.
 
     Read from the release's ``ImageSets/Parts/<split>.txt`` when it covers ``ids``, else from
     ``cache_dir`` (keyed by the root and the ids), else built from the ``.mat`` files and, with
-    a ``cache_dir``, stored there. Never written under ``root``.
+    a ``cache_dir``, stored there. Never written under ``root``. A file that cannot be read is
+    a `DecodeError` naming it; with ``skip_bad`` its id is left out with a warning instead (the
+    loader then reads the file, and skips the sample), and the lists are not cached.
     """
     shipped = root / "ImageSets" / "Parts" / f"{split}.txt"
     if shipped.is_file():
-        lists = json.loads(shipped.read_text())
+        lists = _read_lists(shipped)
+        if lists is None:
+            raise DecodeError(f"{shipped}: expected a JSON object of id -> class indices")
         if all(i in lists for i in ids):
             return lists
     cache = None
     if cache_dir is not None:
         key = hashlib.sha1("\n".join([str(root.resolve()), *ids]).encode()).hexdigest()[:16]
         cache = Path(cache_dir) / f"pascal_parts_{split}_{key}.json"
-        if cache.is_file():
-            return json.loads(cache.read_text())
+        if cache.is_file() and (lists := _read_lists(cache)) is not None:
+            return lists  # an unreadable cache is rebuilt
     log.info("Listing PASCAL-Part objects of %d images (done once per split)", len(ids))
-    lists = {i: object_classes(root / "human_parts" / f"{i}.mat") for i in ids}
-    if cache is not None:
+    lists: dict[str, list[int]] = {}
+    for i in ids:
+        try:
+            lists[i] = object_classes(root / "human_parts" / f"{i}.mat", _jpeg_size(root, i))
+        except DecodeError as error:
+            if not skip_bad:
+                raise
+            log.warning("%s; id %r left out of the object lists (data.skip_bad=true)", error, i)
+    if cache is not None and len(lists) == len(set(ids)):
         _atomic_write(cache, json.dumps(lists))
     return lists
+
+
+def _read_lists(path: Path) -> dict[str, list[int]] | None:
+    """Object lists stored as JSON; None when the file does not hold them."""
+    try:
+        lists = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return lists if isinstance(lists, dict) else None
+
+
+def _jpeg_size(root: Path, sample_id: str) -> tuple[int, int] | None:
+    """(H, W) of an id's image from its header; None when it cannot be read (reported when
+    the sample is loaded)."""
+    try:
+        return image_size(root / "JPEGImages" / f"{sample_id}.jpg")
+    except Exception:  # a missing or damaged image: the loader names it
+        return None
 
 
 # --------------------------------------------------------------------------- dataset
@@ -284,6 +354,9 @@ class PASCALContextDataset(MultiTaskDataset):
             None scores every id. The ids are in ``edge_eval_ids``.
         list_objects: list each image's PASCAL-Part objects up front, so that person-free
             images skip their part file; False reads every part file (the checker does).
+        skip_bad: a part file that cannot be listed is left out of the lists with a warning
+            (the sample is then skipped when loaded, see ``data.skip_bad``) instead of stopping.
+        check_ids: see `MultiTaskDataset.read_split`.
     """
 
     NAME = "PASCAL-Context"
@@ -299,17 +372,19 @@ class PASCALContextDataset(MultiTaskDataset):
         cache_dir: str | Path | None = None,
         edge_eval_list: str | Path | None = None,
         list_objects: bool = True,
+        skip_bad: bool = False,
+        check_ids: bool = True,
     ) -> None:
-        super().__init__(root, split, tasks, transform)
+        super().__init__(root, split, tasks, transform, check_ids)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.edge_eval_ids = self._edge_eval_ids(edge_eval_list)
         self._has_person: dict[str, bool] | None = None
         if "parts" in self.tasks and list_objects:
             try:
-                lists = object_lists(self.root, split, self.ids, self.cache_dir)
+                lists = object_lists(self.root, split, self.ids, self.cache_dir, skip_bad)
             except DecodeError as error:
                 raise DatasetError(f"{self.NAME} '{split}' object lists: {error}") from error
-            self._has_person = {i: PERSON in lists[i] for i in self.ids}
+            self._has_person = {i: PERSON in lists[i] for i in self.ids if i in lists}
 
     def _edge_eval_ids(self, edge_eval_list: str | Path | None) -> list[str]:
         if edge_eval_list is None:
@@ -375,28 +450,35 @@ class PASCALContextDataset(MultiTaskDataset):
         image = read_rgb(files["image"])
         size = image.shape[:2]
         sample: Sample = {"image": image}
-        context = read_context_labels(files["context"]) if "context" in files else None
+        context = None
+        if "context" in files:
+            context = read_context_labels(files["context"], size)
+            require_size(context.shape, size, files["context"], "LabelMap", files["image"].name)
         for task in self.tasks:
-            if task == "semseg":
-                sample[task] = read_semseg(files[task])
-            elif task == "parts":
-                parts = None
-                if self._has_annotated_person(sample_id):
-                    parts = read_parts(files[task])
-                sample[task] = parts if parts is not None else np.full(size, IGNORE_INDEX, np.uint8)
-            elif task == "sal":
-                sample[task] = read_saliency(files[task])
-            elif task == "normals":
-                sample[task] = read_normals(files[task], context)
+            if task == "parts" and not self._has_annotated_person(sample_id):
+                sample[task] = np.full(size, IGNORE_INDEX, np.uint8)
             elif task == "edge":
                 sample[task] = label_edges(context)
-            if sample[task].shape[:2] != size:
-                raise DecodeError(
-                    f"{files.get(task, files.get('context'))}: {task} has size "
-                    f"{sample[task].shape[:2]}, the image {files['image'].name} has {size}"
-                )
+            else:
+                sample[task] = self._read(task, files[task], size, context)
+                if sample[task] is None:  # a part file without annotated persons
+                    sample[task] = np.full(size, IGNORE_INDEX, np.uint8)
+                require_size(sample[task].shape, size, files[task], task, files["image"].name)
         sample["meta"] = self.meta(sample_id, size)
         return sample
+
+    @staticmethod
+    def _read(
+        task: str, path: Path, size: tuple[int, int], context: np.ndarray | None
+    ) -> np.ndarray | None:
+        """The decoded map of ``task`` (not edge, which comes from ``context``)."""
+        if task == "semseg":
+            return read_semseg(path)
+        if task == "parts":
+            return read_parts(path, size=size)
+        if task == "sal":
+            return read_saliency(path)
+        return read_normals(path, context)
 
     def missing_files(self, sample_id: str) -> list[Problem]:
         problems = super().missing_files(sample_id)
@@ -409,45 +491,29 @@ class PASCALContextDataset(MultiTaskDataset):
         ]
 
     def sample_problems(self, sample_id: str) -> list[Problem]:
+        """What the loader would refuse in each file of the sample (its readers, its rules);
+        every part file is read, as if it had an annotated person."""
         missing = self.missing_files(sample_id)
         if missing:
             return missing
         files = self.files(sample_id)
-        image_size = read_rgb(files["image"]).shape[:2]
+        size = read_rgb(files["image"]).shape[:2]
         problems: list[Problem] = []
-
-        def add(path: Path, message: str | None) -> None:
-            if message is not None:
-                problems.append(Problem(str(path), message))
-
-        def add_size(path: Path, shape: tuple[int, ...]) -> None:
-            if (problem := size_problem(path, shape, image_size)) is not None:
-                problems.append(problem)
-
         context = None
         if "context" in files:
-            context = _label_map(files["context"])
-            add(files["context"], label_problem(context, NUM_CONTEXT_CLASSES, void=None))
-            add_size(files["context"], context.shape)
-        if "semseg" in files:
-            raw = read_label_png(files["semseg"])
-            add(files["semseg"], label_problem(raw, len(VOC_CLASSES) - 1))
-            add_size(files["semseg"], raw.shape)
-        if "parts" in files:
-            objects = _objects(files["parts"])
-            for obj in objects:
-                add_size(files["parts"], obj["mask"].shape)
-            parts = read_parts(files["parts"], objects)
-            if parts is not None:
-                add_size(files["parts"], parts.shape)
-        if "sal" in files:
-            raw = read_label_png(files["sal"])
-            add_size(files["sal"], raw.shape)
-        if "normals" in files:
-            decoded = decode_png_normals(read_rgb_png(files["normals"]))
-            add_size(files["normals"], decoded.shape)
-            if context is not None and context.shape == decoded.shape[:2]:
-                norm = np.sqrt((decoded.astype(np.float64) ** 2).sum(axis=-1))
-                valid = normals_valid(context) & (norm >= ENCODED_NORMAL_MIN_NORM)
-                add(files["normals"], normals_problem(decoded, NORMAL_TOLERANCE, valid))
-        return list(dict.fromkeys(problems))  # one report per (file, message)
+            try:
+                context = read_context_labels(files["context"], size)
+                require_size(context.shape, size, files["context"], "LabelMap", files["image"].name)
+            except DecodeError as error:
+                problems.append(problem_of(files["context"], error))
+                context = None
+        for task in self.tasks:
+            if task == "edge" or (task == "normals" and context is None):
+                continue  # from the Context labels, reported above
+            try:
+                decoded = self._read(task, files[task], size, context)
+                if decoded is not None:
+                    require_size(decoded.shape, size, files[task], task, files["image"].name)
+            except DecodeError as error:
+                problems.append(problem_of(files[task], error))
+        return problems

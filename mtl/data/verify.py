@@ -1,12 +1,13 @@
 """Check a dataset folder without training.
 
-    python -m mtl.data.verify --dataset nyud|pascal_context --root DIR [--split train val]
+    python -m mtl.data.verify --dataset nyud|pascal_context|synthetic --root DIR [--split train val]
         [--tasks semseg depth] [--limit N] [--workers N] [--allow-subset]
         [--edge-eval-list FILE]
 
 Every listed id must have every file of every task; images and label maps must agree in size;
 label values must be in range, depth finite and non-negative, normals unit length where valid;
-split lists must have the official sizes and no duplicates, train and val no common id. Exit
+split lists must have the official sizes and no duplicates, train and val no common id. These
+are the loader's own readers and rules: what is reported here, training refuses too. Exit
 status 0 when the folder is sound; otherwise a report naming each bad file and what is wrong
 with it, and status 1 (2 when the folder itself or a split list is missing).
 """
@@ -15,19 +16,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from mtl.data.base import DatasetError, MultiTaskDataset, Problem, format_report, read_id_list
+from mtl.data.checks import repeated_ids
 from mtl.data.nyud import NYUDDataset
 from mtl.data.pascal_context import PASCALContextDataset
+from mtl.data.scenes import SyntheticScenes
 
 DATASETS: dict[str, type[MultiTaskDataset]] = {
     "nyud": NYUDDataset,
     "pascal_context": PASCALContextDataset,
+    "synthetic": SyntheticScenes,
 }
 #: Size of the edge evaluation subset (``test_new``) of PASCAL-Context val in the literature.
 PASCAL_EDGE_EVAL_SIZE = 2498
@@ -37,7 +40,7 @@ def open_split(dataset: str, root: Path, split: str, tasks: Sequence[str]) -> Mu
     """The dataset object of one split, set up for checking (raises ``DatasetError``)."""
     cls = DATASETS[dataset]
     options: dict[str, Any] = {"list_objects": False} if cls is PASCALContextDataset else {}
-    return cls(root, split, tasks, **options)
+    return cls(root, split, tasks, check_ids=False, **options)  # repeated ids: a problem
 
 
 def split_problems(datasets: dict[str, MultiTaskDataset], allow_subset: bool) -> list[Problem]:
@@ -50,9 +53,8 @@ def split_problems(datasets: dict[str, MultiTaskDataset], allow_subset: bool) ->
             problems.append(
                 Problem(path, f"{len(ds.ids)} ids, the official release has {official}")
             )
-        repeated = [i for i, n in Counter(ds.ids).items() if n > 1]
-        if repeated:
-            problems.append(Problem(path, f"ids listed more than once: {repeated[:8]}"))
+        if (repeated := repeated_ids(ds.ids)) is not None:  # the loader's rule
+            problems.append(Problem(path, repeated))
     if "train" in datasets and "val" in datasets:
         common = sorted(set(datasets["train"].ids) & set(datasets["val"].ids))
         if common:
