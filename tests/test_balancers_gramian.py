@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mtl.balancers.base import BalanceContext
+from mtl.balancers.conflict_free import ConFIG
 from mtl.balancers.dualproj import DualProj
 from mtl.balancers.fairgrad import FairGrad
 from mtl.balancers.jacobian import gramian
@@ -180,6 +181,54 @@ def test_dualproj_is_the_mean_when_nothing_conflicts():
     torch.testing.assert_close(weights, torch.full((3,), 1 / 3, dtype=torch.float64))
 
 
+# ---------------------------------------------------------------- ConFIG
+
+
+def _config_matrix_form(jacobian: torch.Tensor) -> torch.Tensor:
+    """The paper's definition on the matrix: unit rows U, v = U⁺1, d = (Σ_t g_tᵀv̂) v̂."""
+    units = jacobian / jacobian.norm(dim=1, keepdim=True)
+    v = torch.linalg.pinv(units) @ torch.ones(jacobian.shape[0], dtype=jacobian.dtype)
+    direction = v / v.norm()
+    return (jacobian @ direction).sum() * direction
+
+
+#: ConFIG's cases add linearly dependent gradients (a duplicated task, a rescaled copy).
+DEPENDENT = torch.cat([_jacobian(2, seed=20), _jacobian(1, seed=20) * 3.0])
+CONFIG_CASES = [*JACOBIANS, DEPENDENT]
+CONFIG_IDS = [*CASE_IDS, "dependent-3"]
+
+
+@pytest.mark.parametrize("jacobian", CONFIG_CASES, ids=CONFIG_IDS)
+def test_config_gramian_form_equals_the_matrix_form_and_torchjd(jacobian):
+    """The Gramian form gives TorchJD's ConFIG update and the paper's matrix form (same sum
+    convention, so the same length), including linearly dependent gradients."""
+    _, update = _ours(ConFIG(), jacobian)
+    for reference in (tja.ConFIG()(jacobian), _config_matrix_form(jacobian)):
+        _assert_same_direction(update, reference)
+        torch.testing.assert_close(update, reference, rtol=1e-7, atol=1e-9 * reference.norm())
+
+
+@pytest.mark.parametrize("jacobian", CONFIG_CASES, ids=CONFIG_IDS)
+def test_config_update_has_equal_cosine_with_every_task(jacobian):
+    """Every task gradient makes the same angle with the update (positive: no conflict), and
+    reduction=mean is the sum divided by T."""
+    _, update = _ours(ConFIG(), jacobian)
+    cosines = jacobian @ update / (jacobian.norm(dim=1) * update.norm())
+    assert cosines.min() > 0
+    torch.testing.assert_close(cosines, cosines.mean().expand_as(cosines), rtol=1e-8, atol=0)
+    _, mean_update = _ours(ConFIG(reduction="mean"), jacobian)
+    torch.testing.assert_close(mean_update, update / jacobian.shape[0])
+
+
+def test_config_ignores_a_zero_gradient():
+    """A task with a zero gradient has a zero unit row (TorchJD: nan_to_num): it neither moves
+    the direction nor adds length."""
+    jacobian = torch.cat([_jacobian(2, seed=21), torch.zeros(1, 12, dtype=torch.float64)])
+    _, update = _ours(ConFIG(), jacobian)
+    torch.testing.assert_close(update, _config_matrix_form(jacobian[:2]))
+    torch.testing.assert_close(update, tja.ConFIG()(jacobian))
+
+
 # ---------------------------------------------------------------- training through train.py
 
 #: three tasks (Krum needs n_byzantine + 3), a small model, two optimiser steps
@@ -206,6 +255,7 @@ def _logged_weights(run: Path) -> list[dict[str, float]]:
     [
         ("balancer=fairgrad",),
         ("balancer=dualproj",),
+        ("balancer=conflict_free",),
     ],
     ids=lambda o: " ".join(o),
 )
