@@ -16,6 +16,8 @@ from mtl.balancers.base import BalanceContext
 from mtl.balancers.conflict_free import ConFIG
 from mtl.balancers.dualproj import DualProj
 from mtl.balancers.fairgrad import FairGrad
+from mtl.balancers.gradvac import GradVac
+from mtl.balancers.gramian import PCGrad
 from mtl.balancers.jacobian import gramian
 
 tja = pytest.importorskip("torchjd.aggregation")
@@ -229,6 +231,74 @@ def test_config_ignores_a_zero_gradient():
     torch.testing.assert_close(update, tja.ConFIG()(jacobian))
 
 
+# ---------------------------------------------------------------- GradVac
+
+
+def _torchjd_orders(tasks: int, step: int) -> list[torch.Tensor]:
+    """The visiting orders mtl draws at `step` (one permutation of all tasks per task i, from
+    the (seed, step) generator, skipping i), as the permutations of the other tasks that
+    TorchJD's GradVac asks `torch.randperm` for."""
+    generator = _context(step=step).generator()
+    orders = []
+    for i in range(tasks):
+        order = [j for j in torch.randperm(tasks, generator=generator).tolist() if j != i]
+        orders.append(torch.tensor([j if j < i else j - 1 for j in order]))
+    return orders
+
+
+@pytest.mark.parametrize("jacobian", JACOBIANS, ids=CASE_IDS)
+def test_gradvac_matches_torchjd_over_several_steps(jacobian, monkeypatch):
+    """Four steps on gradients that drift: the same weights and the same moving targets φ̂ as
+    TorchJD's GradVac when both visit the task pairs in the same order (TorchJD draws its order
+    from the global RNG; it is replayed here)."""
+    tasks = jacobian.shape[0]
+    ours, reference = GradVac(num_tasks=tasks), tja.GradVacWeighting()
+    for step in range(4):
+        drifted = jacobian + 0.3 * step * _jacobian(tasks, seed=50 + step)
+        gram = gramian(drifted)
+        weights = ours.weights(gram, _context(step=step))
+        orders = iter(_torchjd_orders(tasks, step))
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "randperm", lambda n, _o=orders, **kw: next(_o))
+            expected = reference(gram)
+        _assert_same_direction(weights @ drifted, expected @ drifted)
+        torch.testing.assert_close(weights, expected, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(ours.target, reference._phi_t, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("jacobian", JACOBIANS, ids=CASE_IDS)
+def test_gradvac_with_zero_targets_is_pcgrad(jacobian):
+    """φ̂ = 0 (the initial state): every correction is PCGrad's projection, in the same order."""
+    gram = gramian(jacobian)
+    for step in range(3):
+        weights = GradVac(num_tasks=jacobian.shape[0]).weights(gram, _context(step=step))
+        expected = PCGrad().weights(gram, _context(step=step))
+        torch.testing.assert_close(weights, expected, rtol=1e-6, atol=1e-12)
+
+
+def test_gradvac_targets_move_once_per_step_and_are_restored_from_a_checkpoint():
+    """φ̂ moves by β(φ − φ̂) per pair and step; another aggregation in the same step leaves it
+    alone; a fresh instance loaded from the state dict continues identically."""
+    jacobian = _conflicting(3, seed=30)
+    gram = gramian(jacobian)
+    method = GradVac(num_tasks=3)
+    method.weights(gram, _context(step=0))
+    after_first = method.target.clone()
+    cosines = gram / (gram.diagonal()[:, None] * gram.diagonal()[None, :]).sqrt()
+    # task 0's first visited partner sees the uncorrected cosine: φ̂ = 0 + β(φ − 0)
+    first = _torchjd_orders(3, step=0)[0][0].item() + 1
+    assert after_first[0, first].item() == pytest.approx(0.5 * cosines[0, first].item(), rel=1e-7)
+    assert (after_first.diagonal() == 0).all() and (after_first.abs() > 0).sum() == 6
+    method.weights(gramian(_jacobian(3, seed=31)), _context(step=0))
+    torch.testing.assert_close(method.target, after_first, rtol=0, atol=0)
+    restored = GradVac(num_tasks=3)
+    restored.load_state_dict(method.state_dict())
+    torch.testing.assert_close(
+        restored.weights(gram, _context(step=1)), method.weights(gram, _context(step=1))
+    )
+    torch.testing.assert_close(restored.target, method.target)
+
+
 # ---------------------------------------------------------------- training through train.py
 
 #: three tasks (Krum needs n_byzantine + 3), a small model, two optimiser steps
@@ -256,6 +326,7 @@ def _logged_weights(run: Path) -> list[dict[str, float]]:
         ("balancer=fairgrad",),
         ("balancer=dualproj",),
         ("balancer=conflict_free",),
+        ("balancer=gradvac",),
     ],
     ids=lambda o: " ".join(o),
 )
