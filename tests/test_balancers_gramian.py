@@ -19,6 +19,8 @@ from mtl.balancers.fairgrad import FairGrad
 from mtl.balancers.gradvac import GradVac
 from mtl.balancers.gramian import PCGrad
 from mtl.balancers.jacobian import gramian
+from mtl.balancers.krum import Krum
+from mtl.balancers.pcd import PCD
 
 tja = pytest.importorskip("torchjd.aggregation")
 
@@ -299,6 +301,131 @@ def test_gradvac_targets_move_once_per_step_and_are_restored_from_a_checkpoint()
     torch.testing.assert_close(restored.target, method.target)
 
 
+# ---------------------------------------------------------------- Krum
+
+
+def _krum_scores(jacobian: torch.Tensor, byzantine: int) -> torch.Tensor:
+    """Krum's score from its definition: per row, the sum of the distances to its
+    T − f − 2 nearest other rows."""
+    distances = torch.cdist(jacobian, jacobian)
+    distances.fill_diagonal_(torch.inf)
+    return distances.sort(dim=1).values[:, : len(jacobian) - byzantine - 2].sum(dim=1)
+
+
+KRUM_CASES = [(name, j) for name, j in CASES if len(j) >= 3]
+
+
+@pytest.mark.parametrize("byzantine,selected", [(0, 1), (0, 2), (1, 1), (1, 2)])
+@pytest.mark.parametrize("jacobian", [j for _, j in KRUM_CASES], ids=[n for n, _ in KRUM_CASES])
+def test_krum_matches_torchjd(jacobian, byzantine, selected):
+    """TorchJD's selection; where two scores tie exactly (e.g. two rows that are each other's
+    only counted neighbour) either pick is Krum, so the chosen scores are compared."""
+    tasks = jacobian.shape[0]
+    if tasks < byzantine + 3:
+        pytest.skip("Krum needs n_byzantine + 3 tasks")
+    reference = tja.KrumWeighting(n_byzantine=byzantine, n_selected=selected)(gramian(jacobian))
+    weights, _ = _ours(Krum(tasks, n_byzantine=byzantine, n_selected=selected), jacobian)
+    scores = _krum_scores(jacobian, byzantine)
+    assert sorted(weights.tolist()) == sorted(reference.tolist())
+    assert (weights @ scores).item() == pytest.approx((reference @ scores).item(), rel=1e-9)
+    ranked = scores.sort().values
+    if selected == tasks or ranked[selected] > ranked[selected - 1] * (1 + 1e-9):  # no tie
+        torch.testing.assert_close(weights, reference, rtol=0, atol=1e-15)
+
+
+def test_krum_selects_the_gradient_closest_to_its_neighbours():
+    """Hand case: three nearby gradients and one outlier; with f = 1 each score sums the
+    T − f − 2 = 1 nearest distance; the middle one of the cluster wins, the outlier never."""
+    jacobian = torch.tensor(
+        [[1.0, 0.0], [1.2, 0.0], [1.5, 0.0], [-9.0, 4.0]], dtype=torch.float64
+    )  # nearest distances: 0.2, 0.2, 0.3, |(-9,4) - (1,0)|
+    weights, _ = _ours(Krum(4, n_byzantine=1, n_selected=1), jacobian)
+    assert weights.tolist() in ([1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0])
+    weights, _ = _ours(Krum(4, n_byzantine=1, n_selected=3), jacobian)
+    torch.testing.assert_close(
+        weights, torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0], dtype=torch.float64)
+    )
+
+
+def test_krum_refuses_too_few_tasks_naming_the_key():
+    with pytest.raises(ValueError, match=r"balancer.n_byzantine=1 needs at least .* 4 tasks"):
+        Krum(3, n_byzantine=1)
+    with pytest.raises(ValueError, match="balancer.n_selected"):
+        Krum(3, n_selected=4)
+
+
+# ---------------------------------------------------------------- PCD
+
+
+def _pcd(tasks: int, **kwargs) -> PCD:
+    return PCD(tasks=[f"t{i}" for i in range(tasks)], **kwargs)
+
+
+@pytest.mark.parametrize("jacobian", JACOBIANS, ids=CASE_IDS)
+def test_pcd_matches_torchjd_over_several_steps(jacobian):
+    """Three steps on drifting gradients (the moving average of squared norms evolves): the
+    same update as TorchJD's PCD, direction and length (‖d‖ = ‖g_primary‖)."""
+    tasks = jacobian.shape[0]
+    ours, reference = _pcd(tasks), tja.PCDWeighting()
+    for step in range(3):
+        drifted = jacobian + 0.3 * step * _jacobian(tasks, seed=60 + step)
+        gram = gramian(drifted)
+        update = ours.weights(gram, _context(step=step)) @ drifted
+        expected = reference(gram) @ drifted
+        _assert_same_direction(update, expected)
+        torch.testing.assert_close(update, expected, rtol=1e-6, atol=1e-9 * expected.norm())
+        assert update.norm().item() == pytest.approx(drifted[0].norm().item(), rel=1e-9)
+        torch.testing.assert_close(ours.square_norm_average, reference._sq_norm_ema)
+
+
+def test_pcd_primary_task_is_chosen_by_name():
+    """primary=t2 equals TorchJD with the rows reordered so that t2 comes first."""
+    jacobian = _conflicting(4, seed=40)
+    order = [2, 0, 1, 3]
+    weights, update = _ours(_pcd(4, primary="t2"), jacobian)
+    expected = tja.PCDWeighting()(gramian(jacobian[order])) @ jacobian[order]
+    torch.testing.assert_close(update, expected, rtol=1e-6, atol=1e-9 * expected.norm())
+    with pytest.raises(ValueError, match="balancer.primary='x'"):
+        _pcd(3, primary="x")
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.02, 0.3])
+@pytest.mark.parametrize("jacobian", JACOBIANS, ids=CASE_IDS)
+def test_pcd_meets_every_constraint_and_is_closest_to_the_primary(jacobian, tau):
+    """First step (scales 1/‖g_t‖): ĝ_jᵀd̃ ≥ τ‖ĝ_j‖² for every j ≥ 2, and the KKT conditions of
+    the projection hold: d̃ − ĝ_1 = Σ_j μ_j ĝ_j with μ ≥ 0 zero on inactive constraints."""
+    tasks = jacobian.shape[0]
+    weights, _ = _ours(_pcd(tasks, tau=tau, eps=0.0), jacobian)
+    scaled = jacobian / jacobian.norm(dim=1, keepdim=True)  # ĝ at step 1 (ε = 0)
+    coefficients = weights * jacobian.norm(dim=1)  # d = Σ c_t ĝ_t, up to the final rescale
+    coefficients = coefficients / coefficients[0]  # d̃ has coefficient 1 on ĝ_1
+    direction = coefficients @ scaled
+    slack = scaled[1:] @ direction - tau
+    assert (slack >= -1e-7).all()
+    multipliers = coefficients[1:]
+    assert (multipliers >= -1e-7).all()
+    assert (multipliers * slack).abs().max() <= 1e-6
+
+
+def test_pcd_infeasible_zero_and_non_finite_inputs():
+    """Opposite secondary tasks cannot both decrease: the primary gradient itself. A zero
+    primary gradient: zero update. A nan Gramian: nan weights, the moving average untouched."""
+    g = _jacobian(2, seed=41)
+    jacobian = torch.stack([g[0], g[1], -g[1]])
+    weights, update = _ours(_pcd(3), jacobian)
+    torch.testing.assert_close(update, jacobian[0])
+    torch.testing.assert_close(update, tja.PCDWeighting()(gramian(jacobian)) @ jacobian)
+    zero = torch.cat([torch.zeros(1, 12, dtype=torch.float64), g])
+    assert _ours(_pcd(3), zero)[0].abs().max() == 0
+    method = _pcd(3)
+    method.weights(gramian(jacobian), _context(step=0))
+    saved = method.square_norm_average.clone()
+    nan = gramian(jacobian).clone()
+    nan[1, 2] = nan[2, 1] = float("nan")
+    assert method.weights(nan, _context(step=1)).isnan().all()
+    torch.testing.assert_close(method.square_norm_average, saved, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- training through train.py
 
 #: three tasks (Krum needs n_byzantine + 3), a small model, two optimiser steps
@@ -327,6 +454,8 @@ def _logged_weights(run: Path) -> list[dict[str, float]]:
         ("balancer=dualproj",),
         ("balancer=conflict_free",),
         ("balancer=gradvac",),
+        ("balancer=krum",),
+        ("balancer=pcd", "balancer.primary=depth"),
     ],
     ids=lambda o: " ".join(o),
 )

@@ -14,11 +14,13 @@ __all__ = ["BalanceContext", "Balancer", "BalanceResult", "build_balancer"]
 
 
 def build_balancer(balancer: DictConfig, flat: DictConfig | None, tasks: Sequence[str]) -> Balancer:
-    """The configured balancer (told the number of tasks if it asks for it), wrapped in the
-    flat-region method when ``flat`` names one."""
-    extra = {}
-    if "num_tasks" in inspect.signature(get_class(balancer._target_)).parameters:
+    """The configured balancer (told the number of tasks or their names if it asks for them),
+    wrapped in the flat-region method when ``flat`` names one."""
+    extra, parameters = {}, inspect.signature(get_class(balancer._target_)).parameters
+    if "num_tasks" in parameters:
         extra["num_tasks"] = len(tasks)
+    if "tasks" in parameters:
+        extra["tasks"] = list(tasks)
     method = instantiate(balancer, **extra)
     if flat is not None and flat.get("_target_"):
         return instantiate(flat)(method)
