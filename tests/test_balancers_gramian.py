@@ -17,10 +17,12 @@ from mtl.balancers.conflict_free import ConFIG
 from mtl.balancers.dualproj import DualProj
 from mtl.balancers.fairgrad import FairGrad
 from mtl.balancers.gradvac import GradVac
-from mtl.balancers.gramian import PCGrad
+from mtl.balancers.gramian import IMTL, PCGrad, UPGrad
 from mtl.balancers.jacobian import gramian
 from mtl.balancers.krum import Krum
 from mtl.balancers.pcd import PCD
+from mtl.balancers.smoothing import CRMOGM
+from mtl.balancers.weighting import RandomLossWeighting
 
 tja = pytest.importorskip("torchjd.aggregation")
 
@@ -426,6 +428,85 @@ def test_pcd_infeasible_zero_and_non_finite_inputs():
     torch.testing.assert_close(method.square_norm_average, saved, rtol=0, atol=0)
 
 
+# ---------------------------------------------------------------- CR-MOGM smoothing
+
+
+@pytest.mark.parametrize("alpha", [0.9, 0.5])
+@pytest.mark.parametrize("jacobian", JACOBIANS, ids=CASE_IDS)
+def test_cr_mogm_matches_torchjd_around_imtl_g(jacobian, alpha):
+    """Four steps of CR-MOGM around IMTL-G (a closed form in both libraries) on drifting
+    gradients: the same smoothed weights as TorchJD's CRMOGMWeighting(IMTLGWeighting())."""
+    tasks = jacobian.shape[0]
+    ours = CRMOGM(IMTL(), num_tasks=tasks, alpha=alpha)
+    reference = tja.CRMOGMWeighting(tja.IMTLGWeighting(), alpha=alpha)
+    for step in range(4):
+        drifted = jacobian + 0.5 * step * _jacobian(tasks, seed=70 + step)
+        gram = gramian(drifted)
+        weights = ours.balancer.weights(gram, _context(step=step))
+        expected = reference(gram)
+        _assert_same_direction(weights @ drifted, expected @ drifted)
+        torch.testing.assert_close(weights, expected, rtol=1e-7, atol=1e-9)
+
+
+def test_cr_mogm_is_the_moving_average_of_the_wrapped_weights():
+    """λ_1 = λ̂_1, λ_k = αλ_{k−1} + (1−α)λ̂_k (hand-computed from UPGrad's own weights); a second
+    aggregation in the same step (flat regions) smooths against λ_{k−1} without moving λ; α = 0
+    is the wrapped method; a fresh wrapper loaded from the state dict continues identically."""
+    grams = [gramian(_conflicting(3, seed=80 + k)) for k in range(3)]
+    raw = [UPGrad().weights(g, _context(step=k)) for k, g in enumerate(grams)]
+    method = CRMOGM(UPGrad(), num_tasks=3, alpha=0.8)
+    expected = raw[0]
+    for k, g in enumerate(grams):
+        expected = expected if k == 0 else 0.8 * expected + 0.2 * raw[k]
+        torch.testing.assert_close(method.balancer.weights(g, _context(step=k)), expected)
+    other = gramian(_jacobian(3, seed=90))
+    again = method.balancer.weights(other, _context(step=2))
+    before = 0.8 * raw[0] + 0.2 * raw[1]
+    torch.testing.assert_close(again, 0.8 * before + 0.2 * UPGrad().weights(other, _context()))
+    torch.testing.assert_close(method.current, expected)
+    restored = CRMOGM(UPGrad(), num_tasks=3, alpha=0.8)
+    restored.load_state_dict(method.state_dict())
+    torch.testing.assert_close(
+        restored.balancer.weights(grams[0], _context(step=3)),
+        method.balancer.weights(grams[0], _context(step=3)),
+    )
+    plain = CRMOGM(UPGrad(), num_tasks=3, alpha=0.0)
+    for k, g in enumerate(grams):
+        torch.testing.assert_close(plain.balancer.weights(g, _context(step=k)), raw[k])
+
+
+def test_cr_mogm_smooths_loss_weighting_through_its_backward():
+    """Around a loss-weighting method the smoothed weights are the ones backpropagated: the
+    gradient of the shared parameter is Σ_t λ_t ∇L_t."""
+    theta = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    context = BalanceContext(
+        shared_params=[theta],
+        task_params={},
+        backward=lambda t: t.backward(),
+        recompute_losses=lambda tasks=None: {},
+        all_reduce_mean=lambda t: t,
+    )
+    method = CRMOGM(RandomLossWeighting(), num_tasks=2, alpha=0.5)
+    draws = []
+    for step in range(2):
+        context.step = step
+        theta.grad = None
+        losses = {"a": (theta**2).sum(), "b": theta.sum() * 3}
+        draws.append(RandomLossWeighting().weights(losses, context))
+        result = method.backward(losses, context)
+        expected = draws[0] if step == 0 else 0.5 * draws[0] + 0.5 * draws[1]
+        assert list(result.weights.values()) == pytest.approx(expected.tolist(), rel=1e-6)
+        manual = expected[0] * 2 * theta.detach() + expected[1] * 3
+        torch.testing.assert_close(theta.grad, manual)
+
+
+def test_cr_mogm_refuses_a_balancer_without_weights_and_a_bad_alpha():
+    with pytest.raises(ValueError, match="smoothing.alpha"):
+        CRMOGM(UPGrad(), num_tasks=2, alpha=1.5)
+    with pytest.raises(ValueError, match="smoothing=cr_mogm"):
+        CRMOGM(torch.nn.Module(), num_tasks=2)
+
+
 # ---------------------------------------------------------------- training through train.py
 
 #: three tasks (Krum needs n_byzantine + 3), a small model, two optimiser steps
@@ -456,6 +537,7 @@ def _logged_weights(run: Path) -> list[dict[str, float]]:
         ("balancer=gradvac",),
         ("balancer=krum",),
         ("balancer=pcd", "balancer.primary=depth"),
+        ("balancer=upgrad", "smoothing=cr_mogm", "flat=sam"),
     ],
     ids=lambda o: " ".join(o),
 )
@@ -468,3 +550,24 @@ def test_trains_through_train_py(make_cfg, tmp_path, overrides):
     logged = _logged_weights(tmp_path / "run")
     assert len(logged) == 2
     assert all(math.isfinite(v) for row in logged for v in row.values())
+
+
+def test_cr_mogm_smooths_the_weights_a_training_run_uses(make_cfg, tmp_path):
+    """`python train.py balancer=rlw smoothing=cr_mogm smoothing.alpha=0.5`: the second step's
+    logged weights are the average of the first step's and that step's random draw."""
+    from mtl.train import train
+
+    cfg = make_cfg(*TINY_RUN, "balancer=rlw", "smoothing=cr_mogm", "smoothing.alpha=0.5")
+    train(cfg)
+    logged = [list(row.values()) for row in _logged_weights(tmp_path / "run")]
+    draws = [
+        torch.softmax(
+            torch.randn(
+                3, generator=_context(step=k, seed=cfg.seed).generator(), dtype=torch.float64
+            ),
+            0,
+        )
+        for k in range(2)
+    ]
+    assert logged[0] == pytest.approx(draws[0].tolist(), rel=1e-5)
+    assert logged[1] == pytest.approx((0.5 * draws[0] + 0.5 * draws[1]).tolist(), rel=1e-5)
