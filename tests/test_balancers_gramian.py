@@ -86,12 +86,17 @@ def _assert_same_direction(ours: torch.Tensor, reference: torch.Tensor) -> None:
 @pytest.mark.parametrize("jacobian", JACOBIANS, ids=CASE_IDS)
 def test_fairgrad_matches_torchjd(jacobian, alpha):
     """Same weights as TorchJD's FairGrad (both on the unnormalised Gramian), where TorchJD's
-    least-squares solve converges; the direction then agrees to cosine >= 0.999."""
+    least-squares solve converges; the direction then agrees to cosine >= 0.999. Where it does
+    not, mtl's residual of (G w)_t = w_t^(−1/α) is a millionth of TorchJD's."""
     gram = gramian(jacobian)
     reference = tja.FairGradWeighting(alpha=alpha)(gram)
     residual = (gram @ reference - reference ** (-1 / alpha)).abs().max()
     if residual > 1e-6 * (reference ** (-1 / alpha)).abs().max():
-        pytest.skip(f"TorchJD's solve did not converge on this input (residual {residual:.2e})")
+        # TorchJD's least squares stalls (here: α = 0.5 on `conflict-4`); mtl solves it
+        weights, _ = _ours(FairGrad(alpha=alpha), jacobian)
+        ours = (gram @ weights - weights ** (-1 / alpha)).abs().max()
+        assert ours < 1e-6 * residual
+        return
     weights, update = _ours(FairGrad(alpha=alpha), jacobian)
     _assert_same_direction(update, reference @ jacobian)
     torch.testing.assert_close(weights, reference, rtol=1e-6, atol=0)
@@ -314,17 +319,19 @@ def _krum_scores(jacobian: torch.Tensor, byzantine: int) -> torch.Tensor:
     return distances.sort(dim=1).values[:, : len(jacobian) - byzantine - 2].sum(dim=1)
 
 
-KRUM_CASES = [(name, j) for name, j in CASES if len(j) >= 3]
+KRUM_CASES = [
+    pytest.param(j, f, m, id=f"{name}-f{f}-m{m}")
+    for name, j in CASES
+    for f, m in [(0, 1), (0, 2), (1, 1), (1, 2)]
+    if len(j) >= f + 3
+]
 
 
-@pytest.mark.parametrize("byzantine,selected", [(0, 1), (0, 2), (1, 1), (1, 2)])
-@pytest.mark.parametrize("jacobian", [j for _, j in KRUM_CASES], ids=[n for n, _ in KRUM_CASES])
+@pytest.mark.parametrize("jacobian,byzantine,selected", KRUM_CASES)
 def test_krum_matches_torchjd(jacobian, byzantine, selected):
     """TorchJD's selection; where two scores tie exactly (e.g. two rows that are each other's
     only counted neighbour) either pick is Krum, so the chosen scores are compared."""
     tasks = jacobian.shape[0]
-    if tasks < byzantine + 3:
-        pytest.skip("Krum needs n_byzantine + 3 tasks")
     reference = tja.KrumWeighting(n_byzantine=byzantine, n_selected=selected)(gramian(jacobian))
     weights, _ = _ours(Krum(tasks, n_byzantine=byzantine, n_selected=selected), jacobian)
     scores = _krum_scores(jacobian, byzantine)
