@@ -697,6 +697,25 @@ def test_trains_through_train_py(make_cfg, tmp_path, overrides):
     assert all(math.isfinite(v) for row in logged for v in row.values())
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("balancer=gradvac", "smoothing=cr_mogm"),
+        ("balancer=pcd", "balancer.primary=normals", "balancer.mode=rep"),
+    ],
+    ids=lambda o: " ".join(o),
+)
+def test_stateful_methods_under_ddp_equal_one_process(make_cfg, overrides):
+    """Two processes (gloo, spawned: the balancer is pickled) end with the parameters of one
+    process on the global batch: GradVac's targets, PCD's averages and CR-MOGM's weights are
+    computed from all-reduced Gramians and the (seed, step) generator, so every rank holds the
+    same state (the DDP test of record, tests/test_ddp.py, for these methods)."""
+    from test_ddp import DETERMINISTIC, EXACT_TASKS, _assert_same_training, _fit
+
+    cfg = make_cfg(EXACT_TASKS, *DETERMINISTIC, *overrides, "trainer=ddp_cpu")
+    _assert_same_training(cfg, _fit(cfg, devices=1), _fit(cfg, devices=2))
+
+
 def test_cr_mogm_smooths_the_weights_a_training_run_uses(make_cfg, tmp_path):
     """`python train.py balancer=rlw smoothing=cr_mogm smoothing.alpha=0.5`: the second step's
     logged weights are the average of the first step's and that step's random draw."""
