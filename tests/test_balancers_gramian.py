@@ -357,7 +357,8 @@ def test_krum_selects_the_gradient_closest_to_its_neighbours():
 
 
 def test_krum_refuses_too_few_tasks_naming_the_key():
-    with pytest.raises(ValueError, match=r"balancer.n_byzantine=1 needs at least .* 4 tasks"):
+    expected = r"balancer.n_byzantine: 1; Krum needs at least n_byzantine \+ 3 = 4 tasks, data"
+    with pytest.raises(ValueError, match=expected):
         Krum(3, n_byzantine=1)
     with pytest.raises(ValueError, match="balancer.n_selected"):
         Krum(3, n_selected=4)
@@ -394,7 +395,7 @@ def test_pcd_primary_task_is_chosen_by_name():
     weights, update = _ours(_pcd(4, primary="t2"), jacobian)
     expected = tja.PCDWeighting()(gramian(jacobian[order])) @ jacobian[order]
     torch.testing.assert_close(update, expected, rtol=1e-6, atol=1e-9 * expected.norm())
-    with pytest.raises(ValueError, match="balancer.primary='x'"):
+    with pytest.raises(ValueError, match="balancer.primary: 'x'; expected one of data.tasks"):
         _pcd(3, primary="x")
 
 
@@ -650,6 +651,56 @@ def test_cagrad_matches_torchjd_without_the_rescale(jacobian, c):
     default = tja.CAGradWeighting(c=c)(gram)
     if default.abs().max() > 0:
         torch.testing.assert_close(weights, default, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- configuration checks
+
+TASKS = ["semseg", "depth", "normals"]
+
+
+@pytest.mark.parametrize(
+    "method,config,line",
+    [
+        (FairGrad, {"alpha": -1}, "balancer.alpha: -1; expected a number >= 0"),
+        (DualProj, {"reduction": "avg"}, "balancer.reduction: 'avg'; expected sum or mean"),
+        (ConFIG, {"reduction": 1}, "balancer.reduction: 1; expected sum or mean"),
+        (GradVac, {"beta": 1.5}, "balancer.beta: 1.5; expected a number in [0, 1]"),
+        (GradVac, {"eps": "x"}, "balancer.eps: 'x'; expected a number >= 0"),
+        (Krum, {"n_byzantine": 1}, "balancer.n_byzantine: 1; Krum needs at least"),
+        (Krum, {"n_byzantine": -1}, "balancer.n_byzantine: -1; expected an integer >= 0"),
+        (Krum, {"n_selected": 4}, "balancer.n_selected: 4; expected an integer from 1 to"),
+        (PCD, {"primary": "edge"}, "balancer.primary: 'edge'; expected one of data.tasks"),
+        (PCD, {"beta": 1.0}, "balancer.beta: 1.0; expected a number in [0, 1)"),
+        (PCD, {"tau": 2}, "balancer.tau: 2; expected a number in [0, 1]"),
+        (CRMOGM, {"alpha": True}, "smoothing.alpha: True; expected a number in [0, 1]"),
+    ],
+)
+def test_config_problems_name_the_key_before_anything_is_built(method, config, line):
+    """Each class reports a bad hyper-parameter as one line naming the key (for the config
+    check), and its shipped defaults have none."""
+    problems = method.config_problems(config, TASKS)
+    assert len(problems) == 1 and problems[0].startswith(line), problems
+    assert method.config_problems({}, TASKS) == []
+
+
+@pytest.mark.parametrize(
+    "name", ["fairgrad", "dualproj", "conflict_free", "gradvac", "krum", "pcd"]
+)
+def test_shipped_configs_build_and_pass_their_checks(name):
+    """conf/balancer/<name>.yaml: every key is a constructor argument, the defaults pass the
+    check, and `build_balancer` builds it (with smoothing=cr_mogm around it too)."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    from mtl.balancers import build_balancer
+
+    root = Path(__file__).resolve().parents[1] / "conf"
+    config = OmegaConf.load(root / "balancer" / f"{name}.yaml")
+    method = get_class(config._target_)
+    assert method.config_problems(OmegaConf.to_container(config), TASKS) == []
+    smoothing = OmegaConf.load(root / "smoothing" / "cr_mogm.yaml")
+    built = build_balancer(config, None, TASKS, smoothing)
+    assert isinstance(built, CRMOGM) and isinstance(built.balancer, method)
 
 
 # ---------------------------------------------------------------- training through train.py

@@ -3,12 +3,16 @@ gradient onto the dual cone of the task gradients."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import numpy as np
 import torch
 from scipy.optimize import nnls
 from torch import Tensor
 
 from mtl.balancers.base import BalanceContext
+from mtl.balancers.checks import raise_first
 from mtl.balancers.gramian import GramianMethod
 
 
@@ -37,9 +41,16 @@ class DualProj(GramianMethod):
 
     def __init__(self, reduction: str = "mean", mode: str = "param") -> None:
         super().__init__(mode)
-        if reduction not in ("sum", "mean"):
-            raise ValueError(f"balancer.reduction={reduction!r}; expected 'sum' or 'mean'")
+        raise_first(self.config_problems({"reduction": reduction}, ()))
         self.reduction = reduction
+
+    @classmethod
+    def config_problems(cls, config: Mapping[str, Any], tasks: Sequence[str]) -> list[str]:
+        """Bad hyper-parameters, one line each (see mtl.balancers.checks)."""
+        reduction = config.get("reduction", "mean")
+        if reduction in ("sum", "mean"):
+            return []
+        return [f"balancer.reduction: {reduction!r}; expected sum or mean"]
 
     def weights(self, gram: Tensor, context: BalanceContext) -> Tensor:
         t = gram.shape[0]

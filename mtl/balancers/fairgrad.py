@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from mtl.balancers.base import BalanceContext
+from mtl.balancers.checks import number_problems, raise_first
 from mtl.balancers.gramian import GramianMethod
 
 
@@ -32,9 +36,14 @@ class FairGrad(GramianMethod):
 
     def __init__(self, alpha: float = 1.0, mode: str = "param") -> None:
         super().__init__(mode)
-        if not alpha >= 0:
-            raise ValueError(f"balancer.alpha={alpha!r}; expected a number >= 0")
+        raise_first(self.config_problems({"alpha": alpha}, ()))
         self.alpha = alpha
+
+    @classmethod
+    def config_problems(cls, config: Mapping[str, Any], tasks: Sequence[str]) -> list[str]:
+        """Bad hyper-parameters, one line each (see mtl.balancers.checks)."""
+        rules = [("alpha", 1.0, lambda v: v >= 0, "a number >= 0")]
+        return number_problems(config, "balancer", rules)
 
     def weights(self, gram: Tensor, context: BalanceContext) -> Tensor:
         t = gram.shape[0]

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from mtl.balancers.base import BalanceContext
+from mtl.balancers.checks import number_problems, raise_first
 from mtl.balancers.gramian import GramianMethod
 
 
@@ -28,13 +32,19 @@ class GradVac(GramianMethod):
         self, num_tasks: int, beta: float = 0.5, eps: float = 1e-8, mode: str = "param"
     ) -> None:
         super().__init__(mode)
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"balancer.beta={beta!r}; expected a number in [0, 1]")
-        if not eps >= 0.0:
-            raise ValueError(f"balancer.eps={eps!r}; expected a number >= 0")
+        raise_first(self.config_problems({"beta": beta, "eps": eps}, ()))
         self.beta, self.eps = beta, eps
         self.register_buffer("target", torch.zeros(num_tasks, num_tasks, dtype=torch.float64))
         self.register_buffer("updated_step", torch.tensor(-1, dtype=torch.int64))
+
+    @classmethod
+    def config_problems(cls, config: Mapping[str, Any], tasks: Sequence[str]) -> list[str]:
+        """Bad hyper-parameters, one line each (see mtl.balancers.checks)."""
+        rules = [
+            ("beta", 0.5, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+            ("eps", 1e-8, lambda v: v >= 0, "a number >= 0"),
+        ]
+        return number_problems(config, "balancer", rules)
 
     def weights(self, gram: Tensor, context: BalanceContext) -> Tensor:
         t = gram.shape[0]

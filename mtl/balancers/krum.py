@@ -3,10 +3,14 @@ to task gradients (as TorchJD offers it)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from mtl.balancers.base import BalanceContext
+from mtl.balancers.checks import integer_problem, raise_first
 from mtl.balancers.gramian import GramianMethod
 
 
@@ -22,19 +26,24 @@ class Krum(GramianMethod):
         self, num_tasks: int, n_byzantine: int = 0, n_selected: int = 1, mode: str = "param"
     ) -> None:
         super().__init__(mode)
-        if not (isinstance(n_byzantine, int) and n_byzantine >= 0):
-            raise ValueError(f"balancer.n_byzantine={n_byzantine!r}; expected an integer >= 0")
-        if num_tasks < n_byzantine + 3:
-            raise ValueError(
-                f"balancer.n_byzantine={n_byzantine} needs at least n_byzantine + 3 = "
-                f"{n_byzantine + 3} tasks; data.tasks has {num_tasks}"
-            )
-        if not (isinstance(n_selected, int) and 1 <= n_selected <= num_tasks):
-            raise ValueError(
-                f"balancer.n_selected={n_selected!r}; expected an integer from 1 to the number "
-                f"of tasks ({num_tasks})"
-            )
+        config = {"n_byzantine": n_byzantine, "n_selected": n_selected}
+        raise_first(self.config_problems(config, [""] * num_tasks))
         self.n_byzantine, self.n_selected = n_byzantine, n_selected
+
+    @classmethod
+    def config_problems(cls, config: Mapping[str, Any], tasks: Sequence[str]) -> list[str]:
+        """Bad hyper-parameters, one line each (see mtl.balancers.checks)."""
+        t, byzantine = len(tasks), config.get("n_byzantine", 0)
+        problems = integer_problem(config, "n_byzantine", 0, 0, byzantine, "an integer >= 0")
+        if not problems and t < byzantine + 3:
+            problems.append(
+                f"balancer.n_byzantine: {byzantine}; Krum needs at least n_byzantine + 3 = "
+                f"{byzantine + 3} tasks, data.tasks has {t}"
+            )
+        problems += integer_problem(
+            config, "n_selected", 1, 1, t, f"an integer from 1 to the number of tasks ({t})"
+        )
+        return problems
 
     def weights(self, gram: Tensor, context: BalanceContext) -> Tensor:
         t = gram.shape[0]

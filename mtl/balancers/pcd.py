@@ -3,7 +3,8 @@ closely as possible while every other task still decreases at a guaranteed rate.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,6 +12,7 @@ from scipy.optimize import minimize
 from torch import Tensor
 
 from mtl.balancers.base import BalanceContext
+from mtl.balancers.checks import number_problems, raise_first
 from mtl.balancers.gramian import GramianMethod
 
 
@@ -43,19 +45,30 @@ class PCD(GramianMethod):
     ) -> None:
         super().__init__(mode)
         tasks = list(tasks)
+        config = {"primary": primary, "tau": tau, "beta": beta, "eps": eps}
+        raise_first(self.config_problems(config, tasks))
         primary = tasks[0] if primary is None else primary
-        if primary not in tasks:
-            raise ValueError(f"balancer.primary={primary!r}; expected one of data.tasks {tasks}")
-        if not 0.0 <= tau <= 1.0:
-            raise ValueError(f"balancer.tau={tau!r}; expected a number in [0, 1]")
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"balancer.beta={beta!r}; expected a number in [0, 1)")
-        if not eps >= 0.0:
-            raise ValueError(f"balancer.eps={eps!r}; expected a number >= 0")
         self.primary, self.tau, self.beta, self.eps = tasks.index(primary), tau, beta, eps
         self.register_buffer("square_norm_average", torch.zeros(len(tasks), dtype=torch.float64))
         self.register_buffer("num_updates", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("updated_step", torch.tensor(-1, dtype=torch.int64))
+
+    @classmethod
+    def config_problems(cls, config: Mapping[str, Any], tasks: Sequence[str]) -> list[str]:
+        """Bad hyper-parameters, one line each (see mtl.balancers.checks)."""
+        problems = []
+        primary = config.get("primary")
+        if primary is not None and primary not in tasks:
+            problems.append(
+                f"balancer.primary: {primary!r}; expected one of data.tasks {list(tasks)} "
+                "(or null: the first)"
+            )
+        rules = [
+            ("tau", 0.02, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+            ("beta", 0.999, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+            ("eps", 1e-8, lambda v: v >= 0, "a number >= 0"),
+        ]
+        return problems + number_problems(config, "balancer", rules)
 
     def _scales(self, square_norms: Tensor, step: int) -> Tensor:
         if int(self.updated_step) != step:

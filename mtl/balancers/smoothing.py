@@ -3,12 +3,14 @@ weights (loss weighting or Gramian methods)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from mtl.balancers.base import BalanceContext, Balancer, BalanceResult
+from mtl.balancers.checks import number_problems, raise_first
 
 
 class CRMOGM(Balancer):
@@ -38,8 +40,7 @@ class CRMOGM(Balancer):
                 f"smoothing=cr_mogm needs a balancer that chooses task weights; "
                 f"{type(balancer).__name__} has no `weights`"
             )
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"smoothing.alpha={alpha!r}; expected a number in [0, 1]")
+        raise_first(self.config_problems({"alpha": alpha}, ()))
         self.balancer, self.alpha = balancer, alpha
         self.needs_task_gradients = balancer.needs_task_gradients
         self.register_buffer("previous", torch.zeros(num_tasks, dtype=torch.float64))
@@ -49,6 +50,12 @@ class CRMOGM(Balancer):
         # Route the wrapped method's weights through the average: its own backward and combine
         # then use the smoothed weights unchanged.
         balancer.weights = _SmoothedWeights(balancer.weights, self)
+
+    @classmethod
+    def config_problems(cls, config: Mapping[str, Any], tasks: Sequence[str]) -> list[str]:
+        """Bad hyper-parameters of the ``smoothing`` node, one line each."""
+        rules = [("alpha", 0.9, lambda v: 0 <= v <= 1, "a number in [0, 1]")]
+        return number_problems(config, "smoothing", rules)
 
     @property
     def mode(self) -> str:
