@@ -130,6 +130,21 @@ def test_fairgrad_alpha_one_is_nash_bargaining_on_the_unnormalised_gramian():
     torch.testing.assert_close(weights, nash / gram.norm().sqrt(), rtol=1e-7, atol=0)
 
 
+def test_fairgrad_without_a_solution_returns_the_limit_update():
+    """g_2 = −g_1 (no w solves the equation: the weights of the cancelling pair grow without
+    bound): the solver stops at its cap instead of failing, and the update is the limit, the
+    α-fair step along what the pair leaves free, h⊥/‖h⊥‖ with h⊥ the part of h orthogonal to g
+    (TorchJD's residual solve tends to the same)."""
+    g, h = _jacobian(2, seed=13)
+    jacobian = torch.stack([g, -g, h])
+    weights, update = _ours(FairGrad(), jacobian)
+    assert weights.isfinite().all()
+    free = h - (h @ g) / (g @ g) * g
+    torch.testing.assert_close(update, free / free.norm(), rtol=1e-5, atol=1e-5)
+    reference = tja.FairGradWeighting(alpha=1.0)(gramian(jacobian)) @ jacobian
+    _assert_same_direction(update, reference)
+
+
 def test_fairgrad_alpha_zero_is_the_mean_and_negative_alpha_is_refused():
     jacobian = _jacobian(3, seed=12)
     weights, _ = _ours(FairGrad(alpha=0.0), jacobian)

@@ -30,8 +30,9 @@ class FairGrad(GramianMethod):
     so a damped Newton method (written here: no library minimises a smooth convex function
     over w > 0 with a given Hessian more simply) solves it to machine precision in a few
     iterations from w = 1/T. It runs on Ĝ = G/s, s the mean diagonal, and maps back exactly:
-    w_G = s^(−α/(1+α)) w_Ĝ. Without a solution (linearly dependent, opposed gradients) the
-    iterates grow until the iteration cap, as in the references.
+    w_G = s^(−α/(1+α)) w_Ĝ. Without a solution (linearly dependent gradients that cancel,
+    e.g. g_2 = −g_1) the weights of the cancelling tasks grow without bound while the update
+    converges; the iterates stop at a cap, giving that limit update (and large weights).
     """
 
     def __init__(self, alpha: float = 1.0, mode: str = "param") -> None:
@@ -57,8 +58,14 @@ class FairGrad(GramianMethod):
         return torch.from_numpy(w * scale ** (-self.alpha / (1.0 + self.alpha)))
 
 
-def _newton(g: np.ndarray, power: float, max_iters: int = 100) -> np.ndarray:
-    """Minimise f(w) = ½wᵀGw − Σ_t h(w_t), h' = w^(−power), over w > 0 by damped Newton."""
+def _newton(g: np.ndarray, power: float, max_iters: int = 100, cap: float = 1e6) -> np.ndarray:
+    """Minimise f(w) = ½wᵀGw − Σ_t h(w_t), h' = w^(−power), over w > 0 by damped Newton.
+
+    On a Gramian with unit mean diagonal the solution is of order one; when none exists (f
+    unbounded below: linearly dependent gradients that cancel, e.g. g_2 = −g_1) the iterates
+    would grow without bound, so they stop at ``cap``: the cancelling part of Jᵀw then stays
+    a rounding error times ``cap`` instead of overflowing.
+    """
 
     def objective(w: np.ndarray) -> float:
         h = np.log(w) if power == 1 else w ** (1 - power) / (1 - power)
@@ -69,13 +76,15 @@ def _newton(g: np.ndarray, power: float, max_iters: int = 100) -> np.ndarray:
     for _ in range(max_iters):
         gradient = g @ w - w**-power
         hessian = g + np.diag(power * w ** (-power - 1))
-        step = -np.linalg.solve(hessian, gradient)
+        step = -np.linalg.lstsq(hessian, gradient, rcond=None)[0]
         decrement = -gradient @ step  # Newton decrement²: f − min f ≈ decrement / 2
         if decrement < 1e-24 * max(abs(value), 1.0):
             break
         size = 1.0
-        while np.any(w + size * step <= 0) or (
-            objective(w + size * step) > value - 0.25 * size * decrement
+        while (
+            np.any(w + size * step <= 0)
+            or np.any(w + size * step > cap)
+            or (objective(w + size * step) > value - 0.25 * size * decrement)
         ):
             size /= 2
             if size < 1e-20:
