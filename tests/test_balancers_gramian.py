@@ -300,6 +300,20 @@ def test_gradvac_with_zero_targets_is_pcgrad(jacobian):
         torch.testing.assert_close(weights, expected, rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.parametrize("eps", [1e-8, 0.0])
+def test_gradvac_ignores_a_zero_gradient(eps):
+    """A task with a zero gradient gets no correction weight (with ε = 0 too, where the
+    correction would divide by zero) and the others are as without it."""
+    jacobian = torch.cat([_conflicting(2, seed=32), torch.zeros(1, 12, dtype=torch.float64)])
+    method = GradVac(num_tasks=3, eps=eps)
+    method.target.fill_(0.5)  # a positive target: every pair would be corrected
+    weights = method.weights(gramian(jacobian), _context())
+    assert weights.isfinite().all() and weights[2] == 1.0  # its own row only
+    alone = GradVac(num_tasks=2, eps=eps)
+    alone.target.fill_(0.5)
+    torch.testing.assert_close(weights[:2], alone.weights(gramian(jacobian[:2]), _context()))
+
+
 def test_gradvac_targets_move_once_per_step_and_are_restored_from_a_checkpoint():
     """φ̂ moves by β(φ − φ̂) per pair and step; another aggregation in the same step leaves it
     alone; a fresh instance loaded from the state dict continues identically."""

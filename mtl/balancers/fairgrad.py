@@ -19,9 +19,9 @@ class FairGrad(GramianMethod):
 
     The solution is the unique minimiser of the strictly convex ½wᵀGw − Σ_t h(w_t) with
     h' = w^(−1/α) (for α = 1 this is the Nash-MTL equation on the unnormalised G), so it exists
-    and is unique when the task gradients are linearly independent. The step length follows the
-    gradients' scale the way the references do (no normalisation of G): ‖d‖² = Σ_t w_t^(1−1/α),
-    i.e. T for α = 1. α = 0 is linear scalarisation with weights 1/T.
+    and is unique when the task gradients are linearly independent. As in the references, G is
+    not normalised: ‖d‖² = Σ_t w_t^(1−1/α), which is T for α = 1 whatever the gradients' scale.
+    α = 0 is linear scalarisation with weights 1/T.
 
     The references (LibMTL, TorchJD) call scipy's ``least_squares`` on Gw − w^(−1/α) with the
     bound w ≥ 0, from w = 1/T on the raw Gramian; least squares on that residual (or on its

@@ -60,7 +60,7 @@ class GradVac(GramianMethod):
                 norm_j = gram[j, j].clamp_min(0.0).sqrt()
                 phi = products[j] / (norm_i * norm_j + self.eps)
                 phi_hat = target[i, j]
-                if phi < phi_hat:
+                if phi < phi_hat and norm_j > 0:  # a zero g_j has nothing to add
                     root_phi = (1 - phi**2).clamp_min(0.0).sqrt()
                     root_hat = (1 - phi_hat**2).clamp_min(0.0).sqrt()
                     step = (
