@@ -747,6 +747,13 @@ TINY_RUN = (
 )
 
 
+#: checkpoint buffers of the stateful methods after two optimiser steps
+STATE = {
+    "gradvac": {"balancer.updated_step": 1},
+    "pcd": {"balancer.num_updates": 2, "balancer.updated_step": 1},
+}
+
+
 def _logged_weights(run: Path) -> list[dict[str, float]]:
     rows = list(csv.DictReader(next(run.rglob("metrics.csv")).open()))
     keys = [f"balancer/{t}/weight" for t in ("semseg", "depth", "normals")]
@@ -775,6 +782,13 @@ def test_trains_through_train_py(make_cfg, tmp_path, overrides):
     logged = _logged_weights(tmp_path / "run")
     assert len(logged) == 2
     assert all(math.isfinite(v) for row in logged for v in row.values())
+    # the state of stateful methods is in the checkpoint, after two steps
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    buffers = STATE.get(overrides[0].split("=")[1], {})
+    if "smoothing=cr_mogm" in overrides:  # inside flat regions: model.balancer.balancer
+        buffers = {"balancer.balancer.num_updates": 2}
+    for key, expected in buffers.items():
+        assert state["state_dict"][key].tolist() == expected, key
 
 
 @pytest.mark.parametrize(
