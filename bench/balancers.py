@@ -103,7 +103,7 @@ def make_step(overrides: list[str], tasks: list[str], settings: Settings) -> Cal
     )
     torch.manual_seed(0)
     model = build_model(cfg)
-    balancer = build_balancer(cfg.balancer, cfg.get("flat"), tasks)
+    balancer = build_balancer(cfg.balancer, cfg.get("flat"), tasks, cfg.get("smoothing"))
     configured = OmegaConf.to_container(cfg.data.loss_weights)
     weights = {t: configured.get(t, get_task(t).loss_weight) for t in tasks}
     optimizer = torch.optim.SGD(list(model.parameters()) + list(balancer.parameters()), lr=1e-4)

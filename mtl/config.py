@@ -276,7 +276,7 @@ def _balancer_problems(cfg: DictConfig) -> list[str]:
     if mode not in ("param", "rep"):
         problems.append(f"balancer.mode: {mode!r}; expected 'param' or 'rep'")
     else:
-        problems += _option_problems(balancer, cfg.data.tasks)
+        problems += _option_problems(balancer, cfg.data.tasks, cfg.get("smoothing"))
     if mode == "rep" and not method.needs_task_gradients:
         problems.append(
             f"balancer.mode: 'rep' is for gradient methods; {name} only weights losses "
@@ -338,15 +338,24 @@ def _regularizer_problems(cfg: DictConfig) -> list[str]:
     return []
 
 
-def _option_problems(balancer: DictConfig, tasks: Any) -> list[str]:
-    """The balancer's own checks of its options (a constructor's ``ValueError`` naming the
-    key), run by building it once: it holds at most a few numbers per task."""
+def _option_problems(balancer: DictConfig, tasks: Any, smoothing: DictConfig | None) -> list[str]:
+    """The balancer's and the smoothing's own checks of their options: every bad value where
+    the class lists them (``config_problems``), else the first one its constructor refuses
+    (a ``ValueError`` naming the key; building holds at most a few numbers per task)."""
     from mtl.balancers import build_balancer
 
     if isinstance(tasks, str) or not tasks:
         return []  # reported by the task checks
+    problems = []
+    for node in (balancer, smoothing):
+        target = node.get("_target_") if node else None
+        check = getattr(get_class(target), "config_problems", None) if target else None
+        if check is not None:
+            problems += check(OmegaConf.to_container(node, resolve=True), list(tasks))
+    if problems:
+        return problems
     try:
-        build_balancer(balancer, None, list(tasks))
+        build_balancer(balancer, None, list(tasks), smoothing)
     except Exception as error:  # hydra wraps the constructor's error
         cause = error.__cause__ or error
         if isinstance(cause, ValueError | TypeError):

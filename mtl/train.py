@@ -117,7 +117,9 @@ def build_metrics(cfg: DictConfig) -> TaskMetrics:
 def build_module(cfg: DictConfig) -> MultiTaskModule:
     return MultiTaskModule(
         model=build_model(cfg),
-        balancer=build_balancer(cfg.balancer, cfg.get("flat"), list(cfg.data.tasks)),
+        balancer=build_balancer(
+            cfg.balancer, cfg.get("flat"), list(cfg.data.tasks), cfg.get("smoothing")
+        ),
         loss_weights=_plain(cfg.data.get("loss_weights")),
         num_classes=_plain(cfg.data.get("num_classes")),
         optimizer=instantiate(cfg.optim.optimizer),

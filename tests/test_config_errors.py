@@ -63,6 +63,8 @@ CASES = [
                                 "(lightning.pytorch.Trainer); did you mean trainer.max_epochs?"]),
     (["train=false"], ["ckpt_path: missing; evaluation (eval.py, train.py train=false) scores a "
                        "checkpoint: ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt"]),
+    (["balancer=fairgrad", "balancer.alpha=-1"], ["balancer.alpha: -1"]),
+    (["smoothing=cr_mogm", "smoothing.alpha=2"], ["smoothing.alpha: 2"]),
     (["balancer=stch", "balancer.mu=0"], ["balancer: balancer.mu=0; expected a positive number"]),
     (["balancer=pcgrad", "balancer.reduction=max"], ["balancer: "]),
     (["balancer=nash", "balancer.max_norm=-1"],

@@ -13,18 +13,28 @@ from mtl.balancers.base import BalanceContext, Balancer, BalanceResult
 __all__ = ["BalanceContext", "Balancer", "BalanceResult", "available_modes", "build_balancer"]
 
 
-def build_balancer(balancer: DictConfig, flat: DictConfig | None, tasks: Sequence[str]) -> Balancer:
-    """The configured balancer (told the number of tasks if it asks for it), wrapped in the
-    flat-region method when ``flat`` names one."""
+def build_balancer(
+    balancer: DictConfig,
+    flat: DictConfig | None,
+    tasks: Sequence[str],
+    smoothing: DictConfig | None = None,
+) -> Balancer:
+    """The configured balancer (told the number of tasks or their names if it asks for them),
+    its weights smoothed when ``smoothing`` names a method, wrapped in the flat-region method
+    when ``flat`` names one."""
     balancer = balancer.copy()
     with open_dict(balancer):  # an option of every Gramian method, not a constructor argument
         equalize_levels = bool(balancer.pop("equalize_levels", False))
-    extra = {}
-    if "num_tasks" in inspect.signature(get_class(balancer._target_)).parameters:
+    extra, parameters = {}, inspect.signature(get_class(balancer._target_)).parameters
+    if "num_tasks" in parameters:
         extra["num_tasks"] = len(tasks)
+    if "tasks" in parameters:
+        extra["tasks"] = list(tasks)
     method = instantiate(balancer, **extra)
     if equalize_levels:
         method.equalize_levels = True
+    if smoothing is not None and smoothing.get("_target_"):
+        method = instantiate(smoothing, num_tasks=len(tasks))(method)
     if flat is not None and flat.get("_target_"):
         return instantiate(flat)(method)
     return method
