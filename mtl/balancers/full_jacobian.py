@@ -1,0 +1,105 @@
+"""Base of the methods that need the whole T x P Jacobian of the task gradients, not only its
+Gramian: coordinate-wise aggregators (GradDrop, TrimmedMean) and methods that keep a state in
+parameter space (DB-MTL, MoCo, ExcessMTL).
+
+Under DDP the Jacobian rows are averaged over processes before the method sees them
+(`TaskGradients.compute`), and the losses are averaged too, so every process runs the same
+deterministic computation on the same numbers: T x P states are identical on every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from mtl.balancers.base import BalanceContext, Balancer, BalanceResult
+from mtl.balancers.jacobian import TaskGradients, gramian
+
+
+class JacobianMethod(Balancer):
+    """Per-task gradients on the shared parameters, one update from the whole Jacobian.
+
+    Subclasses implement `aggregate`. Class attributes the configuration check reads:
+
+    Attributes:
+        modes: the ``balancer.mode`` values the method supports.
+        stateful: the method keeps a per-step state, so it cannot aggregate a second Jacobian
+            of the same step (flat regions aggregate two).
+        needs_full_jacobian: the update is not a function of the Gramian alone.
+    """
+
+    needs_task_gradients = True
+    needs_full_jacobian = True
+    modes: tuple[str, ...] = ("param",)
+    stateful = False
+    #: Buffers whose size is known only at the first step (T x P states): a checkpoint's
+    #: tensors are loaded whatever their size.
+    lazy_buffers: tuple[str, ...] = ()
+
+    def __init__(self, mode: str = "param") -> None:
+        super().__init__()
+        if mode not in self.modes:
+            raise ValueError(
+                f"balancer.mode={mode!r}: {type(self).__name__} supports only "
+                f"{' or '.join(repr(m) for m in self.modes)}"
+            )
+        self.mode = mode
+
+    def aggregate(
+        self, jacobian: Tensor, losses: Tensor, context: BalanceContext
+    ) -> tuple[Tensor, Tensor]:
+        """(shared update, reported task weights) from the T x P Jacobian and the T losses
+        (both averaged over processes); stateful methods advance their state here."""
+        raise NotImplementedError
+
+    def head_scales(self, losses: Tensor, weights: Tensor) -> Tensor | None:
+        """Factors of each head's gradient (None: the head gets its own task's gradient)."""
+        return None
+
+    def backward(self, losses: Mapping[str, Tensor], context: BalanceContext) -> BalanceResult:
+        grads = TaskGradients.compute(losses, context)
+        values = global_losses(losses, context).to(grads.jacobian)
+        update, weights = self.aggregate(grads.jacobian, values, context)
+        scales = self.head_scales(values, weights)
+        if scales is not None:
+            grads.heads = {t: h * s for (t, h), s in zip(grads.heads.items(), scales, strict=True)}
+        grads.write(update, context)
+        return BalanceResult(
+            dict(zip(losses, weights.tolist(), strict=True)), gramian(grads.jacobian)
+        )
+
+    def combine(
+        self, jacobian: Tensor, losses: Mapping[str, Tensor], context: BalanceContext
+    ) -> tuple[Tensor, Tensor]:
+        if self.stateful:
+            raise ValueError(
+                f"{type(self).__name__} keeps a state that advances once per step, so it cannot "
+                "aggregate a second Jacobian of the same step (flat=sam|asam); use flat=none"
+            )
+        return self.aggregate(jacobian, global_losses(losses, context).to(jacobian), context)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        for name in self.lazy_buffers:
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                current = getattr(self, name)
+                setattr(self, name, current.new_empty(saved.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def global_losses(losses: Mapping[str, Tensor], context: BalanceContext) -> Tensor:
+    """The T losses of the global batch (averaged over processes), detached."""
+    values = torch.stack([loss.detach() for loss in losses.values()])
+    return context.all_reduce_mean(values) if context.world_size > 1 else values
+
+
+def project_onto_simplex(y: Tensor) -> Tensor:
+    """Euclidean projection onto the probability simplex (sort-based, Held et al. 1974)."""
+    ordered = torch.sort(y, descending=True).values
+    cumulative = ordered.cumsum(0) - 1.0
+    index = torch.arange(1, len(y) + 1, dtype=y.dtype, device=y.device)
+    active = ordered - cumulative / index > 0
+    last = int(active.nonzero().max())
+    return (y - cumulative[last] / (last + 1)).clamp_min(0.0)

@@ -1,0 +1,326 @@
+"""Methods that need the whole Jacobian (a T x P state, coordinate-wise rules, or several
+mini-batches): each against TorchJD 0.18 where it has the method, else against its definition
+computed by hand here, and each trained once through train.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mtl.balancers.base import BalanceContext
+from mtl.balancers.dbmtl import DBMTL
+from mtl.balancers.excessmtl import ExcessMTL
+from mtl.balancers.full_jacobian import project_onto_simplex
+from mtl.balancers.graddrop import GradDrop
+from mtl.balancers.moco import MoCo
+from mtl.balancers.trimmed_mean import TrimmedMean
+from mtl.train import train
+
+
+def _context(step: int = 0, seed: int = 0, **kwargs) -> BalanceContext:
+    defaults = dict(
+        shared_params=[],
+        task_params={},
+        backward=lambda t: t.backward(),
+        recompute_losses=lambda tasks=None: {},
+        all_reduce_mean=lambda t: t,
+    )
+    return BalanceContext(**{**defaults, **kwargs}, step=step, seed=seed)
+
+
+def _jacobians(steps: int, tasks: int = 3, dim: int = 7, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(tasks, dim, generator=generator) for _ in range(steps)]
+
+
+def _losses(tasks: int = 3, seed: int = 1) -> torch.Tensor:
+    return torch.rand(tasks, generator=torch.Generator().manual_seed(seed)) + 0.5
+
+
+class Toy(nn.Module):
+    """A shared linear layer and one linear head per task."""
+
+    def __init__(self, tasks=("a", "b", "c"), batch: int = 6) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tasks = tasks
+        self.shared = nn.Linear(3, 4)
+        self.heads = nn.ModuleDict({t: nn.Linear(4, 1) for t in tasks})
+        self.x = torch.randn(batch, 3)
+        self.y = {t: torch.randn(batch, 1) * (i + 1) for i, t in enumerate(tasks)}
+
+    def losses(self, tasks=None, rows=slice(None)) -> dict[str, torch.Tensor]:
+        features = torch.tanh(self.shared(self.x[rows]))
+        return {
+            t: ((self.heads[t](features) - self.y[t][rows]) ** 2).mean()
+            for t in tasks or self.tasks
+        }
+
+    def context(self, step: int = 0, **kwargs) -> BalanceContext:
+        return _context(
+            step=step,
+            shared_params=list(self.shared.parameters()),
+            task_params={t: list(h.parameters()) for t, h in self.heads.items()},
+            recompute_losses=lambda tasks=None: self.losses(tasks),
+            model=self,
+            **kwargs,
+        )
+
+    def jacobian(self) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        """Shared Jacobian rows and each head's own gradient, by autograd."""
+        rows, heads = [], {}
+        for task, loss in self.losses().items():
+            own = list(self.heads[task].parameters())
+            grads = torch.autograd.grad(
+                loss, list(self.shared.parameters()) + own, retain_graph=True
+            )
+            rows.append(torch.cat([g.reshape(-1) for g in grads[:2]]))
+            heads[task] = list(grads[2:])
+        return torch.stack(rows), heads
+
+
+def _shared_grad(toy: Toy) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in toy.shared.parameters()])
+
+
+# ------------------------------------------------------------------------------------ DB-MTL
+def _dbmtl_by_hand(jacobians, losses, beta=0.9, sigma=0.0):
+    momentum, updates = torch.zeros_like(jacobians[0]), []
+    for k, jacobian in enumerate(jacobians, start=1):
+        g = jacobian / (losses[:, None] + 1e-8)
+        b = beta / k**sigma
+        momentum = (1 - b) * g + b * momentum
+        norms = momentum.norm(dim=1)
+        updates.append((norms.max() / (norms + 1e-8)) @ momentum)
+    return updates, momentum
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.5])
+def test_dbmtl_matches_its_definition_over_steps(sigma):
+    jacobians, losses = _jacobians(4), _losses()
+    method = DBMTL(beta=0.9, beta_sigma=sigma)
+    expected, momentum = _dbmtl_by_hand(jacobians, losses, sigma=sigma)
+    for k, (jacobian, want) in enumerate(zip(jacobians, expected, strict=True)):
+        got, _ = method.aggregate(jacobian, losses, _context(step=k))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(method.momentum, momentum, rtol=1e-5, atol=1e-6)
+
+
+def test_dbmtl_state_ramps_up_without_bias_correction():
+    """With a constant gradient the buffer after k steps is (1 − 0.9^k)·g: 0.1·g after one."""
+    jacobian, losses = _jacobians(1)[0], torch.ones(3)
+    method = DBMTL()
+    for k in range(1, 4):
+        method.aggregate(jacobian, losses, _context())
+        torch.testing.assert_close(method.momentum, (1 - 0.9**k) * jacobian / (1 + 1e-8))
+    assert int(method.steps) == 3
+
+
+def test_dbmtl_ignores_the_scale_of_each_loss():
+    """log(c·L) has the gradient of log L: scaling a task's loss (its gradient and its value)
+    leaves the update unchanged."""
+    jacobian, losses = _jacobians(1)[0], _losses()
+    scale = torch.tensor([1.0, 100.0, 0.01])
+    plain, _ = DBMTL().aggregate(jacobian, losses, _context())
+    scaled, _ = DBMTL().aggregate(jacobian * scale[:, None], losses * scale, _context())
+    torch.testing.assert_close(plain, scaled, rtol=1e-4, atol=1e-7)
+
+
+def test_dbmtl_backward_writes_the_update_and_log_loss_gradients_to_heads():
+    toy = Toy()
+    jacobian, heads = toy.jacobian()
+    losses = torch.stack([loss.detach() for loss in toy.losses().values()])
+    (expected,), _ = _dbmtl_by_hand([jacobian], losses)
+    result = DBMTL().backward(toy.losses(), toy.context())
+    torch.testing.assert_close(_shared_grad(toy), expected, rtol=1e-5, atol=1e-7)
+    for i, task in enumerate(toy.tasks):
+        for p, g in zip(toy.heads[task].parameters(), heads[task], strict=True):
+            torch.testing.assert_close(p.grad, g / (losses[i] + 1e-8))
+    assert result.gramian is not None and result.gramian.shape == (3, 3)
+
+
+def test_dbmtl_state_survives_a_checkpoint():
+    method = DBMTL()
+    for jacobian in _jacobians(2):
+        method.aggregate(jacobian, _losses(), _context())
+    restored = DBMTL()
+    restored.load_state_dict(method.state_dict())
+    torch.testing.assert_close(restored.momentum, method.momentum)
+    nxt = _jacobians(3)[2]
+    torch.testing.assert_close(
+        restored.aggregate(nxt, _losses(), _context())[0],
+        method.aggregate(nxt, _losses(), _context())[0],
+    )
+
+
+@pytest.mark.parametrize("method", [DBMTL, MoCo, ExcessMTL, GradDrop, TrimmedMean])
+def test_jacobian_methods_refuse_rep_mode(method):
+    kwargs = {"num_tasks": 3} if method in (MoCo, ExcessMTL, TrimmedMean) else {}
+    with pytest.raises(ValueError, match="balancer.mode='rep'.*supports only 'param'"):
+        method(mode="rep", **kwargs)
+
+
+@pytest.mark.parametrize("method", [DBMTL, MoCo, ExcessMTL])
+def test_stateful_methods_refuse_a_second_jacobian_of_the_step(method):
+    kwargs = {"num_tasks": 3} if method in (MoCo, ExcessMTL) else {}
+    with pytest.raises(ValueError, match="flat=sam"):
+        losses = dict(zip("abc", _losses(), strict=True))
+        method(**kwargs).combine(_jacobians(1)[0], losses, _context())
+
+
+# --------------------------------------------------------------------------------- ExcessMTL
+def test_excessmtl_torchjd_convention_matches_torchjd():
+    torchjd = pytest.importorskip("torchjd.aggregation")
+    for warmup in (0, 2):
+        reference = torchjd.ExcessMTLWeighting(robust_step_size=1.0, n_warmup_steps=warmup)
+        method = ExcessMTL(3, robust_step_size=1.0, warmup_steps=warmup, convention="torchjd")
+        for jacobian in _jacobians(5):
+            want = reference(jacobian)
+            update, weights = method.aggregate(jacobian, _losses(), _context())
+            torch.testing.assert_close(weights, want)
+            torch.testing.assert_close(update, want @ jacobian)
+            assert math.isclose(float(weights.sum()), 1.0, rel_tol=1e-6)
+
+
+def _excess(jacobians):
+    squared_sum = sum(j.square() for j in jacobians)
+    return (jacobians[-1].square() / (squared_sum + 1e-7).sqrt()).sum(dim=1)
+
+
+def test_excessmtl_libmtl_convention_by_hand():
+    """LibMTL: weights 1 and no update on the first call (it records Ê⁰), then
+    w ← T·normalise(w·exp(η Ê/Ê⁰)); heads get w_t ∇L_t."""
+    jacobians, eta = _jacobians(3), 0.5
+    method = ExcessMTL(3, robust_step_size=eta)
+    _, first = method.aggregate(jacobians[0], _losses(), _context())
+    torch.testing.assert_close(first, torch.ones(3))
+    baseline = _excess(jacobians[:1])
+    weights = torch.ones(3)
+    for k in (2, 3):
+        weights = weights * torch.exp(eta * _excess(jacobians[:k]) / (baseline + 1e-7))
+        weights = 3 * weights / weights.sum()
+        update, got = method.aggregate(jacobians[k - 1], _losses(), _context())
+        torch.testing.assert_close(got, weights)
+        torch.testing.assert_close(update, weights @ jacobians[k - 1])
+    toy = Toy()
+    result = method.backward(toy.losses(), toy.context())
+    weights = torch.tensor([result.weights[t] for t in toy.tasks])
+    _, heads = toy.jacobian()
+    for i, task in enumerate(toy.tasks):
+        for p, g in zip(toy.heads[task].parameters(), heads[task], strict=True):
+            torch.testing.assert_close(p.grad, weights[i] * g)
+
+
+def test_excessmtl_shifts_weight_to_the_task_far_from_its_start():
+    """A task whose gradient stays large (excess risk not falling) gains weight over tasks whose
+    gradients shrink."""
+    method = ExcessMTL(2, robust_step_size=1.0)
+    for k in range(1, 6):
+        _, weights = method.aggregate(torch.tensor([[1.0, 1.0], [1.0 / k, 1.0 / k]]), None, None)
+    assert weights[0] > 1.2 > 0.8 > weights[1]
+
+
+# -------------------------------------------------------------------------------------- MoCo
+def test_moco_matches_its_definition_and_tracks_y():
+    jacobians, losses = [j.double() for j in _jacobians(4)], _losses().double()
+    beta, gamma, rho = 0.5, 0.1, 0.2
+    method = MoCo(3, rho=rho)
+    y, lam = torch.zeros_like(jacobians[0]), torch.full((3,), 1 / 3, dtype=torch.float64)
+    for k, jacobian in enumerate(jacobians, start=1):
+        target = jacobian / (jacobian.norm(dim=1, keepdim=True) + 1e-8) * losses[:, None]
+        y = y - beta / math.sqrt(k) * (y - target)
+        lam = torch.softmax(lam - gamma / math.sqrt(k) * (y @ y.T + rho * torch.eye(3)) @ lam, 0)
+        update, weights = method.aggregate(jacobian, losses, _context())
+        torch.testing.assert_close(method.tracked, y)
+        torch.testing.assert_close(weights, lam)
+        torch.testing.assert_close(update, y.T @ lam)
+        if k == 1:  # y_1 = β·ĝ_1: the first step moves halfway to the rescaled gradients
+            torch.testing.assert_close(y, 0.5 * target)
+        assert math.isclose(float(weights.sum()), 1.0)
+
+
+def test_moco_heads_get_their_own_gradients():
+    toy = Toy()
+    _, heads = toy.jacobian()
+    MoCo(3).backward(toy.losses(), toy.context())
+    for task in toy.tasks:
+        for p, g in zip(toy.heads[task].parameters(), heads[task], strict=True):
+            torch.testing.assert_close(p.grad, g)
+
+
+# ---------------------------------------------------------------------------------- GradDrop
+@pytest.mark.parametrize("leak", [0.0, [0.0, 0.3, 1.0]])
+def test_graddrop_matches_torchjd_with_the_same_uniform_draws(leak):
+    torchjd = pytest.importorskip("torchjd.aggregation")
+    jacobian = _jacobians(1, tasks=3, dim=200)[0]
+    seed, step = 7, 11
+    torch.manual_seed(seed * 1_000_003 + step)  # TorchJD draws U from the global generator
+    reference = torchjd.GradDrop(leak=None if leak == 0.0 else torch.tensor(leak))(jacobian)
+    got, _ = GradDrop(leak=leak).aggregate(jacobian, None, _context(step=step, seed=seed))
+    torch.testing.assert_close(got, reference)
+    assert (got != jacobian.sum(0)).any()  # something was dropped
+
+
+def test_graddrop_keeps_agreeing_signs_and_is_reproducible():
+    jacobian = _jacobians(1, dim=50)[0].abs()
+    jacobian[:, :10] *= -1  # every task agrees on each coordinate's sign
+    got, _ = GradDrop().aggregate(jacobian, None, _context(step=3))
+    torch.testing.assert_close(got, jacobian.sum(0))
+    mixed = _jacobians(1, dim=50, seed=5)[0]
+    first, _ = GradDrop().aggregate(mixed, None, _context(step=3))
+    again, _ = GradDrop().aggregate(mixed, None, _context(step=3))
+    other, _ = GradDrop().aggregate(mixed, None, _context(step=4))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_graddrop_leak_one_is_the_sum():
+    jacobian = _jacobians(1, dim=50)[0]
+    got, _ = GradDrop(leak=1.0).aggregate(jacobian, None, _context())
+    torch.testing.assert_close(got, jacobian.sum(0))
+
+
+# ------------------------------------------------------------------------------ TrimmedMean
+@pytest.mark.parametrize(("tasks", "trim"), [(3, 1), (5, 1), (5, 2), (4, 0)])
+def test_trimmed_mean_matches_torchjd(tasks, trim):
+    torchjd = pytest.importorskip("torchjd.aggregation")
+    jacobian = _jacobians(1, tasks=tasks, dim=40)[0]
+    got, weights = TrimmedMean(tasks, trim_number=trim).aggregate(jacobian, None, _context())
+    torch.testing.assert_close(got, torchjd.TrimmedMean(trim_number=trim)(jacobian))
+    assert math.isclose(float(weights.sum()), 1.0)
+
+
+def test_trimmed_mean_drops_an_outlier_task():
+    jacobian = torch.tensor([[1.0, 2.0], [1.2, 2.2], [1e6, -1e6]])
+    got, _ = TrimmedMean(3, trim_number=1).aggregate(jacobian, None, _context())
+    torch.testing.assert_close(got, torch.tensor([1.2, 2.0]))
+
+
+def test_trimmed_mean_needs_enough_tasks():
+    with pytest.raises(ValueError, match="balancer.trim_number=1: .* at least 3 tasks"):
+        TrimmedMean(2, trim_number=1)
+
+
+# ------------------------------------------------------------------------------- helpers
+def test_simplex_projection():
+    torch.testing.assert_close(
+        project_onto_simplex(torch.tensor([0.5, 0.5, 0.5])), torch.full((3,), 1 / 3)
+    )
+    torch.testing.assert_close(
+        project_onto_simplex(torch.tensor([2.0, 0.0, -1.0])), torch.tensor([1.0, 0.0, 0.0])
+    )
+    torch.testing.assert_close(
+        project_onto_simplex(torch.tensor([0.6, 0.5, -1.0])), torch.tensor([0.55, 0.45, 0.0])
+    )
+
+
+# ----------------------------------------------------------------------------- end to end
+END_TO_END = ["dbmtl", "excessmtl", "moco", "graddrop", "trimmed_mean"]
+
+
+@pytest.mark.parametrize("name", END_TO_END)
+def test_trains_through_train_py(make_cfg, name):
+    scores = train(make_cfg(f"balancer={name}", "debug=fdr", "data.tasks=[semseg,depth,normals]"))
+    assert math.isfinite(scores["val/loss"])
