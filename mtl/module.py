@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from mtl.balancers.base import BalanceContext, Balancer
@@ -26,6 +27,44 @@ from mtl.steps import logging_step
 from mtl.tasks import get_task
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def running_stats_set_aside(model: nn.Module) -> Iterator[None]:
+    """Forward passes inside update copies of the BatchNorm running statistics, which are then
+    dropped. The originals are swapped back, not copied into: the graphs of those passes keep
+    the copies they used and stay valid for backward passes after the block."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [dict(m.named_buffers(recurse=False)) for m in norms]
+    for module, buffers in zip(norms, saved, strict=True):
+        for name, value in buffers.items():
+            setattr(module, name, value.clone())
+    try:
+        yield
+    finally:
+        for module, buffers in zip(norms, saved, strict=True):
+            for name, value in buffers.items():
+                setattr(module, name, value)
+
+
+def split_batch(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
+    """`parts` consecutive slices of a batch along its first axis (sizes differ by at most
+    one); entries that are not per-sample tensors are shared by every part."""
+    size = batch["image"].shape[0]
+    if size < parts:
+        raise ValueError(
+            f"data.batch_size: the balancer splits each process's batch into {parts} "
+            f"independent parts, but this batch has {size} sample(s); use a data.batch_size of "
+            f"at least {parts} per process"
+        )
+    pieces = [{} for _ in range(parts)]
+    for key, value in batch.items():
+        per_sample = isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == size
+        for piece, part in zip(
+            pieces, value.tensor_split(parts) if per_sample else [value] * parts, strict=True
+        ):
+            piece[key] = part
+    return pieces
 
 #: Key of the learning-rate schedule's length (optimiser steps) inside a checkpoint.
 SCHEDULE_KEY = "mtl_schedule_steps"
@@ -106,15 +145,23 @@ class MultiTaskModule(L.LightningModule):
         images = batch["image"]
         decoded: list[Decoded] = []
 
-        def compute_losses(tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
-            out = self.model.decode(
-                images, tasks or self.tasks, detach_features=self.balancer.uses_representation
-            )
-            decoded[:] = [out]
-            losses = self.weighted(self.task_losses(out.preds, batch, tasks))
+        def compute_losses(
+            tasks: Sequence[str] | None = None, part: Mapping[str, Any] | None = None
+        ) -> dict[str, Tensor]:
+            rows = batch if part is None else part
+            detach = self.balancer.uses_representation
+            out = self.model.decode(rows["image"], tasks or self.tasks, detach_features=detach)
+            if part is None:
+                decoded[:] = [out]
+            losses = self.weighted(self.task_losses(out.preds, rows, tasks))
             for task, extra in self.model.auxiliary_losses().items():  # e.g. MoE load balancing
                 losses[task] = losses[task] + extra
             return losses
+
+        def part_losses(parts: int) -> list[dict[str, Tensor]]:
+            # Normalisation statistics are updated by the step's own forward pass only.
+            with running_stats_set_aside(self.model):
+                return [compute_losses(part=p) for p in split_batch(batch, parts)]
 
         losses = compute_losses()
         optimizer = self.optimizers()
@@ -134,6 +181,7 @@ class MultiTaskModule(L.LightningModule):
             features=decoded[0].features,
             head_inputs=decoded[0].head_inputs,
             model=self.model,
+            part_losses=part_losses,
         )
         diagnose = bool(self.diagnostics_every) and self.global_step % self.diagnostics_every == 0
         gram = None

@@ -16,7 +16,10 @@ from mtl.balancers.excessmtl import ExcessMTL
 from mtl.balancers.full_jacobian import project_onto_simplex
 from mtl.balancers.graddrop import GradDrop
 from mtl.balancers.moco import MoCo
+from mtl.balancers.modo import MoDo
+from mtl.balancers.sdmgrad import SDMGrad
 from mtl.balancers.trimmed_mean import TrimmedMean
+from mtl.module import running_stats_set_aside, split_batch
 from mtl.train import train
 
 
@@ -156,9 +159,9 @@ def test_dbmtl_state_survives_a_checkpoint():
     )
 
 
-@pytest.mark.parametrize("method", [DBMTL, MoCo, ExcessMTL, GradDrop, TrimmedMean])
+@pytest.mark.parametrize("method", [DBMTL, MoCo, ExcessMTL, GradDrop, TrimmedMean, MoDo, SDMGrad])
 def test_jacobian_methods_refuse_rep_mode(method):
-    kwargs = {"num_tasks": 3} if method in (MoCo, ExcessMTL, TrimmedMean) else {}
+    kwargs = {} if method in (DBMTL, GradDrop) else {"num_tasks": 3}
     with pytest.raises(ValueError, match="balancer.mode='rep'.*supports only 'param'"):
         method(mode="rep", **kwargs)
 
@@ -317,10 +320,105 @@ def test_simplex_projection():
 
 
 # ----------------------------------------------------------------------------- end to end
-END_TO_END = ["dbmtl", "excessmtl", "moco", "graddrop", "trimmed_mean"]
+END_TO_END = ["dbmtl", "excessmtl", "moco", "graddrop", "trimmed_mean", "modo", "sdmgrad"]
 
 
 @pytest.mark.parametrize("name", END_TO_END)
 def test_trains_through_train_py(make_cfg, name):
     scores = train(make_cfg(f"balancer={name}", "debug=fdr", "data.tasks=[semseg,depth,normals]"))
     assert math.isfinite(scores["val/loss"])
+
+
+# ------------------------------------------------------------------------- MoDo / SDMGrad
+def _cross_matrices(steps: int, tasks: int = 3) -> list[torch.Tensor]:
+    pairs = zip(_jacobians(steps, tasks, seed=2), _jacobians(steps, tasks, seed=3), strict=True)
+    return [(a @ b.T).double() for a, b in pairs]
+
+
+def test_modo_weights_match_torchjd_over_steps():
+    torchjd = pytest.importorskip("torchjd.aggregation")
+    reference = torchjd.MoDoWeighting(gamma=0.1, rho=0.1)
+    method = MoDo(3, gamma=0.1, rho=0.1)
+    for cross in _cross_matrices(5):
+        torch.testing.assert_close(method.weights_from(cross), reference(cross))
+    assert not torch.allclose(method.task_weights, torch.full((3,), 1 / 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("lr", [5.0, 10.0])
+def test_sdmgrad_weights_match_torchjd_over_steps(lr):
+    torchjd = pytest.importorskip("torchjd.aggregation")
+    reference = torchjd.SDMGradWeighting(lr=lr, momentum=0.5, n_iter=20, lambda_=0.3)
+    method = SDMGrad(3, lr=lr)
+    for cross in _cross_matrices(4):
+        torch.testing.assert_close(method.weights_from(cross), reference(cross))
+
+
+class SplitToy(Toy):
+    """The toy with `BalanceContext.part_losses`: consecutive rows of its batch of 6."""
+
+    def context(self, step: int = 0, **kwargs) -> BalanceContext:
+        return super().context(step, part_losses=self.parts, **kwargs)
+
+    def parts(self, n: int) -> list[dict[str, torch.Tensor]]:
+        return [self.losses(rows=rows) for rows in torch.arange(6).tensor_split(n)]
+
+    def part_jacobian(self, rows) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        full = self.x
+        self.x, ys = full[rows], self.y
+        self.y = {t: y[rows] for t, y in ys.items()}
+        try:
+            return self.jacobian()
+        finally:
+            self.x, self.y = full, ys
+
+
+@pytest.mark.parametrize(("method", "parts"), [("modo", 3), ("modo", 2), ("sdmgrad", 3)])
+def test_multi_batch_methods_use_independent_parts(method, parts):
+    """λ from the cross-matrix of parts 1 and 2, update on part 3 (or the mean of 1 and 2);
+    heads: MoDo the mean over the parts (LibMTL divides by 3), SDMGrad their sum."""
+    torchjd = pytest.importorskip("torchjd.aggregation")
+    toy = SplitToy()
+    rows = torch.arange(6).tensor_split(parts)
+    jacobians, heads = zip(*(toy.part_jacobian(r) for r in rows), strict=True)
+    cross = (jacobians[0].double() @ jacobians[1].double().T).double()
+    if method == "modo":
+        balancer, reference = MoDo(3, parts=parts), torchjd.MoDoWeighting(gamma=1e-3, rho=0.1)
+    else:
+        balancer, reference = SDMGrad(3, parts=parts), torchjd.SDMGradWeighting(lr=5.0)
+    weights = reference(cross)
+    result = balancer.backward(toy.losses(), toy.context())
+    direction = jacobians[2] if parts == 3 else (jacobians[0] + jacobians[1]) / 2
+    torch.testing.assert_close(_shared_grad(toy), weights.float() @ direction)
+    assert [result.weights[t] for t in toy.tasks] == pytest.approx(weights.tolist())
+    divisor = parts if method == "modo" else 1
+    for task in toy.tasks:
+        for i, p in enumerate(toy.heads[task].parameters()):
+            want = sum(h[task][i] for h in heads) / divisor
+            torch.testing.assert_close(p.grad, want)
+
+
+def test_a_batch_smaller_than_the_parts_names_data_batch_size():
+    batch = {"image": torch.zeros(2, 3, 4, 4), "depth": torch.zeros(2, 1, 4, 4)}
+    with pytest.raises(ValueError, match="data.batch_size: .* into 3 independent parts.* 2 s"):
+        split_batch(batch, 3)
+    pieces = split_batch({**batch, "skipped": torch.tensor(0)}, 2)
+    assert [p["image"].shape[0] for p in pieces] == [1, 1]
+    assert all(p["skipped"].dim() == 0 for p in pieces)
+
+
+@pytest.mark.parametrize("method", [MoDo, SDMGrad])
+def test_multi_batch_methods_cannot_aggregate_one_jacobian(method):
+    with pytest.raises(ValueError, match="independent mini-batches"):
+        method(3).combine(_jacobians(1)[0], dict(zip("abc", _losses(), strict=True)), _context())
+
+
+def test_part_passes_leave_batchnorm_statistics_and_keep_their_graphs():
+    norm = nn.BatchNorm1d(2)
+    x = torch.randn(5, 2, requires_grad=True)
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    with running_stats_set_aside(norm):
+        out = norm(x * 3 + 1).square().sum()
+    for key, value in norm.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    out.backward()  # the graph built inside is still valid
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -103,3 +103,70 @@ def project_onto_simplex(y: Tensor) -> Tensor:
     active = ordered - cumulative / index > 0
     last = int(active.nonzero().max())
     return (y - cumulative[last] / (last + 1)).clamp_min(0.0)
+
+
+#: Columns per block of `cross_gramian`.
+CROSS_BLOCK = 1 << 20
+
+
+@torch.no_grad()
+def cross_gramian(first: Tensor, second: Tensor) -> Tensor:
+    """J₁ J₂ᵀ in float64 on the CPU, formed over column blocks (no float64 copy of J)."""
+    total = torch.zeros(first.shape[0], second.shape[0], dtype=torch.float64)
+    for start in range(0, first.shape[1], CROSS_BLOCK):
+        a, b = first[:, start : start + CROSS_BLOCK], second[:, start : start + CROSS_BLOCK]
+        total += (a.double() @ b.double().T).cpu()
+    return total
+
+
+class MultiBatchMethod(JacobianMethod):
+    """Methods whose weights come from the Jacobians of two independent mini-batches.
+
+    The training step's batch is split along its first axis into ``parts`` consecutive parts
+    (2 or 3; each process splits its own batch), the losses are recomputed on each part (one
+    extra forward pass and T backward passes per part) and each part's Jacobian is averaged over
+    processes. The weights come from the cross-matrix J₁J₂ᵀ of parts 1 and 2 (identical on every
+    process); the shared update is J₃ᵀw with 3 parts, or ((J₁ + J₂)/2)ᵀw with 2. Each head gets
+    the sum or the mean over the parts of its own task's gradient (``head_reduction``).
+    """
+
+    stateful = True
+    splits_batch = True
+
+    def __init__(self, parts: int = 3, head_reduction: str = "mean", mode: str = "param") -> None:
+        super().__init__(mode)
+        if parts not in (2, 3):
+            raise ValueError(f"balancer.parts={parts}; expected 2 or 3")
+        if head_reduction not in ("mean", "sum"):
+            raise ValueError(f"balancer.head_reduction={head_reduction!r}; expected mean or sum")
+        self.parts, self.head_reduction = int(parts), head_reduction
+
+    def weights_from(self, cross: Tensor) -> Tensor:
+        """Task weights (float64, CPU) from J₁J₂ᵀ (float64, CPU); advances the state."""
+        raise NotImplementedError
+
+    def combine(
+        self, jacobian: Tensor, losses: Mapping[str, Tensor], context: BalanceContext
+    ) -> tuple[Tensor, Tensor]:
+        raise ValueError(
+            f"{type(self).__name__} needs independent mini-batches, not one Jacobian "
+            "(it cannot be wrapped by flat=sam|asam); use flat=none"
+        )
+
+    def backward(self, losses: Mapping[str, Tensor], context: BalanceContext) -> BalanceResult:
+        if context.part_losses is None:
+            raise ValueError(
+                f"{type(self).__name__} needs the training step to recompute the losses on parts "
+                "of the batch (BalanceContext.part_losses)"
+            )
+        parts = [TaskGradients.compute(p, context) for p in context.part_losses(self.parts)]
+        weights = self.weights_from(cross_gramian(parts[0].jacobian, parts[1].jacobian))
+        if self.parts == 3:
+            direction = parts[2].jacobian
+        else:
+            direction = (parts[0].jacobian + parts[1].jacobian) / 2
+        divisor = len(parts) if self.head_reduction == "mean" else 1
+        heads = {t: sum(p.heads[t] for p in parts) / divisor for t in parts[0].heads}
+        grads = TaskGradients(direction, heads)
+        grads.write(weights.to(direction) @ direction, context)
+        return BalanceResult(dict(zip(losses, weights.tolist(), strict=True)), gramian(direction))
