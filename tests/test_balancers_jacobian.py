@@ -159,9 +159,10 @@ def test_dbmtl_state_survives_a_checkpoint():
     )
 
 
-@pytest.mark.parametrize("method", [DBMTL, MoCo, ExcessMTL, GradDrop, TrimmedMean, MoDo, SDMGrad])
-def test_jacobian_methods_refuse_rep_mode(method):
-    kwargs = {} if method in (DBMTL, GradDrop) else {"num_tasks": 3}
+@pytest.mark.parametrize("method", [DBMTL, MoCo, ExcessMTL, MoDo, SDMGrad])
+def test_stateful_methods_refuse_rep_mode(method):
+    """Their state (or cross-matrix) would pair features of different samples."""
+    kwargs = {} if method is DBMTL else {"num_tasks": 3}
     with pytest.raises(ValueError, match="balancer.mode='rep'.*supports only 'param'"):
         method(mode="rep", **kwargs)
 
@@ -285,6 +286,60 @@ def test_graddrop_leak_one_is_the_sum():
     torch.testing.assert_close(got, jacobian.sum(0))
 
 
+class RepToy(Toy):
+    """The toy in ``rep`` mode: heads decode from a detached copy of the features (B x 2 x 2)."""
+
+    def rep_losses(self):
+        self.features = torch.tanh(self.shared(self.x)).view(-1, 2, 2)
+        self.leaf = self.features.detach().requires_grad_(True)
+        flat = self.leaf.reshape(-1, 4)
+        return {t: ((self.heads[t](flat) - self.y[t]) ** 2).mean() for t in self.tasks}
+
+    def feature_jacobian(self, losses):
+        rows = [torch.autograd.grad(loss, self.leaf, retain_graph=True)[0] for loss in losses]
+        return torch.stack(rows)  # T x B x 2 x 2
+
+    def backbone_grad(self, feature_grad):
+        params = list(self.shared.parameters())
+        grads = torch.autograd.grad(self.features, params, feature_grad, retain_graph=True)
+        return torch.cat([g.reshape(-1) for g in grads])
+
+
+@pytest.mark.parametrize("leak", [0.0, 0.25])
+def test_graddrop_rep_mode_is_the_sign_weighted_batch_form(leak):
+    """LibMTL's form: purity per feature position from Σ_batch ∂L_t/∂Z · sign(Z), one mask per
+    task and position applied to every sample, masked gradients summed over tasks."""
+    toy = RepToy(batch=6)
+    losses = toy.rep_losses()
+    per_sample = toy.feature_jacobian(losses.values()).reshape(3, 6, 4)
+    sums = (per_sample * toy.leaf.detach().reshape(1, 6, 4).sign()).sum(dim=1)  # T x 4
+    purity = 0.5 * (1 + sums.sum(0) / (sums.abs().sum(0) + 1e-7))
+    context = toy.context(step=5, features=[toy.features], head_inputs=[toy.leaf])
+    draws = torch.rand(4, generator=context.generator())
+    mask = (purity > draws) & (sums > 0) | (purity < draws) & (sums < 0)
+    factor = leak + (1 - leak) * mask.float()
+    feature_grad = (per_sample * factor[:, None, :]).sum(0).view(6, 2, 2)
+    expected = toy.backbone_grad(feature_grad)
+    _, heads = toy.jacobian()
+    result = GradDrop(leak=leak, mode="rep").backward(losses, context)
+    torch.testing.assert_close(_shared_grad(toy), expected)
+    assert result.weights["a"] == pytest.approx(float(factor[0].mean()))
+    for task in toy.tasks:
+        for p, g in zip(toy.heads[task].parameters(), heads[task], strict=True):
+            torch.testing.assert_close(p.grad, g)
+
+
+def test_trimmed_mean_rep_mode_trims_every_feature_coordinate():
+    toy = RepToy(batch=6)
+    losses = toy.rep_losses()
+    per_sample = toy.feature_jacobian(losses.values())
+    feature_grad = per_sample.sort(dim=0).values[1]  # 3 tasks, k = 1: the median
+    expected = toy.backbone_grad(feature_grad)
+    context = toy.context(features=[toy.features], head_inputs=[toy.leaf])
+    TrimmedMean(3, mode="rep").backward(losses, context)
+    torch.testing.assert_close(_shared_grad(toy), expected)
+
+
 # ------------------------------------------------------------------------------ TrimmedMean
 @pytest.mark.parametrize(("tasks", "trim"), [(3, 1), (5, 1), (5, 2), (4, 0)])
 def test_trimmed_mean_matches_torchjd(tasks, trim):
@@ -320,12 +375,18 @@ def test_simplex_projection():
 
 
 # ----------------------------------------------------------------------------- end to end
-END_TO_END = ["dbmtl", "excessmtl", "moco", "graddrop", "trimmed_mean", "modo", "sdmgrad"]
+END_TO_END = [
+    *(f"balancer={name}" for name in ("dbmtl", "excessmtl", "moco", "graddrop", "trimmed_mean")),
+    *(f"balancer={name}" for name in ("modo", "sdmgrad")),
+    "balancer=graddrop balancer.mode=rep",
+    "balancer=trimmed_mean balancer.mode=rep",
+]
 
 
-@pytest.mark.parametrize("name", END_TO_END)
-def test_trains_through_train_py(make_cfg, name):
-    scores = train(make_cfg(f"balancer={name}", "debug=fdr", "data.tasks=[semseg,depth,normals]"))
+@pytest.mark.parametrize("overrides", END_TO_END)
+def test_trains_through_train_py(make_cfg, overrides):
+    cfg = make_cfg(*overrides.split(), "debug=fdr", "data.tasks=[semseg,depth,normals]")
+    scores = train(cfg)
     assert math.isfinite(scores["val/loss"])
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from mtl.balancers.base import BalanceContext, Balancer, BalanceResult
-from mtl.balancers.jacobian import TaskGradients, gramian
+from mtl.balancers.jacobian import TaskGradients, empty_jacobian, flatten, gramian
 
 
 class JacobianMethod(Balancer):
@@ -58,7 +58,22 @@ class JacobianMethod(Balancer):
         """Factors of each head's gradient (None: the head gets its own task's gradient)."""
         return None
 
+    @property
+    def uses_representation(self) -> bool:
+        return self.mode == "rep"
+
+    def aggregate_features(
+        self, local: Tensor, leaves: list[Tensor], losses: Tensor, context: BalanceContext
+    ) -> tuple[Tensor, Tensor]:
+        """``rep`` mode: (feature gradient, reported weights) from this process's T x F
+        Jacobian of the losses with respect to the features the heads decoded from (`leaves`,
+        first axis the batch). The default applies `aggregate` to it, which is exact under DDP
+        for rules that act on each feature coordinate alone and are positively homogeneous."""
+        return self.aggregate(local, losses, context)
+
     def backward(self, losses: Mapping[str, Tensor], context: BalanceContext) -> BalanceResult:
+        if self.mode == "rep":
+            return self._backward_rep(losses, context)
         grads = TaskGradients.compute(losses, context)
         values = global_losses(losses, context).to(grads.jacobian)
         update, weights = self.aggregate(grads.jacobian, values, context)
@@ -69,6 +84,35 @@ class JacobianMethod(Balancer):
         return BalanceResult(
             dict(zip(losses, weights.tolist(), strict=True)), gramian(grads.jacobian)
         )
+
+    def _backward_rep(self, losses: Mapping[str, Tensor], context: BalanceContext) -> BalanceResult:
+        if context.features is None or context.head_inputs is None:
+            raise ValueError(
+                "balancer.mode=rep needs the shared features and the detached copies the heads "
+                "decoded from (MultiTaskModel.decode(..., detach_features=True))"
+            )
+        features, leaves = list(context.features), list(context.head_inputs)
+        # Each task's backward stops at the leaves: it covers that task's head only.
+        local, heads = empty_jacobian(len(losses), leaves), {}
+        for i, (task, loss) in enumerate(losses.items()):
+            own = list(context.task_params.get(task, ()))
+            grads = torch.autograd.grad(loss, leaves + own, retain_graph=True, allow_unused=True)
+            flatten(grads[: len(leaves)], leaves, out=local[i])
+            heads[task] = [
+                torch.zeros_like(p) if g is None else g
+                for g, p in zip(grads[len(leaves) :], own, strict=True)
+            ]
+        values = global_losses(losses, context).to(local)
+        feature_grad, weights = self.aggregate_features(local, leaves, values, context)
+        # One backward through the backbone of a surrogate whose gradient is the chosen feature
+        # gradient (and each head's own gradient), so that DDP averages it as usual.
+        pieces = feature_grad.split([leaf.numel() for leaf in leaves])
+        surrogate = sum((f * g.view_as(f)).sum() for f, g in zip(features, pieces, strict=True))
+        for task, grads in heads.items():
+            own = context.task_params.get(task, ())
+            surrogate = surrogate + sum((p * g).sum() for p, g in zip(own, grads, strict=True))
+        context.backward(surrogate)
+        return BalanceResult(dict(zip(losses, weights.tolist(), strict=True)), None)
 
     def combine(
         self, jacobian: Tensor, losses: Mapping[str, Tensor], context: BalanceContext

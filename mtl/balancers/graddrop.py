@@ -5,10 +5,15 @@ compared with a uniform draw U_j: if P_j > U_j only the positive entries of colu
 if P_j < U_j only the negative ones. With a leak ℓ_t a task keeps that fraction of its dropped
 entries: d = Σ_t (ℓ_t + (1 − ℓ_t) M_t) ⊙ g_t (sum over tasks).
 
+In ``rep`` mode the paper's (and LibMTL's) form acts on the gradients with respect to the shared
+features Z: the purity of feature position j (every axis but the batch) uses the batch sums
+G_tj = Σ_b ∂L_t/∂Z_bj · sign(Z_bj) (summed over processes too), P_j = ½(1 + Σ_t G_tj /
+(Σ_t |G_tj| + 1e-7)), the mask M_tj = [P_j > U_j][G_tj > 0] + [P_j < U_j][G_tj < 0] is applied to
+every sample's gradient at j, and the masked gradients are summed over tasks and backpropagated
+through the backbone once.
+
 U comes from a generator seeded by (seed, step), so every process draws the same numbers and,
-on the all-reduced Jacobian, writes the same update. The paper's (and LibMTL's) form, which
-weights the purity by the sign of the layer input and sums it over the batch, is not provided:
-``param`` mode only.
+on the all-reduced Jacobian (``param``) or batch sums (``rep``), writes the same update.
 """
 
 from __future__ import annotations
@@ -28,8 +33,11 @@ class GradDrop(JacobianMethod):
     Args:
         leak: ℓ, one number for every task or one per task (in ``data.tasks`` order); 0 drops
             fully (the paper's and both references' default).
-        mode: only ``param``.
+        mode: ``param`` (TorchJD's form on the shared parameters) or ``rep`` (the paper's and
+            LibMTL's form on the shared features).
     """
+
+    modes = ("param", "rep")
 
     def __init__(self, leak: float | Sequence[float] = 0.0, mode: str = "param") -> None:
         super().__init__(mode)
@@ -41,12 +49,7 @@ class GradDrop(JacobianMethod):
         self, jacobian: Tensor, losses: Tensor, context: BalanceContext
     ) -> tuple[Tensor, Tensor]:
         tasks = jacobian.shape[0]
-        if len(self.leak) not in (1, tasks):
-            raise ValueError(
-                f"balancer.leak has {len(self.leak)} values; expected one or one per task ({tasks})"
-            )
-        leak = torch.tensor(self.leak * (tasks // len(self.leak)), dtype=jacobian.dtype)
-        leak = leak.to(jacobian.device)
+        leak = self._leak(tasks, jacobian)
         total, magnitude = jacobian.sum(dim=0), jacobian.abs().sum(dim=0)
         # An all-zero column contributes nothing whatever its purity: use ½ there, not 0/0.
         purity = 0.5 * (1.0 + total / torch.where(magnitude > 0, magnitude, 1.0))
@@ -58,3 +61,37 @@ class GradDrop(JacobianMethod):
         # Reported weights: the kept share of each task's gradient coordinates.
         kept = leak + (1.0 - leak) * mask.sum(dim=1) / max(jacobian.shape[1], 1)
         return update, kept.double().cpu()
+
+    def _leak(self, tasks: int, like: Tensor) -> Tensor:
+        if len(self.leak) not in (1, tasks):
+            raise ValueError(
+                f"balancer.leak has {len(self.leak)} values; expected one or one per task ({tasks})"
+            )
+        leak = torch.tensor(self.leak * (tasks // len(self.leak)), dtype=like.dtype)
+        return leak.to(like.device)
+
+    def aggregate_features(
+        self, local: Tensor, leaves: list[Tensor], losses: Tensor, context: BalanceContext
+    ) -> tuple[Tensor, Tensor]:
+        tasks, batch = local.shape[0], leaves[0].shape[0]
+        # Per level: the gradients (T x B x positions) and the features they flow into.
+        split = local.split([x.numel() for x in leaves], dim=1)
+        parts = [
+            (part.view(tasks, batch, -1), leaf.detach().reshape(1, batch, -1))
+            for part, leaf in zip(split, leaves, strict=True)
+        ]
+        sums = torch.cat([(g * z.sign()).sum(dim=1) for g, z in parts], dim=1)  # T x positions
+        if context.world_size > 1:  # the sum over the global batch, up to a common factor
+            sums = context.all_reduce_mean(sums)
+        purity = 0.5 * (1.0 + sums.sum(dim=0) / (sums.abs().sum(dim=0) + 1e-7))
+        draws = torch.rand(sums.shape[1], generator=context.generator(), dtype=sums.dtype)
+        draws = draws.to(sums.device)
+        mask = (purity > draws) & (sums > 0) | (purity < draws) & (sums < 0)
+        leak = self._leak(tasks, local)[:, None]
+        factor = leak + (1.0 - leak) * mask  # T x positions
+        pieces, start = [], 0
+        for g, _ in parts:
+            width = g.shape[2]
+            pieces.append((g * factor[:, None, start : start + width]).sum(dim=0).reshape(-1))
+            start += width
+        return torch.cat(pieces), factor.mean(dim=1).double().cpu()

@@ -2,7 +2,9 @@
 
 For every shared coordinate the T task values are sorted, the k largest and the k smallest are
 dropped and the remaining T − 2k averaged (mean convention, as TorchJD). A Byzantine-robust
-aggregator built for many workers: with T tasks it needs T ≥ 2k + 1. ``param`` mode only.
+aggregator built for many workers: with T tasks it needs T ≥ 2k + 1. In ``rep`` mode the same
+rule acts on the gradients with respect to the shared features (each sample's feature
+coordinate alone: exact under DDP).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ class TrimmedMean(JacobianMethod):
     Args:
         num_tasks: T (filled in by the framework).
         trim_number: k, values dropped at each end of every coordinate.
-        mode: only ``param``.
+        mode: ``param`` (shared parameters) or ``rep`` (shared features).
     """
+
+    modes = ("param", "rep")
 
     def __init__(self, num_tasks: int, trim_number: int = 1, mode: str = "param") -> None:
         super().__init__(mode)
