@@ -20,7 +20,7 @@ from mtl.balancers.modo import MoDo
 from mtl.balancers.sdmgrad import SDMGrad
 from mtl.balancers.trimmed_mean import TrimmedMean
 from mtl.module import running_stats_set_aside, split_batch
-from mtl.train import train
+from mtl.train import build_module, train
 
 
 def _context(step: int = 0, seed: int = 0, **kwargs) -> BalanceContext:
@@ -483,3 +483,30 @@ def test_part_passes_leave_batchnorm_statistics_and_keep_their_graphs():
         assert torch.equal(value, before[key]), key
     out.backward()  # the graph built inside is still valid
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_a_parameter_space_state_is_checkpointed_and_resumed(make_cfg, tmp_path):
+    """DB-MTL's T x P buffer is sized at the first step: it lands in the checkpoint, loads into
+    a freshly built module, and a resumed run continues from it."""
+    run = tmp_path / "run"
+    small = (
+        "balancer=dbmtl",
+        "model.backbone.name=test_resnet",
+        "data.tasks=[semseg,depth,normals]",
+        "trainer.num_sanity_val_steps=0",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+    )
+    cfg = make_cfg(*small, "trainer.max_epochs=1", output_dir=run)
+    train(cfg)
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    momentum, steps = saved["balancer.momentum"], saved["balancer.steps"]
+    assert momentum.shape[0] == 3 and momentum.abs().sum() > 0 and int(steps) == 2
+    module = build_module(cfg)
+    module.load_state_dict(saved)
+    assert torch.equal(module.balancer.momentum, momentum)
+
+    train(make_cfg(*small, "trainer.max_epochs=2", "ckpt_path=last", output_dir=run))
+    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert int(resumed["balancer.steps"]) == 4
+    assert not torch.equal(resumed["balancer.momentum"], momentum)
