@@ -159,6 +159,14 @@ class MultiTaskModule(L.LightningModule):
             return losses
 
         def part_losses(parts: int) -> list[dict[str, Tensor]]:
+            small = ["batch"] if images.shape[0] < parts else []
+            if agree(small, self._sum_over_processes, images.device) and not small:
+                # Every process stops, not only the one whose batch is short (no hang in DDP).
+                raise ValueError(
+                    f"data.batch_size: another process's batch has fewer than {parts} samples, "
+                    f"the independent parts the balancer splits each batch into; use a "
+                    f"data.batch_size of at least {parts} per process"
+                )
             # Normalisation statistics are updated by the step's own forward pass only.
             with running_stats_set_aside(self.model):
                 return [compute_losses(part=p) for p in split_batch(batch, parts)]

@@ -380,6 +380,7 @@ END_TO_END = [
     *(f"balancer={name}" for name in ("modo", "sdmgrad")),
     "balancer=graddrop balancer.mode=rep",
     "balancer=trimmed_mean balancer.mode=rep",
+    "balancer=graddrop flat=sam",  # stateless: both Jacobians of the step aggregated alike
 ]
 
 
@@ -465,6 +466,13 @@ def test_a_batch_smaller_than_the_parts_names_data_batch_size():
     pieces = split_batch({**batch, "skipped": torch.tensor(0)}, 2)
     assert [p["image"].shape[0] for p in pieces] == [1, 1]
     assert all(p["skipped"].dim() == 0 for p in pieces)
+
+
+def test_a_training_batch_too_small_to_split_names_data_batch_size(make_cfg):
+    """Refused with the key to change (by the config check before anything is built once it
+    reads the balancer's ``parts``; at the first step otherwise)."""
+    with pytest.raises(ValueError, match="data.batch_size"):
+        train(make_cfg("balancer=modo", "data.batch_size=2", "debug=fdr"))
 
 
 @pytest.mark.parametrize("method", [MoDo, SDMGrad])

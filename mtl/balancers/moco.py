@@ -18,6 +18,7 @@ from torch import Tensor
 
 from mtl.balancers.base import BalanceContext
 from mtl.balancers.full_jacobian import JacobianMethod
+from mtl.balancers.jacobian import gramian
 
 
 class MoCo(JacobianMethod):
@@ -63,8 +64,7 @@ class MoCo(JacobianMethod):
         scaled = jacobian * (losses / (jacobian.norm(dim=1) + 1e-8))[:, None]
         self.tracked.lerp_(scaled, self.beta / step**self.beta_sigma)
         # λ in float64 on the CPU (a T x T problem): identical on every process
-        gram = self.tracked.double() @ self.tracked.double().T
-        gram = gram.cpu() + self.rho * torch.eye(len(gram), dtype=torch.float64)
+        gram = gramian(self.tracked) + self.rho * torch.eye(len(self.tracked), dtype=torch.float64)
         lam = self.task_weights.cpu()
         lam = torch.softmax(lam - self.gamma / step**self.gamma_sigma * gram @ lam, dim=0)
         self.task_weights.copy_(lam)
