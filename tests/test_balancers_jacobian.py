@@ -518,3 +518,23 @@ def test_a_parameter_space_state_is_checkpointed_and_resumed(make_cfg, tmp_path)
     resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert int(resumed["balancer.steps"]) == 4
     assert not torch.equal(resumed["balancer.momentum"], momentum)
+
+
+@pytest.mark.parametrize("name", ["dbmtl", "moco", "excessmtl", "modo"])
+def test_a_non_finite_gradient_leaves_the_state_untouched(name):
+    """The training step skips a step whose gradients are not finite; the state must not take
+    that step in, or every later step would be non-finite too."""
+    toy = SplitToy()
+    method = {
+        "dbmtl": DBMTL(),
+        "moco": MoCo(3),
+        "excessmtl": ExcessMTL(3),
+        "modo": MoDo(3, gamma=0.1),
+    }[name]
+    method.backward(toy.losses(), toy.context())
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    toy.shared.weight.register_hook(lambda grad: grad * float("nan"))  # e.g. an overflow
+    method.backward(toy.losses(), toy.context())
+    assert not _shared_grad(toy).isfinite().all()
+    for key, value in method.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -1,6 +1,7 @@
-"""Base of the methods that need the whole T x P Jacobian of the task gradients, not only its
-Gramian: coordinate-wise aggregators (GradDrop, TrimmedMean) and methods that keep a state in
-parameter space (DB-MTL, MoCo, ExcessMTL).
+"""Bases of the methods that need the whole T x P Jacobian of the task gradients, not only its
+Gramian: coordinate-wise aggregators (GradDrop, TrimmedMean), methods that keep a state in
+parameter space (DB-MTL, MoCo, ExcessMTL) and methods that need the Jacobians of independent
+mini-batches (MoDo, SDMGrad).
 
 Under DDP the Jacobian rows are averaged over processes before the method sees them
 (`TaskGradients.compute`), and the losses are averaged too, so every process runs the same
@@ -21,12 +22,14 @@ from mtl.balancers.jacobian import TaskGradients, empty_jacobian, flatten, grami
 class JacobianMethod(Balancer):
     """Per-task gradients on the shared parameters, one update from the whole Jacobian.
 
-    Subclasses implement `aggregate`. Class attributes the configuration check reads:
+    Subclasses implement `aggregate` (and, for ``rep`` mode, may override
+    `aggregate_features`). Class attributes the configuration check reads:
 
     Attributes:
         modes: the ``balancer.mode`` values the method supports.
-        stateful: the method keeps a per-step state, so it cannot aggregate a second Jacobian
-            of the same step (flat regions aggregate two).
+        stateful: the method keeps a per-step state (or needs several mini-batches), so it
+            cannot aggregate a second Jacobian of the same step (flat regions aggregate two).
+        splits_batch: the method splits each process's batch into ``parts`` parts.
         needs_full_jacobian: the update is not a function of the Gramian alone.
     """
 
@@ -34,6 +37,7 @@ class JacobianMethod(Balancer):
     needs_full_jacobian = True
     modes: tuple[str, ...] = ("param",)
     stateful = False
+    splits_batch = False
     #: Buffers whose size is known only at the first step (T x P states): a checkpoint's
     #: tensors are loaded whatever their size.
     lazy_buffers: tuple[str, ...] = ()
@@ -75,6 +79,8 @@ class JacobianMethod(Balancer):
         if self.mode == "rep":
             return self._backward_rep(losses, context)
         grads = TaskGradients.compute(losses, context)
+        if self.stateful and not bool(grads.jacobian.isfinite().all()):
+            return _untouched_state(losses, grads, context)
         values = global_losses(losses, context).to(grads.jacobian)
         update, weights = self.aggregate(grads.jacobian, values, context)
         scales = self.head_scales(values, weights)
@@ -131,6 +137,15 @@ class JacobianMethod(Balancer):
                 current = getattr(self, name)
                 setattr(self, name, current.new_empty(saved.shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _untouched_state(
+    losses: Mapping[str, Tensor], grads: TaskGradients, context: BalanceContext
+) -> BalanceResult:
+    """A non-finite task gradient: write the plain sum (non-finite too, so the training step
+    skips the step) and leave the method's state as it was, not poisoned for later steps."""
+    grads.write(grads.jacobian.sum(dim=0), context)
+    return BalanceResult(dict.fromkeys(losses, float("nan")), gramian(grads.jacobian))
 
 
 def global_losses(losses: Mapping[str, Tensor], context: BalanceContext) -> Tensor:
@@ -204,7 +219,6 @@ class MultiBatchMethod(JacobianMethod):
                 "of the batch (BalanceContext.part_losses)"
             )
         parts = [TaskGradients.compute(p, context) for p in context.part_losses(self.parts)]
-        weights = self.weights_from(cross_gramian(parts[0].jacobian, parts[1].jacobian))
         if self.parts == 3:
             direction = parts[2].jacobian
         else:
@@ -212,5 +226,9 @@ class MultiBatchMethod(JacobianMethod):
         divisor = len(parts) if self.head_reduction == "mean" else 1
         heads = {t: sum(p.heads[t] for p in parts) / divisor for t in parts[0].heads}
         grads = TaskGradients(direction, heads)
+        cross = cross_gramian(parts[0].jacobian, parts[1].jacobian)
+        if not (bool(cross.isfinite().all()) and bool(direction.isfinite().all())):
+            return _untouched_state(losses, grads, context)
+        weights = self.weights_from(cross)
         grads.write(weights.to(direction) @ direction, context)
         return BalanceResult(dict(zip(losses, weights.tolist(), strict=True)), gramian(direction))
