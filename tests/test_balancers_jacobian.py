@@ -5,22 +5,29 @@ computed by hand here, and each trained once through train.py."""
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mtl.balancers.base import BalanceContext
 from mtl.balancers.dbmtl import DBMTL
 from mtl.balancers.excessmtl import ExcessMTL
-from mtl.balancers.full_jacobian import project_onto_simplex
+from mtl.balancers.full_jacobian import config_problems, project_onto_simplex
 from mtl.balancers.graddrop import GradDrop
 from mtl.balancers.moco import MoCo
 from mtl.balancers.modo import MoDo
 from mtl.balancers.sdmgrad import SDMGrad
 from mtl.balancers.trimmed_mean import TrimmedMean
+from mtl.balancers.weighting import Equal
 from mtl.module import running_stats_set_aside, split_batch
 from mtl.train import build_module, train
+
+FAMILY = ["dbmtl", "excessmtl", "moco", "graddrop", "trimmed_mean", "modo", "sdmgrad"]
 
 
 def _context(step: int = 0, seed: int = 0, **kwargs) -> BalanceContext:
@@ -357,7 +364,7 @@ def test_trimmed_mean_drops_an_outlier_task():
 
 
 def test_trimmed_mean_needs_enough_tasks():
-    with pytest.raises(ValueError, match="balancer.trim_number=1: .* at least 3 tasks"):
+    with pytest.raises(ValueError, match="balancer.trim_number: 1; .* at least 3 tasks"):
         TrimmedMean(2, trim_number=1)
 
 
@@ -376,8 +383,7 @@ def test_simplex_projection():
 
 # ----------------------------------------------------------------------------- end to end
 END_TO_END = [
-    *(f"balancer={name}" for name in ("dbmtl", "excessmtl", "moco", "graddrop", "trimmed_mean")),
-    *(f"balancer={name}" for name in ("modo", "sdmgrad")),
+    *(f"balancer={name}" for name in FAMILY),
     "balancer=graddrop balancer.mode=rep",
     "balancer=trimmed_mean balancer.mode=rep",
     "balancer=graddrop flat=sam",  # stateless: both Jacobians of the step aggregated alike
@@ -538,3 +544,43 @@ def test_a_non_finite_gradient_leaves_the_state_untouched(name):
     assert not _shared_grad(toy).isfinite().all()
     for key, value in method.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+# ------------------------------------------------------------------------ config check
+def _node(name: str, **overrides) -> DictConfig:
+    node = OmegaConf.load(Path(__file__).parents[1] / "conf" / "balancer" / f"{name}.yaml")
+    return OmegaConf.merge(node, overrides)
+
+
+def _problems(name, tasks=3, batch=4, flat=False, **overrides) -> list[str]:
+    node = _node(name, **overrides)
+    return config_problems(get_class(node._target_), node, tasks, batch, flat)
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_shipped_configs_pass_the_config_check(name):
+    assert _problems(name) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "message"),
+    [
+        ("dbmtl", {"mode": "rep"}, "balancer.mode: 'rep'; DBMTL supports only 'param'"),
+        ("moco", {"flat": True}, "flat: MoCo keeps a state"),
+        ("modo", {"batch": 2}, "data.batch_size: MoDo splits each process's batch into 3"),
+        ("sdmgrad", {"batch": 1, "parts": 2}, "into 2 independent parts"),
+        ("trimmed_mean", {"tasks": 2}, "balancer.trim_number: 1; .* at least 3 tasks"),
+        ("graddrop", {"leak": [0.1, 0.2]}, r"balancer.leak: \[0.1, 0.2\]; .* one per task \(3"),
+    ],
+)
+def test_config_check_names_the_key(name, kwargs, message):
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in ("mode", "parts", "leak")}
+    problems = _problems(name, **kwargs, **options)
+    assert len(problems) == 1 and re.search(message, problems[0]), problems
+
+
+def test_config_check_accepts_what_works():
+    assert _problems("graddrop", flat=True) == []  # stateless: flat regions are fine
+    assert _problems("graddrop", mode="rep") == _problems("trimmed_mean", mode="rep") == []
+    assert _problems("modo", batch=2, parts=2) == []
+    assert config_problems(Equal, OmegaConf.create({"mode": "rep"}), 3, 1, True) == []

@@ -10,7 +10,9 @@ deterministic computation on the same numbers: T x P states are identical on eve
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -50,6 +52,11 @@ class JacobianMethod(Balancer):
                 f"{' or '.join(repr(m) for m in self.modes)}"
             )
         self.mode = mode
+
+    @classmethod
+    def option_problems(cls, options: Mapping[str, Any], num_tasks: int) -> list[str]:
+        """Problems of the method's own options given the number of tasks (config check)."""
+        return []
 
     def aggregate(
         self, jacobian: Tensor, losses: Tensor, context: BalanceContext
@@ -232,3 +239,48 @@ class MultiBatchMethod(JacobianMethod):
         weights = self.weights_from(cross)
         grads.write(weights.to(direction) @ direction, context)
         return BalanceResult(dict(zip(losses, weights.tolist(), strict=True)), gramian(direction))
+
+
+def config_problems(
+    method: type,
+    options: Mapping[str, Any],
+    num_tasks: int,
+    per_process_batch: int | None,
+    flat: bool,
+) -> list[str]:
+    """What makes a `JacobianMethod` unusable with a configuration, one line per problem naming
+    the key to change, before anything is built (``[]`` for other balancers).
+
+    Args:
+        method: the class ``balancer._target_`` names.
+        options: the ``balancer`` node.
+        num_tasks: the number of tasks (``data.tasks``).
+        per_process_batch: ``data.batch_size`` divided by the number of processes (None when
+            unknown).
+        flat: whether a flat-region method (``flat=sam|asam``) wraps the balancer.
+    """
+    if not (isinstance(method, type) and issubclass(method, JacobianMethod)):
+        return []
+    name, problems = method.__name__, []
+    mode = options.get("mode", "param")
+    if mode not in method.modes:
+        problems.append(
+            f"balancer.mode: {mode!r}; {name} supports only "
+            f"{' or '.join(repr(m) for m in method.modes)}: its state or cross-matrix would pair "
+            "the features of different samples (use balancer.mode=param)"
+        )
+    if flat and method.stateful:
+        problems.append(
+            f"flat: {name} keeps a state that advances once per step (or needs several "
+            "mini-batches), so it cannot aggregate the flat part of the step too; use flat=none"
+        )
+    if method.splits_batch and per_process_batch is not None:
+        default = inspect.signature(method).parameters["parts"].default
+        parts = options.get("parts", default)
+        if isinstance(parts, int) and per_process_batch < parts:
+            problems.append(
+                f"data.batch_size: {name} splits each process's batch into {parts} independent "
+                f"parts (balancer.parts), but a process gets {per_process_batch} sample(s); "
+                f"use at least {parts} per process"
+            )
+    return problems + method.option_problems(options, num_tasks)

@@ -18,7 +18,8 @@ on the all-reduced Jacobian (``param``) or batch sums (``rep``), writes the same
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,11 +63,23 @@ class GradDrop(JacobianMethod):
         kept = leak + (1.0 - leak) * mask.sum(dim=1) / max(jacobian.shape[1], 1)
         return update, kept.double().cpu()
 
+    @classmethod
+    def option_problems(cls, options: Mapping[str, Any], num_tasks: int) -> list[str]:
+        leak = options.get("leak", 0.0)
+        values = [leak] if isinstance(leak, int | float) else list(leak)
+        if len(values) not in (1, num_tasks) or any(
+            isinstance(x, bool) or not isinstance(x, int | float) or not 0 <= x <= 1
+            for x in values
+        ):
+            return [
+                f"balancer.leak: {values if len(values) > 1 else leak!r}; expected a number in "
+                f"[0, 1] or one per task ({num_tasks}, in data.tasks order)"
+            ]
+        return []
+
     def _leak(self, tasks: int, like: Tensor) -> Tensor:
-        if len(self.leak) not in (1, tasks):
-            raise ValueError(
-                f"balancer.leak has {len(self.leak)} values; expected one or one per task ({tasks})"
-            )
+        if problems := self.option_problems({"leak": self.leak}, tasks):
+            raise ValueError(problems[0])
         leak = torch.tensor(self.leak * (tasks // len(self.leak)), dtype=like.dtype)
         return leak.to(like.device)
 

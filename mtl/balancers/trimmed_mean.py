@@ -9,6 +9,9 @@ coordinate alone: exact under DDP).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -29,12 +32,21 @@ class TrimmedMean(JacobianMethod):
 
     def __init__(self, num_tasks: int, trim_number: int = 1, mode: str = "param") -> None:
         super().__init__(mode)
-        if trim_number < 0 or num_tasks < 2 * trim_number + 1:
-            raise ValueError(
-                f"balancer.trim_number={trim_number}: trimming {trim_number} values at each end "
-                f"needs at least {2 * trim_number + 1} tasks and data.tasks has {num_tasks}"
-            )
+        if problems := self.option_problems({"trim_number": trim_number}, num_tasks):
+            raise ValueError(problems[0])
         self.trim_number = int(trim_number)
+
+    @classmethod
+    def option_problems(cls, options: Mapping[str, Any], num_tasks: int) -> list[str]:
+        k = options.get("trim_number", 1)
+        if not isinstance(k, int) or k < 0:
+            return [f"balancer.trim_number: {k!r}; expected a non-negative integer"]
+        if num_tasks < 2 * k + 1:
+            return [
+                f"balancer.trim_number: {k}; trimming {k} values at each end needs at least "
+                f"{2 * k + 1} tasks and data.tasks has {num_tasks}"
+            ]
+        return []
 
     def aggregate(
         self, jacobian: Tensor, losses: Tensor, context: BalanceContext
