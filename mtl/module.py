@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 
 from mtl.balancers.base import BalanceContext, Balancer
 from mtl.balancers.diagnostics import conflict_statistics
 from mtl.balancers.jacobian import TaskGradients, gramian
+from mtl.batch_parts import running_stats_set_aside, split_batch
 from mtl.checkpoint import CONFIG_KEY, SIGNATURE_KEY, check_compatible
 from mtl.config import ConfigError
 from mtl.data.skip import is_empty
@@ -28,43 +28,6 @@ from mtl.tasks import get_task
 
 log = logging.getLogger(__name__)
 
-
-@contextmanager
-def running_stats_set_aside(model: nn.Module) -> Iterator[None]:
-    """Forward passes inside update copies of the BatchNorm running statistics, which are then
-    dropped. The originals are swapped back, not copied into: the graphs of those passes keep
-    the copies they used and stay valid for backward passes after the block."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [dict(m.named_buffers(recurse=False)) for m in norms]
-    for module, buffers in zip(norms, saved, strict=True):
-        for name, value in buffers.items():
-            setattr(module, name, value.clone())
-    try:
-        yield
-    finally:
-        for module, buffers in zip(norms, saved, strict=True):
-            for name, value in buffers.items():
-                setattr(module, name, value)
-
-
-def split_batch(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
-    """`parts` consecutive slices of a batch along its first axis (sizes differ by at most
-    one); entries that are not per-sample tensors are shared by every part."""
-    size = batch["image"].shape[0]
-    if size < parts:
-        raise ValueError(
-            f"data.batch_size: the balancer splits each process's batch into {parts} "
-            f"independent parts, but this batch has {size} sample(s); use a data.batch_size of "
-            f"at least {parts} per process"
-        )
-    pieces = [{} for _ in range(parts)]
-    for key, value in batch.items():
-        per_sample = isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == size
-        for piece, part in zip(
-            pieces, value.tensor_split(parts) if per_sample else [value] * parts, strict=True
-        ):
-            piece[key] = part
-    return pieces
 
 #: Key of the learning-rate schedule's length (optimiser steps) inside a checkpoint.
 SCHEDULE_KEY = "mtl_schedule_steps"

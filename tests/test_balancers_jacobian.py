@@ -24,7 +24,7 @@ from mtl.balancers.modo import MoDo
 from mtl.balancers.sdmgrad import SDMGrad
 from mtl.balancers.trimmed_mean import TrimmedMean
 from mtl.balancers.weighting import Equal
-from mtl.module import running_stats_set_aside, split_batch
+from mtl.batch_parts import running_stats_set_aside, split_batch
 from mtl.train import build_module, train
 
 FAMILY = ["dbmtl", "excessmtl", "moco", "graddrop", "trimmed_mean", "modo", "sdmgrad"]

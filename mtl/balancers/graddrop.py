@@ -68,8 +68,7 @@ class GradDrop(JacobianMethod):
         leak = options.get("leak", 0.0)
         values = [leak] if isinstance(leak, int | float) else list(leak)
         if len(values) not in (1, num_tasks) or any(
-            isinstance(x, bool) or not isinstance(x, int | float) or not 0 <= x <= 1
-            for x in values
+            isinstance(x, bool) or not isinstance(x, int | float) or not 0 <= x <= 1 for x in values
         ):
             return [
                 f"balancer.leak: {values if len(values) > 1 else leak!r}; expected a number in "
