@@ -54,8 +54,7 @@ class GradDrop(JacobianMethod):
         total, magnitude = jacobian.sum(dim=0), jacobian.abs().sum(dim=0)
         # An all-zero column contributes nothing whatever its purity: use ½ there, not 0/0.
         purity = 0.5 * (1.0 + total / torch.where(magnitude > 0, magnitude, 1.0))
-        draws = torch.rand(jacobian.shape[1], generator=context.generator(), dtype=jacobian.dtype)
-        draws = draws.to(jacobian.device)
+        draws = _uniform(jacobian.shape[1], jacobian, context)
         keep_positive, keep_negative = purity > draws, purity < draws
         mask = keep_positive & (jacobian > 0) | keep_negative & (jacobian < 0)
         update = ((leak[:, None] + (1.0 - leak[:, None]) * mask) * jacobian).sum(dim=0)
@@ -96,8 +95,7 @@ class GradDrop(JacobianMethod):
         if context.world_size > 1:  # the sum over the global batch, up to a common factor
             sums = context.all_reduce_mean(sums)
         purity = 0.5 * (1.0 + sums.sum(dim=0) / (sums.abs().sum(dim=0) + 1e-7))
-        draws = torch.rand(sums.shape[1], generator=context.generator(), dtype=sums.dtype)
-        draws = draws.to(sums.device)
+        draws = _uniform(sums.shape[1], sums, context)
         mask = (purity > draws) & (sums > 0) | (purity < draws) & (sums < 0)
         leak = self._leak(tasks, local)[:, None]
         factor = leak + (1.0 - leak) * mask  # T x positions
@@ -107,3 +105,11 @@ class GradDrop(JacobianMethod):
             pieces.append((g * factor[:, None, start : start + width]).sum(dim=0).reshape(-1))
             start += width
         return torch.cat(pieces), factor.mean(dim=1).double().cpu()
+
+
+def _uniform(size: int, like: Tensor, context: BalanceContext) -> Tensor:
+    """U(0, 1) draws on `like`'s device from the step's seed: the same on every process (of one
+    device type), without drawing P numbers on the CPU and copying them over."""
+    generator = torch.Generator(device=like.device)
+    generator.manual_seed(context.generator().initial_seed())
+    return torch.rand(size, generator=generator, dtype=like.dtype, device=like.device)
