@@ -14,6 +14,8 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mtl.balancers import available_modes
+from mtl.balancers.full_jacobian import JacobianMethod
+from mtl.balancers.full_jacobian import config_problems as jacobian_problems
 from mtl.metrics.delta_m import baselines_problems
 from mtl.tasks import TASKS
 
@@ -273,6 +275,18 @@ def _balancer_problems(cfg: DictConfig) -> list[str]:
     flat = bool((cfg.get("flat") or {}).get("_target_"))
     strategy = str(cfg.trainer.get("strategy", "auto")).lower()
     problems = []
+    jacobian = issubclass(method, JacobianMethod)  # checks its own mode, flat= and batch
+    if jacobian:
+        devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+        batch = cfg.data.batch_size
+        per_process = (
+            batch // (devices * nodes)
+            if all(_integer(v) and v > 0 for v in (batch, devices, nodes))
+            else None
+        )
+        problems += jacobian_problems(
+            method, OmegaConf.to_container(balancer), len(cfg.data.tasks), per_process, flat
+        )
     if mode not in ("param", "rep"):
         problems.append(f"balancer.mode: {mode!r}; expected 'param' or 'rep'")
     else:
@@ -282,7 +296,7 @@ def _balancer_problems(cfg: DictConfig) -> list[str]:
             f"balancer.mode: 'rep' is for gradient methods; {name} only weights losses "
             "(use balancer.mode=param)"
         )
-    elif mode in ("param", "rep") and mode not in available_modes(method):
+    elif mode in ("param", "rep") and mode not in available_modes(method) and not jacobian:
         problems.append(
             f"balancer.mode: {mode!r}; {name} offers only {' and '.join(available_modes(method))}"
         )

@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from mtl.balancers.base import BalanceContext, Balancer
 from mtl.balancers.diagnostics import conflict_statistics
 from mtl.balancers.jacobian import TaskGradients, gramian
+from mtl.batch_parts import running_stats_set_aside, split_batch
 from mtl.checkpoint import CONFIG_KEY, SIGNATURE_KEY, check_compatible
 from mtl.config import ConfigError
 from mtl.data.agreement import agree_on_batch, agree_on_failure
@@ -30,6 +31,7 @@ from mtl.steps import logging_step
 from mtl.tasks import get_task
 
 log = logging.getLogger(__name__)
+
 
 #: Key of the learning-rate schedule's length (optimiser steps) inside a checkpoint.
 SCHEDULE_KEY = "mtl_schedule_steps"
@@ -121,18 +123,35 @@ class MultiTaskModule(L.LightningModule):
         self.step_buffers.save()
         decoded: list[Decoded] = []
 
-        def compute_losses(tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        def compute_losses(
+            tasks: Sequence[str] | None = None, part: Mapping[str, Any] | None = None
+        ) -> dict[str, Tensor]:
+            rows = batch if part is None else part
             out = self.model.decode(
-                images,
+                rows["image"],
                 tasks or self.tasks,
                 detach_features=self.balancer.uses_representation,
                 probe_features=self.regularizer is not None,
             )
-            decoded[:] = [out]
-            losses = self.weighted(self.task_losses(out.preds, batch, tasks))
+            if part is None:
+                decoded[:] = [out]
+            losses = self.weighted(self.task_losses(out.preds, rows, tasks))
             for task, extra in self.model.auxiliary_losses().items():  # e.g. MoE load balancing
                 losses[task] = losses[task] + extra
             return losses
+
+        def part_losses(parts: int) -> list[dict[str, Tensor]]:
+            small = ["batch"] if images.shape[0] < parts else []
+            if agree(small, self._sum_over_processes, images.device) and not small:
+                # Every process stops, not only the one whose batch is short (no hang in DDP).
+                raise ValueError(
+                    f"data.batch_size: another process's batch has fewer than {parts} samples, "
+                    f"the independent parts the balancer splits each batch into; use a "
+                    f"data.batch_size of at least {parts} per process"
+                )
+            # Normalisation statistics are updated by the step's own forward pass only.
+            with running_stats_set_aside(self.model):
+                return [compute_losses(part=p) for p in split_batch(batch, parts)]
 
         losses = compute_losses()
         optimizer = self.optimizers()
@@ -152,6 +171,7 @@ class MultiTaskModule(L.LightningModule):
             features=decoded[0].features,
             head_inputs=decoded[0].head_inputs,
             model=self.model,
+            part_losses=part_losses,
         )
         regularizer_grads = self._regularizer_gradients(losses, decoded[0], context)
         diagnose = bool(self.diagnostics_every) and self.global_step % self.diagnostics_every == 0

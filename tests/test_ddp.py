@@ -61,6 +61,7 @@ def _fit(cfg, devices: int) -> dict[str, torch.Tensor]:
         ["balancer=mgda"],
         ["balancer=mgda", "balancer.mode=rep"],
         ["balancer=nash", "balancer.mode=rep"],  # update capped after the averaged backward
+        ["balancer=dbmtl"],  # a T x P state from the all-reduced Jacobian and losses
         ["balancer=pcgrad", "flat=sam", "flat.rho=0.5"],
     ],
     ids=lambda overrides: "+".join(o.split("=")[1] for o in overrides),

@@ -43,6 +43,10 @@ class BalanceContext:
         head_inputs: the detached leaf copies of ``features`` the heads decoded from, when the
             balancer `uses_representation` (see ``MultiTaskModel.decode``).
         model: the model (for methods that must handle its normalisation statistics).
+        part_losses: re-runs the forward pass on ``n`` consecutive parts of the batch (split
+            along its first axis) and returns each part's losses, for methods that need
+            independent mini-batches; raises ``ValueError`` naming ``data.batch_size`` when the
+            batch has fewer than ``n`` samples.
     """
 
     shared_params: Sequence[nn.Parameter]
@@ -57,6 +61,7 @@ class BalanceContext:
     features: Sequence[Tensor] | None = None
     head_inputs: Sequence[Tensor] | None = None
     model: nn.Module | None = None
+    part_losses: Callable[[int], list[dict[str, Tensor]]] | None = None
 
     def generator(self) -> torch.Generator:
         """A CPU generator seeded by (seed, step): the same draws on every rank."""
