@@ -362,3 +362,11 @@ def _has_rule(command: Command) -> bool:
 def test_every_readme_command_has_a_rule() -> None:
     unknown = [c.id for c in COMMANDS if not _has_rule(c)]
     assert not unknown, f"README commands without a rule here: {unknown}"
+
+
+def test_every_balancer_config_is_in_the_readme_table():
+    """The README's balancer table names every config of ``conf/balancer/`` once."""
+    text = (ROOT / "README.md").read_text()
+    rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| `")]
+    configs = sorted(path.stem for path in (ROOT / "conf" / "balancer").glob("*.yaml"))
+    assert [name for name in configs if rows.count(f"`{name}`") != 1] == []
