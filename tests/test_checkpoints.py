@@ -186,6 +186,70 @@ def test_signal_saves_and_resume_matches_uninterrupted(
         torch.testing.assert_close(resumed["state_dict"][key], full["state_dict"][key])
 
 
+class Killed(Exception):
+    """A process's sudden death, raised where a SIGKILL would stop it."""
+
+
+class Kill(L.Callback):
+    """Raises `Killed` at the end of training step `step` (``at="batch"``) or of epoch `epoch`
+    (``at="epoch"``), before the checkpoint callbacks (Lightning runs them last) save there: the
+    files on disk are then those a SIGKILL at that moment would leave."""
+
+    def __init__(self, at: str, step: int = -1, epoch: int = -1) -> None:
+        self.at, self.step, self.epoch = at, step, epoch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.at == "batch" and trainer.global_step == self.step:
+            raise Killed(f"killed after step {self.step}")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.at == "epoch" and trainer.current_epoch == self.epoch:
+            raise Killed(f"killed at the end of epoch {self.epoch}")
+
+
+def _with_kill(cfg, **where):
+    with open_dict(cfg):
+        cfg.callbacks["kill"] = {"_target_": f"{Kill.__module__}.Kill", **where}
+    return cfg
+
+
+# Where the newest checkpoint on disk was written when the run died, and what it must hold: the
+# position of the next batch in the data, 3 batches per epoch. Lightning's counters differ at
+# each save point (its processed-epoch counter is already incremented at an epoch's end).
+SAVE_POINTS = {
+    # the default: last.ckpt and epoch_000.ckpt at the end of epoch 0, after its validation
+    "epoch end": ((), {"at": "batch", "step": 4}),
+    # validation every 3 batches: saved when validation ends, inside the epoch's last step
+    "validation end": (("+trainer.val_check_interval=3",), {"at": "batch", "step": 4}),
+    # ckpt_every_n_steps: saved after the epoch's last step, before its validation
+    "every n steps": (("ckpt_every_n_steps=3",), {"at": "epoch", "epoch": 0}),
+}
+
+
+def test_resume_from_an_epoch_boundary_checkpoint_matches_uninterrupted(make_cfg, tmp_path):
+    # one loader worker, the synthetic data's default: a worker draws the first epoch's order
+    # before Lightning sets the epoch, so a wrong stored epoch changes the batches
+    overrides = (*RUN, "balancer=uncertainty", "data.num_workers=1")
+    train(make_cfg(*overrides, output_dir=tmp_path / "full"))
+    full = _final(tmp_path / "full")
+    assert full["global_step"] == 6
+
+    for name, (extra, where) in SAVE_POINTS.items():
+        run = tmp_path / name.replace(" ", "_")
+        with pytest.raises(Killed):
+            train(_with_kill(make_cfg(*overrides, *extra, output_dir=run), **where))
+        saved = load_checkpoint(run / "checkpoints" / "last.ckpt")
+        assert saved["global_step"] == 3, name
+        assert saved["MultiTaskDataModule"] == {"epoch": 1, "batches": 0}, name
+
+        train(make_cfg(*overrides, *extra, "resume=auto", output_dir=run))
+        resumed = _final(run)
+        try:
+            _assert_same_training_state(full, resumed)
+        except AssertionError as error:
+            raise AssertionError(f"resumed from the {name} checkpoint: {error}") from None
+
+
 def test_sigterm_to_a_training_process_saves_a_loadable_checkpoint(tiny_data_root, tmp_path):
     run = tmp_path / "run"
     process = subprocess.Popen(
