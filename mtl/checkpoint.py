@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -68,6 +69,73 @@ def step_checkpoint(cfg: DictConfig) -> list[ModelCheckpoint]:
             enable_version_counter=False,
         )
     ]
+
+
+# ---------------------------------------------------------------- restoring callback paths
+#: ModelCheckpoint state entries naming files the callback later deletes as stale
+_PATH_FIELDS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+
+def _inside(path: str, directory: Path) -> bool:
+    return Path(path).resolve().is_relative_to(directory)
+
+
+def contain_paths(state: dict[str, Any], dirpath: str | Path, mode: str = "min") -> list[str]:
+    """Drop from a restored ModelCheckpoint `state` every path that does not resolve inside
+    `dirpath` (the callback's own directory) and return them; the best and k-th best entries
+    are recomputed from the remaining ``best_k_models``. Lightning deletes the files its state
+    names as stale checkpoints, testing the directory on the unresolved path, so a crafted
+    ``<dirpath>/../../file`` would delete a file outside the run."""
+    directory = Path(dirpath).resolve()
+    dropped = [
+        state[field]
+        for field in _PATH_FIELDS
+        if state.get(field) and not _inside(str(state[field]), directory)
+    ]
+    best_k = state.get("best_k_models")
+    if isinstance(best_k, dict):
+        dropped += [path for path in best_k if not _inside(str(path), directory)]
+    if not dropped:
+        return []
+    for field in _PATH_FIELDS:
+        if state.get(field) in dropped:
+            state[field] = ""
+    if isinstance(best_k, dict):
+        for path in dropped:
+            best_k.pop(path, None)
+        best, worst = (min, max) if mode == "min" else (max, min)
+        state["best_model_path"] = best(best_k, key=best_k.get) if best_k else ""
+        state["best_model_score"] = best_k[state["best_model_path"]] if best_k else None
+        state["kth_best_model_path"] = worst(best_k, key=best_k.get) if best_k else ""
+        if best_k:
+            state["kth_value"] = best_k[state["kth_best_model_path"]]
+    return list(dict.fromkeys(dropped))
+
+
+class ContainCheckpointPaths(L.Callback):
+    """Restores only checkpoint paths inside each ModelCheckpoint's own directory (`contain_paths`),
+    warning about each path left out. Runs before any callback's state is loaded: Lightning
+    calls every ``on_load_checkpoint`` before the callbacks' ``load_state_dict``."""
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        states = checkpoint.get("callbacks") or {}
+        for callback in trainer.checkpoint_callbacks:
+            if not isinstance(callback, ModelCheckpoint) or callback.dirpath is None:
+                continue
+            for key in (callback.state_key, callback._legacy_state_key):
+                state = states.get(key)
+                if not isinstance(state, dict):
+                    continue
+                for path in contain_paths(state, callback.dirpath, callback.mode):
+                    log.warning(
+                        "not restoring %s from the checkpoint's %s state: outside the "
+                        "checkpoint directory %s",
+                        path,
+                        type(callback).__name__,
+                        callback.dirpath,
+                    )
 
 
 # ---------------------------------------------------------------- writing and reading

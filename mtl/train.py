@@ -24,6 +24,7 @@ from mtl.callbacks import TrainingInterrupted
 from mtl.checkpoint import (
     CONFIG_KEY,
     AtomicCheckpointIO,
+    ContainCheckpointPaths,
     IncompatibleCheckpointError,
     check_compatible,
     load_checkpoint,
@@ -231,7 +232,7 @@ def _fit_and_evaluate(cfg: DictConfig, given: GivenCheckpoint | None) -> dict[st
     if given is not None:  # refuse another model before any data is read
         given.check(module.checkpoint_signature)
 
-    callbacks = build_callbacks(cfg) + step_checkpoint(cfg)
+    callbacks = build_callbacks(cfg) + step_checkpoint(cfg) + [ContainCheckpointPaths()]
     loggers = build_loggers(cfg)
     callbacks += logger_callbacks(cfg, loggers)
     one_device = {} if cfg.train else {"devices": 1, "num_nodes": 1, "strategy": "auto"}

@@ -23,6 +23,7 @@ from mtl.checkpoint import (
     AtomicCheckpointIO,
     CheckpointError,
     IncompatibleCheckpointError,
+    contain_paths,
     find_resume_checkpoint,
     load_checkpoint,
     resolve_ckpt_path,
@@ -360,6 +361,52 @@ def test_incompatible_checkpoint_is_refused_naming_the_difference(make_cfg, tmp_
     assert "tasks: checkpoint ['semseg', 'depth'], config ['semseg']" in message
     assert "task_channels: checkpoint {'semseg': 5, 'depth': 1}, config {'semseg': 5}" in message
     assert not (tmp_path / "one" / "checkpoints" / "last.ckpt").exists()  # nothing trained
+
+
+def test_crafted_checkpoint_paths_outside_the_run_are_not_deleted(make_cfg, tmp_path, caplog):
+    limits = ("+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1")
+    run = tmp_path / "run"
+    train(make_cfg(*SMALL, *limits, "trainer.max_epochs=2", output_dir=run))
+    path = run / "checkpoints" / "last.ckpt"
+    victim = tmp_path / "precious.txt"
+    victim.write_text("not a checkpoint")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    states = [s for s in checkpoint["callbacks"].values() if "best_k_models" in s]
+    assert len(states) == 2  # epoch_NNN.ckpt and last.ckpt
+    for state in states:  # Lightning deletes these as stale checkpoints of the callback
+        crafted = f"{state['dirpath']}/../../{victim.name}"
+        score = next(iter(state["best_k_models"].values()))
+        state.update(
+            best_k_models={crafted: score},
+            kth_best_model_path=crafted,
+            best_model_path=crafted,
+            last_model_path=crafted,
+        )
+    torch.save(checkpoint, path)
+    assert torch.load(path, weights_only=True)["callbacks"]  # passes weights_only loading
+
+    with caplog.at_level(logging.WARNING, logger="mtl.checkpoint"):
+        train(make_cfg(*SMALL, *limits, "trainer.max_epochs=3", "resume=auto", output_dir=run))
+    assert victim.read_text() == "not a checkpoint"
+    assert f"outside the checkpoint directory {path.parent}" in caplog.text
+    assert load_checkpoint(path)["global_step"] == 3  # resumed and trained on
+
+
+def test_contain_paths_keeps_the_inside_best_k_entries_and_recomputes_best_and_kth(tmp_path):
+    directory = tmp_path / "run" / "checkpoints"
+    inside, other = str(directory / "epoch_001.ckpt"), str(directory / "epoch_003.ckpt")
+    outside = f"{directory}/../../x.ckpt"
+    state = {
+        "best_k_models": {outside: 0.1, inside: 0.5, other: 0.3},
+        "best_model_path": outside,
+        "kth_best_model_path": inside,
+        "last_model_path": str(directory / "last.ckpt"),
+    }
+    assert contain_paths(state, directory, mode="min") == [outside]
+    assert list(state["best_k_models"]) == [inside, other]
+    assert state["best_model_path"] == other and state["best_model_score"] == 0.3
+    assert state["kth_best_model_path"] == inside and state["kth_value"] == 0.5
+    assert state["last_model_path"] == str(directory / "last.ckpt")
 
 
 def test_signature_differences_name_backbone_adapter_and_classes():
