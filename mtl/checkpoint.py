@@ -10,9 +10,11 @@ features and are written here.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,10 @@ CONFIG_KEY = "mtl_config"
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read (truncated, corrupted, not a checkpoint)."""
+
+
+class CheckpointSpaceError(OSError):
+    """A checkpoint that cannot be written: no space left on the device, or over the quota."""
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -166,9 +172,58 @@ def _create_temporary(path: Path) -> tuple[int, str]:
             continue
 
 
+#: errno values of a write that failed for lack of space (EDQUOT: a cluster's disk quota)
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _out_of_space(error: BaseException | None) -> bool:
+    """Whether `error` or an error it was raised from is ENOSPC / EDQUOT (``torch.save``
+    reports a failed write of its zip writer as a RuntimeError raised during the OSError)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _NO_SPACE:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _tensor_bytes(value: Any, storages: dict[int, int] | None = None) -> int:
+    """The bytes of the distinct tensor storages in a nested checkpoint (about its file size)."""
+    storages = {} if storages is None else storages
+    if isinstance(value, torch.Tensor):
+        storage = value.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            _tensor_bytes(item, storages)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _tensor_bytes(item, storages)
+    return sum(storages.values())
+
+
+def _space_message(checkpoint: Mapping[str, Any], path: Path) -> str:
+    needed = _tensor_bytes(checkpoint) / 1e6
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 1e6:.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    return (
+        f"no space left on device for checkpoint {path}: it needs about {needed:.1f} MB in "
+        f"{path.parent} ({free}); the checkpoints saved before are intact: free space there, "
+        "or write the run to another disk with paths.output_dir=DIR"
+    )
+
+
 def atomic_save(checkpoint: Mapping[str, Any], path: str | Path) -> None:
     """``torch.save`` to a temporary file next to `path`, fsync, then rename over `path`: the
-    file under `path` is always either the previous checkpoint or the complete new one."""
+    file under `path` is always either the previous checkpoint or the complete new one.
+
+    Raises:
+        CheckpointSpaceError: the device is full (or the quota reached); the message names the
+            directory and the space needed. The temporary file is removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_temporary(path)
@@ -178,8 +233,10 @@ def atomic_save(checkpoint: Mapping[str, Any], path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if _out_of_space(error):
+            raise CheckpointSpaceError(_space_message(checkpoint, path)) from error
         raise
     _fsync_dir(path.parent)
 

@@ -3,8 +3,11 @@ incompatible files, ``weights_only`` loading."""
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -29,6 +32,7 @@ from mtl.checkpoint import (
     resolve_ckpt_path,
     signature_differences,
 )
+from mtl.cli import reporting_errors
 from mtl.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -304,6 +308,56 @@ def test_interrupted_atomic_write_leaves_the_previous_checkpoint(tmp_path, monke
         io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 2}, path)
     assert io.load_checkpoint(path)["global_step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
+
+
+class FullDisk(io.RawIOBase):
+    """A file on a disk that fills up after `room` bytes: later writes fail with ENOSPC, as
+    ``write(2)`` does there (``torch.save`` then raises a RuntimeError during the OSError)."""
+
+    def __init__(self, file, room: int = 4096) -> None:
+        self.file, self.room = file, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+def test_disk_full_during_a_save_ends_in_one_error_line(make_cfg, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    directory = run / "checkpoints"
+    cfg = make_cfg(*RUN, "callbacks.model_checkpoint.save_top_k=0", output_dir=run)
+    opened = []
+    real_fdopen = os.fdopen
+
+    def fdopen(fd, mode="r", *args, **kwargs):  # the disk fills up after epoch 0's save
+        file = real_fdopen(fd, mode, *args, **kwargs)
+        opened.append(mode)
+        return FullDisk(file) if mode == "wb" and len(opened) > 1 else file
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    with pytest.raises(SystemExit) as stop:
+        reporting_errors(lambda: train(cfg))
+    message = str(stop.value.code)
+    assert "\n" not in message and "Traceback" not in message
+    size = (directory / "last.ckpt").stat().st_size
+    match = re.fullmatch(
+        rf"error: no space left on device for checkpoint {directory / 'last.ckpt'}: "
+        rf"it needs about ([0-9.]+) MB in {directory} \(([0-9.]+) MB free\); .*",
+        message,
+    )
+    assert match, message
+    assert float(match[1]) == pytest.approx(size / 1e6, rel=0.05)  # the file written before
+    assert [p.name for p in directory.iterdir()] == ["last.ckpt"]  # no temporary file left
+    assert load_checkpoint(directory / "last.ckpt")["global_step"] == 3  # epoch 0's
 
 
 def test_sigkill_during_a_write_leaves_the_previous_checkpoint(tmp_path):
