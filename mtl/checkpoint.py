@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Mapping
@@ -214,6 +215,40 @@ def _space_message(checkpoint: Mapping[str, Any], path: Path) -> str:
         f"{path.parent} ({free}); the checkpoints saved before are intact: free space there, "
         "or write the run to another disk with paths.output_dir=DIR"
     )
+
+
+#: Names `_create_temporary` gives: ``.<name>.ckpt.<12 hex digits>.tmp``
+_TEMPORARY = re.compile(r"\..+\.ckpt\.[0-9a-f]{12}\.tmp")
+
+
+def remove_temporaries(*directories: str | Path) -> list[Path]:
+    """Delete the temporary files that saves killed half-way (SIGKILL, power loss) left in
+    `directories`, only those named by `_create_temporary`, and log what was removed. Call it
+    when a run starts, before it saves anything."""
+    found = [
+        path
+        for directory in dict.fromkeys(Path(d) for d in directories)
+        if directory.is_dir()
+        for path in sorted(directory.iterdir())
+        if _TEMPORARY.fullmatch(path.name) and path.is_file() and not path.is_symlink()
+    ]
+    removed, size = [], 0
+    for path in found:
+        try:
+            size += path.stat().st_size
+            path.unlink()
+        except OSError as error:
+            log.warning("cannot remove the temporary file %s: %s", path, error)
+            continue
+        removed.append(path)
+    if removed:
+        log.info(
+            "removed %d temporary files of interrupted checkpoint saves (%d bytes): %s",
+            len(removed),
+            size,
+            ", ".join(str(path) for path in removed),
+        )
+    return removed
 
 
 def atomic_save(checkpoint: Mapping[str, Any], path: str | Path) -> None:

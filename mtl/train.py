@@ -15,6 +15,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
@@ -27,9 +28,12 @@ from mtl.checkpoint import (
     ContainCheckpointPaths,
     IncompatibleCheckpointError,
     check_compatible,
+    checkpoint_dir,
     load_checkpoint,
     model_signature,
+    remove_temporaries,
     resolve_ckpt_path,
+    run_dir,
     step_checkpoint,
 )
 from mtl.compile import compile_backbone
@@ -197,6 +201,8 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, 
         if cfg.get("train", True):
             validate_config(cfg)
             path = resolve_ckpt_path(cfg)
+            if rank_zero_only.rank == 0:  # what killed saves left in this run's directories
+                remove_temporaries(checkpoint_dir(cfg), run_dir(cfg))
             given = _checkpoint_to_load(path, RESUME_HINT) if path else None
         else:
             cfg, given = _evaluation_setup(cfg, overrides)

@@ -26,6 +26,7 @@ from mtl.checkpoint import (
     AtomicCheckpointIO,
     CheckpointError,
     IncompatibleCheckpointError,
+    _create_temporary,
     contain_paths,
     find_resume_checkpoint,
     load_checkpoint,
@@ -376,6 +377,31 @@ io.save_checkpoint({{"state_dict": {{"w": torch.ones(3)}}, "global_step": 2}}, {
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT)
     assert result.returncode == -signal.SIGKILL
     assert load_checkpoint(path)["global_step"] == 1
+
+
+def test_a_run_removes_the_temporary_files_of_saves_killed_in_its_directory(
+    make_cfg, tmp_path, caplog
+):
+    last = _checkpoint(make_cfg, tmp_path / "run")
+    orphans = []
+    for name in ("last.ckpt", "epoch_003.ckpt", "last.ckpt"):  # saves killed half-way
+        fd, tmp = _create_temporary(last.parent / name)
+        os.write(fd, b"PK\x03\x04 partial")  # 12 bytes
+        os.close(fd)
+        orphans.append(Path(tmp))
+    names = (".last.ckpt.tmp", "notes.tmp", "last.ckpt.0123456789ab.tmp", ".a.ckpt.0123.tmp")
+    others = [last.parent / name for name in names]
+    for path in others:
+        path.write_text("not ours")
+
+    with caplog.at_level(logging.INFO, logger="mtl.checkpoint"):
+        _checkpoint(make_cfg, tmp_path / "run", "resume=auto")  # the same command again
+    assert not any(path.exists() for path in orphans)
+    assert all(path.read_text() == "not ours" for path in others)
+    removed = "removed 3 temporary files of interrupted checkpoint saves (36 bytes)"
+    assert removed in caplog.text
+    for path in orphans:
+        assert path.name in caplog.text
 
 
 def test_damaged_checkpoint_is_named_and_auto_resume_falls_back(make_cfg, tmp_path, caplog):
