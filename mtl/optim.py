@@ -18,10 +18,13 @@ def warmup_poly(
     """Linear warm-up from 1% of the base rate, then polynomial decay to zero at `total_steps`
     (the "poly" schedule of dense-prediction work)."""
     total_steps = max(int(total_steps), 1)
-    warmup_steps = min(max(int(warmup_steps), 0), total_steps - 1)
-    decay = PolynomialLR(optimizer, total_iters=total_steps - warmup_steps, power=power)
+    warmup_steps = max(int(warmup_steps), 0)
     if warmup_steps == 0:
-        return decay
+        return PolynomialLR(optimizer, total_iters=total_steps, power=power)
+    # the same two schedules for every length, even a run shorter than its warm-up: a resumed
+    # run of another length loads the checkpoint's scheduler state into its own
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 1))
+    decay = PolynomialLR(optimizer, total_iters=max(total_steps - warmup_steps, 1), power=power)
     warmup = LinearLR(optimizer, start_factor=0.01, total_iters=warmup_steps)
     return SequentialLR(optimizer, [warmup, decay], milestones=[warmup_steps])
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from omegaconf import open_dict
 
 from mtl.checkpoint import (
@@ -34,7 +35,8 @@ from mtl.checkpoint import (
     signature_differences,
 )
 from mtl.cli import reporting_errors
-from mtl.train import train
+from mtl.optim import warmup_poly
+from mtl.train import RESUME_HINT, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small model (timm's test ResNet, two tasks, narrow heads: 7 MB checkpoints)
@@ -487,6 +489,70 @@ def test_contain_paths_keeps_the_inside_best_k_entries_and_recomputes_best_and_k
     assert state["best_model_path"] == other and state["best_model_score"] == 0.3
     assert state["kth_best_model_path"] == inside and state["kth_value"] == 0.5
     assert state["last_model_path"] == str(directory / "last.ckpt")
+
+
+@pytest.mark.parametrize(
+    ("change", "difference"),
+    [
+        (
+            "balancer=dwa",
+            "balancer: checkpoint 'mtl.balancers.weighting.Uncertainty', "
+            "config 'mtl.balancers.weighting.DWA'",
+        ),
+        ("optim=sgd", "optimizer: checkpoint 'torch.optim.AdamW', config 'torch.optim.SGD'"),
+        ("+optim.optimizer.amsgrad=true", "optimizer.amsgrad: checkpoint unset, config True"),
+    ],
+)
+def test_resuming_with_another_balancer_or_optimiser_is_refused_naming_it(
+    make_cfg, tmp_path, change, difference
+):
+    run = tmp_path / "run"
+    path = _checkpoint(make_cfg, run, "balancer=uncertainty", "trainer.max_epochs=2")
+    with pytest.raises(SystemExit) as stop:
+        reporting_errors(lambda: _checkpoint(make_cfg, run, "balancer=uncertainty", change, "resume=auto"))
+    assert str(stop.value.code) == (
+        f"error: checkpoint {path} was trained with another balancer or optimiser:\n"
+        f"  {difference}\n  {RESUME_HINT}"
+    )
+    assert load_checkpoint(path)["global_step"] == 1  # nothing trained
+
+
+def test_resuming_with_another_learning_rate_and_weight_decay_applies_them(
+    make_cfg, tmp_path, caplog
+):
+    train(make_cfg(*RUN, output_dir=tmp_path / "full"))
+    full = _final(tmp_path / "full")
+
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        train(_with_kill(make_cfg(*RUN, output_dir=run), at="batch", step=4))
+    changed = ("optim.optimizer.lr=2e-3", "optim.optimizer.weight_decay=1e-3", "resume=auto")
+    with caplog.at_level(logging.INFO, logger="mtl.resume"):
+        train(make_cfg(*RUN, *changed, output_dir=run))
+    assert "optim.optimizer.lr: 0.002 applied from step 3 (the checkpoint's was 0.001)" in caplog.text
+    assert (
+        "optim.optimizer.weight_decay: 0.001 applied from step 3 (the checkpoint's was 0.0001)"
+        in caplog.text
+    )
+    resumed = _final(run)
+    (group,) = resumed["optimizer_states"][0]["param_groups"]
+    (before,) = full["optimizer_states"][0]["param_groups"]
+    assert group["initial_lr"] == 2e-3 and group["weight_decay"] == 1e-3
+    # the schedule continues from step 3 with the new base rate: twice the rate of the run
+    # trained with 1e-3 at every step
+    assert group["lr"] == pytest.approx(2 * before["lr"], rel=1e-9) and before["lr"] > 0
+    assert resumed["lr_schedulers"][0]["_schedulers"][1]["base_lrs"] == [2e-3]
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["optimizer"]["lr"] == 2e-3
+
+
+@pytest.mark.parametrize("short", [1, 2])
+def test_a_schedule_state_loads_into_the_schedule_of_a_longer_run(short):
+    """A run resumed with more epochs restores the shorter run's scheduler state."""
+    weight = torch.nn.Parameter(torch.zeros(1))
+    saved = warmup_poly(torch.optim.SGD([weight], lr=0.1), total_steps=short, warmup_steps=50)
+    longer = warmup_poly(torch.optim.SGD([weight], lr=0.1), total_steps=100, warmup_steps=50)
+    longer.load_state_dict(saved.state_dict())
+    assert longer.last_epoch == saved.last_epoch == 0
 
 
 def test_signature_differences_name_backbone_adapter_and_classes():
