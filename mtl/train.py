@@ -54,6 +54,7 @@ from mtl.models.multitask import MultiTaskModel
 from mtl.models.pretrained import WeightsError
 from mtl.module import MultiTaskModule
 from mtl.redact import resolved_config
+from mtl.resume import ApplyOptimizerSettings, check_training
 from mtl.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -218,8 +219,10 @@ def _fit_and_evaluate(cfg: DictConfig, given: GivenCheckpoint | None) -> dict[st
     """Build, fit (``train=true``) and score; `cfg` is validated, `given` is the checkpoint to
     resume from or to evaluate."""
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     resolved = resolved_config(cfg)  # credentials redacted (mtl/redact.py)
+    if given is not None and cfg.train:  # refuse another balancer or optimiser
+        check_training(given.checkpoint, resolved, f"checkpoint {given.path}", TRAINING_HINT)
+    output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
 
     L.seed_everything(cfg.seed, workers=True)
@@ -239,6 +242,11 @@ def _fit_and_evaluate(cfg: DictConfig, given: GivenCheckpoint | None) -> dict[st
         given.check(module.checkpoint_signature)
 
     callbacks = build_callbacks(cfg) + step_checkpoint(cfg) + [ContainCheckpointPaths()]
+    if cfg.train:  # a changed learning rate or weight decay applies to a resumed run
+        optimizer = cfg.optim.optimizer
+        callbacks.append(
+            ApplyOptimizerSettings(optimizer.get("lr"), optimizer.get("weight_decay"))
+        )
     loggers = build_loggers(cfg)
     callbacks += logger_callbacks(cfg, loggers)
     one_device = {} if cfg.train else {"devices": 1, "num_nodes": 1, "strategy": "auto"}
@@ -295,6 +303,11 @@ def _checkpoint_io(cfg: DictConfig) -> dict:
 
 #: What to do when a checkpoint to resume from does not fit the configured model.
 RESUME_HINT = "resume it with the config it was trained with (config.yaml of its run)"
+#: What to do when it was trained with another balancer or optimiser.
+TRAINING_HINT = (
+    "resume it with the balancer and optimiser it was trained with (config.yaml of its run); "
+    "optim.optimizer.lr and optim.optimizer.weight_decay may change"
+)
 
 
 @dataclass

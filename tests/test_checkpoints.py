@@ -36,7 +36,7 @@ from mtl.checkpoint import (
 )
 from mtl.cli import reporting_errors
 from mtl.optim import warmup_poly
-from mtl.train import RESUME_HINT, train
+from mtl.train import TRAINING_HINT, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small model (timm's test ResNet, two tasks, narrow heads: 7 MB checkpoints)
@@ -499,7 +499,11 @@ def test_contain_paths_keeps_the_inside_best_k_entries_and_recomputes_best_and_k
             "balancer: checkpoint 'mtl.balancers.weighting.Uncertainty', "
             "config 'mtl.balancers.weighting.DWA'",
         ),
-        ("optim=sgd", "optimizer: checkpoint 'torch.optim.AdamW', config 'torch.optim.SGD'"),
+        (
+            "optim=sgd",
+            "optimizer: checkpoint 'torch.optim.AdamW', config 'torch.optim.SGD'\n"
+            "  optimizer.momentum: checkpoint unset, config 0.9",
+        ),
         ("+optim.optimizer.amsgrad=true", "optimizer.amsgrad: checkpoint unset, config True"),
     ],
 )
@@ -507,41 +511,60 @@ def test_resuming_with_another_balancer_or_optimiser_is_refused_naming_it(
     make_cfg, tmp_path, change, difference
 ):
     run = tmp_path / "run"
-    path = _checkpoint(make_cfg, run, "balancer=uncertainty", "trainer.max_epochs=2")
+    path = _checkpoint(make_cfg, run, "balancer=uncertainty")
+    config = (run / "config.yaml").read_text()
+    longer = ("balancer=uncertainty", "trainer.max_epochs=2", "resume=auto")
     with pytest.raises(SystemExit) as stop:
-        reporting_errors(lambda: _checkpoint(make_cfg, run, "balancer=uncertainty", change, "resume=auto"))
+        reporting_errors(lambda: _checkpoint(make_cfg, run, *longer, change))
     assert str(stop.value.code) == (
         f"error: checkpoint {path} was trained with another balancer or optimiser:\n"
-        f"  {difference}\n  {RESUME_HINT}"
+        f"  {difference}\n  {TRAINING_HINT}"
     )
     assert load_checkpoint(path)["global_step"] == 1  # nothing trained
+    assert (run / "config.yaml").read_text() == config  # the run's config is kept
+
+
+class RecordRates(L.Callback):
+    """Records (step, learning rate) before every training step, in `rates`."""
+
+    rates: list[tuple[int, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        RecordRates.rates.append((trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"]))
+
+
+def _rates(cfg) -> dict[int, float]:
+    RecordRates.rates.clear()
+    with open_dict(cfg):
+        cfg.callbacks["rates"] = {"_target_": f"{RecordRates.__module__}.RecordRates"}
+    train(cfg)
+    return dict(RecordRates.rates)
 
 
 def test_resuming_with_another_learning_rate_and_weight_decay_applies_them(
     make_cfg, tmp_path, caplog
 ):
-    train(make_cfg(*RUN, output_dir=tmp_path / "full"))
-    full = _final(tmp_path / "full")
+    full = _rates(make_cfg(*RUN, output_dir=tmp_path / "full"))
+    assert sorted(full) == [0, 1, 2, 3, 4, 5] and min(full.values()) > 0
 
     run = tmp_path / "run"
     with pytest.raises(Killed):
         train(_with_kill(make_cfg(*RUN, output_dir=run), at="batch", step=4))
     changed = ("optim.optimizer.lr=2e-3", "optim.optimizer.weight_decay=1e-3", "resume=auto")
     with caplog.at_level(logging.INFO, logger="mtl.resume"):
-        train(make_cfg(*RUN, *changed, output_dir=run))
-    assert "optim.optimizer.lr: 0.002 applied from step 3 (the checkpoint's was 0.001)" in caplog.text
+        resumed = _rates(make_cfg(*RUN, *changed, output_dir=run))
+    applied = "optim.optimizer.lr: 0.002 applied from step 3 (the checkpoint's was 0.001)"
+    assert applied in caplog.text
     assert (
         "optim.optimizer.weight_decay: 0.001 applied from step 3 (the checkpoint's was 0.0001)"
         in caplog.text
     )
-    resumed = _final(run)
-    (group,) = resumed["optimizer_states"][0]["param_groups"]
-    (before,) = full["optimizer_states"][0]["param_groups"]
+    # the schedule continues from step 3 as a run with the new base rate: twice the rates
+    assert sorted(resumed) == [3, 4, 5]
+    for step, rate in resumed.items():
+        assert rate == pytest.approx(2 * full[step], rel=1e-9), step
+    (group,) = _final(run)["optimizer_states"][0]["param_groups"]
     assert group["initial_lr"] == 2e-3 and group["weight_decay"] == 1e-3
-    # the schedule continues from step 3 with the new base rate: twice the rate of the run
-    # trained with 1e-3 at every step
-    assert group["lr"] == pytest.approx(2 * before["lr"], rel=1e-9) and before["lr"] > 0
-    assert resumed["lr_schedulers"][0]["_schedulers"][1]["base_lrs"] == [2e-3]
     assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["optimizer"]["lr"] == 2e-3
 
 
