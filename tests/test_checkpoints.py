@@ -231,6 +231,8 @@ SAVE_POINTS = {
     "validation end": (("+trainer.val_check_interval=3",), {"at": "batch", "step": 4}),
     # ckpt_every_n_steps: saved after the epoch's last step, before its validation
     "every n steps": (("ckpt_every_n_steps=3",), {"at": "epoch", "epoch": 0}),
+    # SIGTERM during step 2: saved after the epoch's last step, then the process exits
+    "signal": ((), {"signal": int(signal.SIGTERM), "step": 2}),
 }
 
 
@@ -244,8 +246,13 @@ def test_resume_from_an_epoch_boundary_checkpoint_matches_uninterrupted(make_cfg
 
     for name, (extra, where) in SAVE_POINTS.items():
         run = tmp_path / name.replace(" ", "_")
-        with pytest.raises(Killed):
-            train(_with_kill(make_cfg(*overrides, *extra, output_dir=run), **where))
+        cfg = make_cfg(*overrides, *extra, output_dir=run)
+        if "signal" in where:
+            with pytest.raises(SystemExit):
+                train(_with_self_signal(cfg, where["step"], where["signal"]))
+        else:
+            with pytest.raises(Killed):
+                train(_with_kill(cfg, **where))
         saved = load_checkpoint(run / "checkpoints" / "last.ckpt")
         assert saved["global_step"] == 3, name
         assert saved["MultiTaskDataModule"] == {"epoch": 1, "batches": 0}, name
