@@ -498,37 +498,30 @@ def test_contain_paths_keeps_the_inside_best_k_entries_and_recomputes_best_and_k
     assert state["last_model_path"] == str(directory / "last.ckpt")
 
 
-@pytest.mark.parametrize(
-    ("change", "difference"),
-    [
-        (
-            "balancer=dwa",
-            "balancer: checkpoint 'mtl.balancers.weighting.Uncertainty', "
-            "config 'mtl.balancers.weighting.DWA'",
-        ),
-        (
-            "optim=sgd",
-            "optimizer: checkpoint 'torch.optim.AdamW', config 'torch.optim.SGD'\n"
-            "  optimizer.momentum: checkpoint unset, config 0.9",
-        ),
-        ("+optim.optimizer.amsgrad=true", "optimizer.amsgrad: checkpoint unset, config True"),
-    ],
-)
-def test_resuming_with_another_balancer_or_optimiser_is_refused_naming_it(
-    make_cfg, tmp_path, change, difference
-):
+#: Resumed with another training setting, and the line naming it in the error
+OTHER_TRAINING = {
+    "balancer=dwa": "balancer: checkpoint 'mtl.balancers.weighting.Uncertainty', "
+    "config 'mtl.balancers.weighting.DWA'",
+    "optim=sgd": "optimizer: checkpoint 'torch.optim.AdamW', config 'torch.optim.SGD'\n"
+    "  optimizer.momentum: checkpoint unset, config 0.9",
+    "+optim.optimizer.amsgrad=true": "optimizer.amsgrad: checkpoint unset, config True",
+}
+
+
+def test_resuming_with_another_balancer_or_optimiser_is_refused_naming_it(make_cfg, tmp_path):
     run = tmp_path / "run"
     path = _checkpoint(make_cfg, run, "balancer=uncertainty")
     config = (run / "config.yaml").read_text()
     longer = ("balancer=uncertainty", "trainer.max_epochs=2", "resume=auto")
-    with pytest.raises(SystemExit) as stop:
-        reporting_errors(lambda: _checkpoint(make_cfg, run, *longer, change))
-    assert str(stop.value.code) == (
-        f"error: checkpoint {path} was trained with another balancer or optimiser:\n"
-        f"  {difference}\n  {TRAINING_HINT}"
-    )
-    assert load_checkpoint(path)["global_step"] == 1  # nothing trained
-    assert (run / "config.yaml").read_text() == config  # the run's config is kept
+    for change, difference in OTHER_TRAINING.items():
+        with pytest.raises(SystemExit) as stop:
+            reporting_errors(lambda change=change: _checkpoint(make_cfg, run, *longer, change))
+        assert str(stop.value.code) == (
+            f"error: checkpoint {path} was trained with another balancer or optimiser:\n"
+            f"  {difference}\n  {TRAINING_HINT}"
+        )
+        assert load_checkpoint(path)["global_step"] == 1  # nothing trained
+        assert (run / "config.yaml").read_text() == config  # the run's config is kept
 
 
 class RecordRates(L.Callback):
