@@ -265,6 +265,32 @@ def test_resume_from_an_epoch_boundary_checkpoint_matches_uninterrupted(make_cfg
             raise AssertionError(f"resumed from the {name} checkpoint: {error}") from None
 
 
+def test_sigkill_after_an_end_of_epoch_checkpoint_then_auto_resume_matches_uninterrupted(
+    make_cfg, tiny_data_root, tmp_path
+):
+    overrides = (*RUN, "trainer.max_epochs=3")
+    workers = "data.num_workers=1"  # the synthetic data's default
+    train(make_cfg(*overrides, workers, output_dir=tmp_path / "full"))
+    full = _final(tmp_path / "full")
+
+    run = tmp_path / "killed"
+    process = subprocess.Popen(
+        _cli(run, tiny_data_root, *overrides),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    _wait_for(run / "checkpoints" / "last.ckpt", process)  # written at an epoch's end
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    saved = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert saved["global_step"] in (3, 6)  # epoch 0's, rarely epoch 1's
+    assert saved["MultiTaskDataModule"] == {"epoch": saved["global_step"] // 3, "batches": 0}
+
+    train(make_cfg(*overrides, workers, "resume=auto", output_dir=run))
+    _assert_same_training_state(full, _final(run))
+
+
 def test_sigterm_to_a_training_process_saves_a_loadable_checkpoint(tiny_data_root, tmp_path):
     run = tmp_path / "run"
     process = subprocess.Popen(
