@@ -21,11 +21,13 @@ def warmup_poly(
     warmup_steps = max(int(warmup_steps), 0)
     if warmup_steps == 0:
         return PolynomialLR(optimizer, total_iters=total_steps, power=power)
-    # the same two schedules for every length, even a run shorter than its warm-up: a resumed
-    # run of another length loads the checkpoint's scheduler state into its own
-    warmup_steps = min(warmup_steps, max(total_steps - 1, 1))
+    # the warm-up ends before the run; a one-step run keeps both schedulers (its warm-up flat,
+    # its one step at the base rate) so that a longer resumed run loads its scheduler state
+    warmup_steps = min(warmup_steps, total_steps - 1)
+    start = 0.01 if warmup_steps else 1.0
+    warmup_steps = max(warmup_steps, 1)
     decay = PolynomialLR(optimizer, total_iters=max(total_steps - warmup_steps, 1), power=power)
-    warmup = LinearLR(optimizer, start_factor=0.01, total_iters=warmup_steps)
+    warmup = LinearLR(optimizer, start_factor=start, total_iters=warmup_steps)
     return SequentialLR(optimizer, [warmup, decay], milestones=[warmup_steps])
 
 

@@ -599,6 +599,8 @@ def test_a_schedule_state_loads_into_the_schedule_of_a_longer_run(short):
     """A run resumed with more epochs restores the shorter run's scheduler state."""
     weight = torch.nn.Parameter(torch.zeros(1))
     saved = warmup_poly(torch.optim.SGD([weight], lr=0.1), total_steps=short, warmup_steps=50)
+    # the first step: at the base rate in a one-step run (no room for a warm-up), else at 1%
+    assert saved.get_last_lr() == [0.1 if short == 1 else 0.1 * 0.01]
     longer = warmup_poly(torch.optim.SGD([weight], lr=0.1), total_steps=100, warmup_steps=50)
     longer.load_state_dict(saved.state_dict())
     assert longer.last_epoch == saved.last_epoch == 0
