@@ -10,13 +10,17 @@ features and are written here.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import secrets
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -32,6 +36,10 @@ CONFIG_KEY = "mtl_config"
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read (truncated, corrupted, not a checkpoint)."""
+
+
+class CheckpointSpaceError(OSError):
+    """A checkpoint that cannot be written: no space left on the device, or over the quota."""
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -70,6 +78,73 @@ def step_checkpoint(cfg: DictConfig) -> list[ModelCheckpoint]:
     ]
 
 
+# ---------------------------------------------------------------- restoring callback paths
+#: ModelCheckpoint state entries naming files the callback later deletes as stale
+_PATH_FIELDS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+
+def _inside(path: str, directory: Path) -> bool:
+    return Path(path).resolve().is_relative_to(directory)
+
+
+def contain_paths(state: dict[str, Any], dirpath: str | Path, mode: str = "min") -> list[str]:
+    """Drop from a restored ModelCheckpoint `state` every path that does not resolve inside
+    `dirpath` (the callback's own directory) and return them; the best and k-th best entries
+    are recomputed from the remaining ``best_k_models``. Lightning deletes the files its state
+    names as stale checkpoints, testing the directory on the unresolved path, so a crafted
+    ``<dirpath>/../../file`` would delete a file outside the run."""
+    directory = Path(dirpath).resolve()
+    dropped = [
+        state[field]
+        for field in _PATH_FIELDS
+        if state.get(field) and not _inside(str(state[field]), directory)
+    ]
+    best_k = state.get("best_k_models")
+    if isinstance(best_k, dict):
+        dropped += [path for path in best_k if not _inside(str(path), directory)]
+    if not dropped:
+        return []
+    for field in _PATH_FIELDS:
+        if state.get(field) in dropped:
+            state[field] = ""
+    if isinstance(best_k, dict):
+        for path in dropped:
+            best_k.pop(path, None)
+        best, worst = (min, max) if mode == "min" else (max, min)
+        state["best_model_path"] = best(best_k, key=best_k.get) if best_k else ""
+        state["best_model_score"] = best_k[state["best_model_path"]] if best_k else None
+        state["kth_best_model_path"] = worst(best_k, key=best_k.get) if best_k else ""
+        if best_k:
+            state["kth_value"] = best_k[state["kth_best_model_path"]]
+    return list(dict.fromkeys(dropped))
+
+
+class ContainCheckpointPaths(L.Callback):
+    """Restores only checkpoint paths inside each ModelCheckpoint's own directory (`contain_paths`),
+    warning about each path left out. Runs before any callback's state is loaded: Lightning
+    calls every ``on_load_checkpoint`` before the callbacks' ``load_state_dict``."""
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        states = checkpoint.get("callbacks") or {}
+        for callback in trainer.checkpoint_callbacks:
+            if not isinstance(callback, ModelCheckpoint) or callback.dirpath is None:
+                continue
+            for key in (callback.state_key, callback._legacy_state_key):
+                state = states.get(key)
+                if not isinstance(state, dict):
+                    continue
+                for path in contain_paths(state, callback.dirpath, callback.mode):
+                    log.warning(
+                        "not restoring %s from the checkpoint's %s state: outside the "
+                        "checkpoint directory %s",
+                        path,
+                        type(callback).__name__,
+                        callback.dirpath,
+                    )
+
+
 # ---------------------------------------------------------------- writing and reading
 def _fsync_dir(directory: Path) -> None:
     try:
@@ -98,9 +173,92 @@ def _create_temporary(path: Path) -> tuple[int, str]:
             continue
 
 
+#: errno values of a write that failed for lack of space (EDQUOT: a cluster's disk quota)
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _out_of_space(error: BaseException | None) -> bool:
+    """Whether `error` or an error it was raised from is ENOSPC / EDQUOT (``torch.save``
+    reports a failed write of its zip writer as a RuntimeError raised during the OSError)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _NO_SPACE:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _tensor_bytes(value: Any, storages: dict[int, int] | None = None) -> int:
+    """The bytes of the distinct tensor storages in a nested checkpoint (about its file size)."""
+    storages = {} if storages is None else storages
+    if isinstance(value, torch.Tensor):
+        storage = value.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            _tensor_bytes(item, storages)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _tensor_bytes(item, storages)
+    return sum(storages.values())
+
+
+def _space_message(checkpoint: Mapping[str, Any], path: Path) -> str:
+    needed = _tensor_bytes(checkpoint) / 1e6
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 1e6:.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    return (
+        f"no space left on device for checkpoint {path}: it needs about {needed:.1f} MB in "
+        f"{path.parent} ({free}); the checkpoints saved before are intact: free space there, "
+        "or write the run to another disk with paths.output_dir=DIR"
+    )
+
+
+#: Names `_create_temporary` gives: ``.<name>.ckpt.<12 hex digits>.tmp``
+_TEMPORARY = re.compile(r"\..+\.ckpt\.[0-9a-f]{12}\.tmp")
+
+
+def remove_temporaries(*directories: str | Path) -> list[Path]:
+    """Delete the temporary files that saves killed half-way (SIGKILL, power loss) left in
+    `directories`, only those named by `_create_temporary`, and log what was removed. Call it
+    when a run starts, before it saves anything."""
+    found = [
+        path
+        for directory in dict.fromkeys(Path(d) for d in directories)
+        if directory.is_dir()
+        for path in sorted(directory.iterdir())
+        if _TEMPORARY.fullmatch(path.name) and path.is_file() and not path.is_symlink()
+    ]
+    removed, size = [], 0
+    for path in found:
+        try:
+            size += path.stat().st_size
+            path.unlink()
+        except OSError as error:
+            log.warning("cannot remove the temporary file %s: %s", path, error)
+            continue
+        removed.append(path)
+    if removed:
+        log.info(
+            "removed %d temporary files of interrupted checkpoint saves (%d bytes): %s",
+            len(removed),
+            size,
+            ", ".join(str(path) for path in removed),
+        )
+    return removed
+
+
 def atomic_save(checkpoint: Mapping[str, Any], path: str | Path) -> None:
     """``torch.save`` to a temporary file next to `path`, fsync, then rename over `path`: the
-    file under `path` is always either the previous checkpoint or the complete new one."""
+    file under `path` is always either the previous checkpoint or the complete new one.
+
+    Raises:
+        CheckpointSpaceError: the device is full (or the quota reached); the message names the
+            directory and the space needed. The temporary file is removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_temporary(path)
@@ -110,8 +268,10 @@ def atomic_save(checkpoint: Mapping[str, Any], path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if _out_of_space(error):
+            raise CheckpointSpaceError(_space_message(checkpoint, path)) from error
         raise
     _fsync_dir(path.parent)
 

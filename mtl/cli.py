@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from mtl.checkpoint import CheckpointError, IncompatibleCheckpointError
+from mtl.checkpoint import CheckpointError, CheckpointSpaceError, IncompatibleCheckpointError
 from mtl.config import ConfigError
 from mtl.data.base import DatasetError
 from mtl.models.pretrained import WeightsError
@@ -21,6 +21,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     DatasetError,
     NonFiniteError,
     CheckpointError,
+    CheckpointSpaceError,
     IncompatibleCheckpointError,
     WeightsError,
 )

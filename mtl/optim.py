@@ -18,11 +18,16 @@ def warmup_poly(
     """Linear warm-up from 1% of the base rate, then polynomial decay to zero at `total_steps`
     (the "poly" schedule of dense-prediction work)."""
     total_steps = max(int(total_steps), 1)
-    warmup_steps = min(max(int(warmup_steps), 0), total_steps - 1)
-    decay = PolynomialLR(optimizer, total_iters=total_steps - warmup_steps, power=power)
+    warmup_steps = max(int(warmup_steps), 0)
     if warmup_steps == 0:
-        return decay
-    warmup = LinearLR(optimizer, start_factor=0.01, total_iters=warmup_steps)
+        return PolynomialLR(optimizer, total_iters=total_steps, power=power)
+    # the warm-up ends before the run; a one-step run keeps both schedulers (its warm-up flat,
+    # its one step at the base rate) so that a longer resumed run loads its scheduler state
+    warmup_steps = min(warmup_steps, total_steps - 1)
+    start = 0.01 if warmup_steps else 1.0
+    warmup_steps = max(warmup_steps, 1)
+    decay = PolynomialLR(optimizer, total_iters=max(total_steps - warmup_steps, 1), power=power)
+    warmup = LinearLR(optimizer, start_factor=start, total_iters=warmup_steps)
     return SequentialLR(optimizer, [warmup, decay], milestones=[warmup_steps])
 
 

@@ -15,6 +15,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
@@ -24,11 +25,15 @@ from mtl.callbacks import TrainingInterrupted
 from mtl.checkpoint import (
     CONFIG_KEY,
     AtomicCheckpointIO,
+    ContainCheckpointPaths,
     IncompatibleCheckpointError,
     check_compatible,
+    checkpoint_dir,
     load_checkpoint,
     model_signature,
+    remove_temporaries,
     resolve_ckpt_path,
+    run_dir,
     step_checkpoint,
 )
 from mtl.compile import compile_backbone
@@ -50,6 +55,7 @@ from mtl.models.pretrained import WeightsError
 from mtl.module import MultiTaskModule
 from mtl.redact import resolved_config
 from mtl.regularizers import build_regularizer
+from mtl.resume import ApplyOptimizerSettings, check_training
 from mtl.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -200,6 +206,8 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, 
         if cfg.get("train", True):
             validate_config(cfg)
             path = resolve_ckpt_path(cfg)
+            if rank_zero_only.rank == 0:  # what killed saves left in this run's directories
+                remove_temporaries(checkpoint_dir(cfg), run_dir(cfg))
             given = _checkpoint_to_load(path, RESUME_HINT) if path else None
         else:
             cfg, given = _evaluation_setup(cfg, overrides)
@@ -215,8 +223,10 @@ def _fit_and_evaluate(cfg: DictConfig, given: GivenCheckpoint | None) -> dict[st
     """Build, fit (``train=true``) and score; `cfg` is validated, `given` is the checkpoint to
     resume from or to evaluate."""
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     resolved = resolved_config(cfg)  # credentials redacted (mtl/redact.py)
+    if given is not None and cfg.train:  # refuse another balancer or optimiser
+        check_training(given.checkpoint, resolved, f"checkpoint {given.path}", TRAINING_HINT)
+    output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
 
     L.seed_everything(cfg.seed, workers=True)
@@ -235,7 +245,12 @@ def _fit_and_evaluate(cfg: DictConfig, given: GivenCheckpoint | None) -> dict[st
     if given is not None:  # refuse another model before any data is read
         given.check(module.checkpoint_signature)
 
-    callbacks = build_callbacks(cfg) + step_checkpoint(cfg)
+    callbacks = build_callbacks(cfg) + step_checkpoint(cfg) + [ContainCheckpointPaths()]
+    if cfg.train:  # a changed learning rate or weight decay applies to a resumed run
+        optimizer = cfg.optim.optimizer
+        callbacks.append(
+            ApplyOptimizerSettings(optimizer.get("lr"), optimizer.get("weight_decay"))
+        )
     loggers = build_loggers(cfg)
     callbacks += logger_callbacks(cfg, loggers)
     one_device = {} if cfg.train else {"devices": 1, "num_nodes": 1, "strategy": "auto"}
@@ -292,6 +307,11 @@ def _checkpoint_io(cfg: DictConfig) -> dict:
 
 #: What to do when a checkpoint to resume from does not fit the configured model.
 RESUME_HINT = "resume it with the config it was trained with (config.yaml of its run)"
+#: What to do when it was trained with another balancer or optimiser.
+TRAINING_HINT = (
+    "resume it with the balancer and optimiser it was trained with (config.yaml of its run); "
+    "optim.optimizer.lr and optim.optimizer.weight_decay may change"
+)
 
 
 @dataclass

@@ -184,9 +184,15 @@ class MultiTaskDataModule(L.LightningDataModule):
         if trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return {}
         loop = trainer.fit_loop
-        epoch = int(loop.epoch_progress.current.processed)
+        epochs = loop.epoch_progress.current
+        # Lightning counts an epoch as processed at its end, before on_train_epoch_end (where
+        # end-of-epoch checkpoints are saved); within an epoch (batch ends, validation inside the
+        # epoch, signals) the epoch begun is not processed yet.
+        if epochs.processed >= epochs.started:  # between epochs: the next starts at batch 0
+            return {"epoch": int(epochs.processed), "batches": 0}
+        epoch = int(epochs.processed)
         batches = int(loop.epoch_loop.batch_progress.current.processed)
-        if batches >= trainer.num_training_batches:  # the epoch is complete
+        if batches >= trainer.num_training_batches:  # its last batch is trained
             epoch, batches = epoch + 1, 0
         return {"epoch": epoch, "batches": batches}
 
