@@ -39,11 +39,13 @@ def _target(node: Any) -> str | None:
 
 def training_signature(config: Mapping[str, Any]) -> dict[str, Any]:
     """What a resumed run must keep, from a resolved config (plain containers): the balancer,
-    the flat-region wrapper, the optimiser class and its arguments other than `APPLIED`."""
+    the flat-region and smoothing wrappers, the optimiser class and its arguments other than
+    `APPLIED`."""
     optimizer = (config.get("optim") or {}).get("optimizer") or {}
     signature: dict[str, Any] = {
         "balancer": _target(config.get("balancer")),
         "flat": _target(config.get("flat")),
+        "smoothing": _target(config.get("smoothing")),  # CR-MOGM keeps the averaged weights
         "optimizer": _target(optimizer),
     }
     for key, value in optimizer.items():

@@ -626,3 +626,16 @@ def test_checkpoint_files_get_the_permissions_of_the_umask(tmp_path, umask):
     finally:
         os.umask(previous)
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
+
+
+def test_resuming_with_another_smoothing_is_a_training_difference():
+    from mtl.resume import training_differences, training_signature
+
+    base = {
+        "balancer": {"_target_": "mtl.balancers.gramian.UPGrad"},
+        "smoothing": {"_target_": None},
+    }
+    smoothed = {**base, "smoothing": {"_target_": "mtl.balancers.smoothing.CRMOGM"}}
+    assert training_differences(training_signature(base), training_signature(smoothed)) == [
+        "smoothing: checkpoint unset, config 'mtl.balancers.smoothing.CRMOGM'"
+    ]
