@@ -26,6 +26,7 @@ from bench.table import Table
 from bench.timing import median_paired_ratio, median_seconds
 from mtl.balancers import available_modes, build_balancer
 from mtl.balancers.base import BalanceContext
+from mtl.batch_parts import running_stats_set_aside, split_batch
 from mtl.models.multitask import Decoded
 from mtl.tasks import TASKS, get_task, register
 from mtl.train import build_model
@@ -112,12 +113,19 @@ def make_step(overrides: list[str], tasks: list[str], settings: Settings) -> Cal
     decoded: list[Decoded] = []
     counter = [0]
 
-    def losses_of(subset=None):
+    def losses_of(subset=None, rows=None):
+        rows = batch if rows is None else rows
         out = model.decode(
-            batch["image"], subset or tasks, detach_features=balancer.uses_representation
+            rows["image"], subset or tasks, detach_features=balancer.uses_representation
         )
-        decoded[:] = [out]
-        return {t: weights[t] * get_task(t).loss(out.preds[t], batch[t]) for t in subset or tasks}
+        if rows is batch:
+            decoded[:] = [out]
+        return {t: weights[t] * get_task(t).loss(out.preds[t], rows[t]) for t in subset or tasks}
+
+    def part_losses(parts: int) -> list[dict]:
+        """Losses on independent parts of the batch (MoDo, SDMGrad), as the training step."""
+        with running_stats_set_aside(model):
+            return [losses_of(rows=part) for part in split_batch(batch, parts)]
 
     def step() -> None:
         losses = losses_of()
@@ -127,6 +135,7 @@ def make_step(overrides: list[str], tasks: list[str], settings: Settings) -> Cal
             task_params=model.task_parameters(),
             backward=lambda t: t.backward(),
             recompute_losses=losses_of,
+            part_losses=part_losses,
             all_reduce_mean=lambda t: t,
             step=counter[0],
             features=decoded[0].features,

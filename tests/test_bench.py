@@ -118,3 +118,17 @@ def test_balancer_comparison_trains_baselines_and_methods_into_one_table(tmp_pat
     rows = [line for line in table.splitlines() if line.startswith("| balancer=")]
     assert [row.split(" |")[0] for row in rows] == ["| balancer=equal", "| balancer=pcgrad"]
     assert "Δm (%)" in table and all(row.rstrip(" |").split("| ")[-1][0] in "+-" for row in rows)
+
+
+def test_the_balancer_benchmark_covers_every_config_and_each_steps():
+    """Every ``conf/balancer/`` config is a row of the benchmark (both modes where it offers
+    them), and one tiny training step of each runs."""
+    from pathlib import Path
+
+    configs = {p.stem for p in (Path(balancers.CONF) / "balancer").glob("*.yaml")} - {"equal"}
+    rows = balancers.configurations(len(balancers.ALL_TASKS))
+    assert {name.split(" ")[0] for name, _, _ in rows} >= configs
+    settings = balancers.Settings(batch_size=6, size=(32, 32), repeats=1)  # MoDo: 3 x 2
+    for _, overrides, _ in rows:
+        step = balancers.make_step(overrides, balancers.ALL_TASKS, settings)
+        step()  # raises for a configuration the benchmark cannot run
