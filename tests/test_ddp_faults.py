@@ -75,7 +75,8 @@ def test_an_empty_batch_on_one_process_skips_that_update_on_every_process(tmp_pa
     result = _train(tmp_path, "train_00002", "data.skip_bad=true")
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr  # the log goes to stdout
-    assert "skipping a bad sample (data.skip_bad=true): NYUD-v2 sample 'train_00002'" in output
+    skipped = "skipping a bad sample (data.skip_bad=true): synthetic scenes sample 'train_00002'"
+    assert skipped in output
     assert "no process updates the model this step" in output
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 4  # 5 steps, the one with the empty batch skipped
@@ -95,5 +96,6 @@ def test_a_bad_sample_on_one_process_stops_every_process_with_the_data_error(tmp
     path = tmp_path / "scenes" / "depth" / f"{bad}.npy"
     assert len(errors) == 2, result.stderr[-3000:]  # one per process
     for error in errors:
-        assert error.startswith(f"error: NYUD-v2 sample '{bad}': cannot read .npy file: {path}")
+        expected = f"error: synthetic scenes sample '{bad}': cannot read .npy file: {path}"
+        assert error.startswith(expected)
     assert "Traceback" not in result.stderr
