@@ -24,16 +24,7 @@ from mtl.models.backbone import Backbone
 from mtl.models.decoders import HRNetDecoder
 from mtl.models.multitask import MultiTaskModel
 
-
-def _context(step: int = 0, seed: int = 0, epoch: int = 0, **kwargs) -> BalanceContext:
-    defaults = dict(
-        shared_params=[],
-        task_params={},
-        backward=lambda t: t.backward(),
-        recompute_losses=lambda tasks=None: {},
-        all_reduce_mean=lambda t: t,
-    )
-    return BalanceContext(**{**defaults, **kwargs}, step=step, seed=seed, epoch=epoch)
+_context = BalanceContext.local
 
 
 def _update(method, jacobian: torch.Tensor, step: int = 0) -> torch.Tensor:

@@ -30,15 +30,7 @@ from mtl.train import build_module, train
 FAMILY = ["dbmtl", "excessmtl", "moco", "graddrop", "trimmed_mean", "modo", "sdmgrad"]
 
 
-def _context(step: int = 0, seed: int = 0, **kwargs) -> BalanceContext:
-    defaults = dict(
-        shared_params=[],
-        task_params={},
-        backward=lambda t: t.backward(),
-        recompute_losses=lambda tasks=None: {},
-        all_reduce_mean=lambda t: t,
-    )
-    return BalanceContext(**{**defaults, **kwargs}, step=step, seed=seed)
+_context = BalanceContext.local
 
 
 def _jacobians(steps: int, tasks: int = 3, dim: int = 7, seed: int = 0) -> list[torch.Tensor]:

@@ -24,16 +24,7 @@ from mtl.balancers.pbi import PBI
 from mtl.balancers.stch import STCH
 from mtl.train import train
 
-
-def _context(step: int = 0, seed: int = 0, epoch: int = 0, **kwargs) -> BalanceContext:
-    defaults = dict(
-        shared_params=[],
-        task_params={},
-        backward=lambda t: t.backward(),
-        recompute_losses=lambda tasks=None: {},
-        all_reduce_mean=lambda t: t,
-    )
-    return BalanceContext(**{**defaults, **kwargs}, step=step, seed=seed, epoch=epoch)
+_context = BalanceContext.local
 
 
 def _losses(*values: float) -> dict[str, torch.Tensor]:
@@ -461,7 +452,7 @@ def test_dirichlet_preference_is_drawn_per_step_from_the_seeded_generator(method
     draws = torch.stack([scalariser.preference(_context(step=k, seed=7)) for k in range(2000)])
     assert torch.allclose(draws.sum(1), torch.ones(2000, dtype=torch.float64))
     assert (draws > 0).all()
-    assert torch.equal(draws[5], method(3, preference="dirichlet").preference(_context(5, 7)))
+    assert torch.equal(draws[5], method(3, preference="dirichlet").preference(_context(step=5, seed=7)))
     assert not torch.equal(draws[5], draws[6])
     # Dirichlet(1, 1, 1): each coordinate has mean 1/3 and variance (1/3)(2/3)/4 = 1/18
     assert torch.allclose(draws.mean(0), torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.02)

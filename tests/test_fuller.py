@@ -16,16 +16,7 @@ from mtl.models.decoders import HRNetDecoder
 from mtl.models.multitask import MultiTaskModel
 from mtl.train import train
 
-
-def _context(**kwargs) -> BalanceContext:
-    defaults = dict(
-        shared_params=[],
-        task_params={},
-        backward=lambda t: t.backward(),
-        recompute_losses=lambda tasks=None: {},
-        all_reduce_mean=lambda t: t,
-    )
-    return BalanceContext(**{**defaults, **kwargs})
+_context = BalanceContext.local
 
 
 def test_levels_get_the_mean_norm_and_keep_their_direction():

@@ -22,15 +22,7 @@ from mtl.balancers.nash import NashSolveError, bargaining_residual, nash_weights
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def _context(**kwargs) -> BalanceContext:
-    defaults = dict(
-        shared_params=[],
-        task_params={},
-        backward=lambda t: t.backward(),
-        recompute_losses=lambda tasks=None: {},
-        all_reduce_mean=lambda t: t,
-    )
-    return BalanceContext(**{**defaults, **kwargs})
+_context = BalanceContext.local
 
 
 def _conflicting_jacobian(tasks: int, seed: int, dim: int = 32) -> torch.Tensor:

@@ -63,6 +63,20 @@ class BalanceContext:
     model: nn.Module | None = None
     part_losses: Callable[[int], list[dict[str, Tensor]]] | None = None
 
+    @classmethod
+    def local(cls, **fields) -> BalanceContext:
+        """A one-process context outside a training step (tests, benchmarks, aggregating given
+        Jacobians with ``combine`` or ``weights``): no parameters, plain backward, no
+        all-reduce; `fields` set any attribute."""
+        defaults = dict(
+            shared_params=[],
+            task_params={},
+            backward=lambda loss: loss.backward(),
+            recompute_losses=lambda tasks=None: {},
+            all_reduce_mean=lambda tensor: tensor,
+        )
+        return cls(**{**defaults, **fields})
+
     def generator(self) -> torch.Generator:
         """A CPU generator seeded by (seed, step): the same draws on every rank."""
         return torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
