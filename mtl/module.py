@@ -187,9 +187,9 @@ class MultiTaskModule(L.LightningModule):
         params = [p for group in optimizer.param_groups for p in group["params"]]
         gradients = nonfinite_gradients(params, context.task_params, result.gramian)
         buffers = self.step_buffers.nonfinite()
-        if bad := agree(gradients + buffers, self._sum_over_processes, images.device):
+        if bad := agree(buffers + gradients, self._sum_over_processes, images.device):
             what = " and ".join(
-                kind for kind, seen in (("gradient", gradients), ("buffer", buffers)) if seen
+                kind for kind, seen in (("buffer", buffers), ("gradient", gradients)) if seen
             ) or "gradient or buffer"  # seen on another process
             return self._skip_step(optimizer, what, bad, losses)
         self.guard.good()
