@@ -452,7 +452,8 @@ def test_dirichlet_preference_is_drawn_per_step_from_the_seeded_generator(method
     draws = torch.stack([scalariser.preference(_context(step=k, seed=7)) for k in range(2000)])
     assert torch.allclose(draws.sum(1), torch.ones(2000, dtype=torch.float64))
     assert (draws > 0).all()
-    assert torch.equal(draws[5], method(3, preference="dirichlet").preference(_context(step=5, seed=7)))
+    fifth = method(3, preference="dirichlet").preference(_context(step=5, seed=7))
+    assert torch.equal(draws[5], fifth)
     assert not torch.equal(draws[5], draws[6])
     # Dirichlet(1, 1, 1): each coordinate has mean 1/3 and variance (1/3)(2/3)/4 = 1/18
     assert torch.allclose(draws.mean(0), torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.02)
