@@ -387,9 +387,16 @@ def _decoder_problems(cfg: DictConfig) -> list[str]:
             "choose model/decoder=conv or hrnet"
         ]
     try:
-        get_class(decoder._target_)
+        cls = get_class(decoder._target_)
     except Exception as error:  # hydra wraps import errors in several types
         return [f"model.decoder._target_: cannot import '{decoder._target_}' ({error})"]
+    mode = (cfg.get("balancer") or {}).get("mode")
+    if mode == "rep" and getattr(cls, "shares_parameters", False):
+        return [
+            f"balancer.mode: 'rep' balances gradients at the backbone features, but the decoder "
+            f"{cls.__name__} shares parameters between tasks after them, which rep mode would "
+            "leave untrained; use balancer.mode=param"
+        ]
     return []
 
 

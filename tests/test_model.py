@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mtl.models.backbone import Backbone
-from mtl.models.decoders import ConvDecoder, HRNetDecoder
+from mtl.models.decoders import ConvDecoder, HRNetDecoder, MultiTaskDecoder
 from mtl.models.multitask import MultiTaskModel
 from mtl.models.pretrained import WeightsError
 
@@ -68,3 +68,62 @@ def test_shared_and_task_parameters_partition_the_model():
     per_task = [{id(p) for p in ps} for ps in model.task_parameters().values()]
     assert not shared & per_task[0] and not shared & per_task[1] and not per_task[0] & per_task[1]
     assert shared | per_task[0] | per_task[1] == {id(p) for p in model.parameters()}
+
+
+class _SharedStemDecoder(MultiTaskDecoder):
+    """A multi-task decoder with one conv every task reads, a head per task and a per-task
+    auxiliary loss (the mean squared shared activation, times the task's index + 1)."""
+
+    def __init__(self, in_channels, in_strides, task_channels):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(in_channels[-1], 8, 1)
+        self.heads = torch.nn.ModuleDict(
+            {t: torch.nn.Conv2d(8, c, 1) for t, c in task_channels.items()}
+        )
+        self.calls: list[list[str]] = []
+        self._aux: dict[str, torch.Tensor] = {}
+
+    @property
+    def tasks(self):
+        return list(self.heads)
+
+    def forward(self, inputs):
+        self.calls.append(list(inputs))
+        out, self._aux = {}, {}
+        for i, (task, features) in enumerate(inputs.items()):
+            shared = self.stem(features[-1])
+            self._aux[task] = (i + 1) * shared.pow(2).mean()
+            out[task] = self.heads[task](shared)
+        return out
+
+    def task_parameters(self, task):
+        return list(self.heads[task].parameters())
+
+    def auxiliary_losses(self):
+        return dict(self._aux)
+
+
+def test_a_multitask_decoder_is_built_once_and_its_shared_parameters_are_balanced():
+    backbone = Backbone("resnet18", out_indices=(1, 2))
+    model = MultiTaskModel(backbone, _SharedStemDecoder, {"semseg": 5, "depth": 1})
+    assert isinstance(model.decoders, _SharedStemDecoder)
+    stem = {id(p) for p in model.decoders.stem.parameters()}
+    assert stem <= {id(p) for p in model.shared_parameters()}
+    own = model.task_parameters()
+    head = model.decoders.heads["depth"]
+    assert {id(p) for p in own["depth"]} == {id(p) for p in head.parameters()}
+    assert not stem & {id(p) for params in own.values() for p in params}
+
+    preds = model(torch.randn(2, 3, 32, 48), ["depth"])  # one task: only its part runs
+    assert model.decoders.calls[-1] == ["depth"] and preds["depth"].shape == (2, 1, 32, 48)
+    model(torch.randn(2, 3, 32, 48))
+    aux = model.auxiliary_losses()
+    assert set(aux) == {"semseg", "depth"}
+    torch.testing.assert_close(aux["depth"], 2 * aux["semseg"])
+
+
+def test_per_task_heads_keep_their_checkpoint_keys_and_own_every_parameter():
+    model = MultiTaskModel(Backbone("resnet18", out_indices=(1, 2)), ConvDecoder, {"depth": 1})
+    assert any(k.startswith("decoders.depth.") for k in model.state_dict())
+    assert model.decoders.shared_parameters() == []
+    assert len(model.shared_parameters()) == len(list(model.backbone.parameters()))

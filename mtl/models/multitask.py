@@ -1,4 +1,4 @@
-"""The multi-task model: one shared backbone, one decoder per task."""
+"""The multi-task model: one shared backbone, a decoder for every task."""
 
 from __future__ import annotations
 
@@ -11,16 +11,19 @@ from torch import Tensor, nn
 
 from mtl.models.adapters import Adapter, MoEMlp
 from mtl.models.backbone import Backbone
+from mtl.models.decoders.base import build_decoder
 
 DecoderFactory = Callable[..., nn.Module]
 
 
 class MultiTaskModel(nn.Module):
-    """Shared backbone + per-task decoders; predictions are resized to the input size.
+    """Shared backbone + decoder; predictions are resized to the input size.
 
     Args:
         backbone: the shared feature extractor.
-        decoder: builds one head, called as ``decoder(in_channels=, in_strides=, out_channels=)``.
+        decoder: a per-task head factory, called as ``decoder(in_channels=, in_strides=,
+            out_channels=)`` once per task, or a `MultiTaskDecoder` class (partial) built once
+            for all tasks (``mtl.models.decoders.base``).
         task_channels: output channels per task, in task order.
         adapter: modifies the backbone (LoRA, MTLoRA, MoE); None: the backbone as built.
     """
@@ -38,15 +41,8 @@ class MultiTaskModel(nn.Module):
         if adapter is not None:
             backbone.adapt(adapter, self.tasks)
         self.task_aware_backbone = backbone.task_batch is not None
-        self.decoders = nn.ModuleDict(
-            {
-                task: decoder(
-                    in_channels=backbone.out_channels,
-                    in_strides=backbone.out_strides,
-                    out_channels=channels,
-                )
-                for task, channels in task_channels.items()
-            }
+        self.decoders = build_decoder(
+            decoder, backbone.out_channels, backbone.out_strides, task_channels
         )
 
     def _backbone_task_parameters(self) -> dict[str, list[nn.Parameter]]:
@@ -59,17 +55,16 @@ class MultiTaskModel(nn.Module):
         return own
 
     def shared_parameters(self) -> list[nn.Parameter]:
-        """Parameters every task's loss depends on (the balancers act on these)."""
+        """Parameters several tasks' losses depend on (the balancers act on these): the
+        backbone's, and a multi-task decoder's shared ones."""
         own = {id(p) for params in self._backbone_task_parameters().values() for p in params}
-        return [p for p in self.backbone.parameters() if p.requires_grad and id(p) not in own]
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad and id(p) not in own]
+        return backbone + self.decoders.shared_parameters()
 
     def task_parameters(self) -> dict[str, list[nn.Parameter]]:
         """Parameters that only one task's loss depends on: its head and its adapter layers."""
         own = self._backbone_task_parameters()
-        return {
-            task: own[task] + [p for p in head.parameters() if p.requires_grad]
-            for task, head in self.decoders.items()
-        }
+        return {task: own[task] + self.decoders.task_parameters(task) for task in self.tasks}
 
     #: Whether the backbone computes differently per task (task-conditioned adapters); the
     #: shared features then differ per task and `rep`-mode balancing does not apply. Set per
@@ -80,13 +75,19 @@ class MultiTaskModel(nn.Module):
         return [m for m in self.backbone.modules() if isinstance(m, MoEMlp)]
 
     def auxiliary_losses(self) -> dict[str, Tensor]:
-        """Weighted auxiliary losses of the last forward, per task (MoE load balancing, summed
-        over layers); add each to its task's loss. Empty without such layers."""
+        """Weighted auxiliary losses of the last forward, per task (MoE load balancing in the
+        backbone or the decoder, summed over layers); add each to its task's loss. Empty
+        without such layers."""
         losses: dict[str, Tensor] = {}
+
+        def add(task: str, loss: Tensor) -> None:
+            losses[task] = losses[task] + loss if task in losses else loss
+
         for layer in self._moe_layers():
             for task, loss in layer.balance_loss.items():
-                weighted = layer.balance_weight * loss
-                losses[task] = losses[task] + weighted if task in losses else weighted
+                add(task, layer.balance_weight * loss)
+        for task, loss in self.decoders.auxiliary_losses().items():
+            add(task, loss)
         return losses
 
     def routing_statistics(self, per_expert: bool = True) -> dict[str, float]:
@@ -143,7 +144,7 @@ class MultiTaskModel(nn.Module):
         as probes.
         """
         tasks = self.tasks if tasks is None else list(tasks)
-        unknown = set(tasks) - set(self.decoders)
+        unknown = set(tasks) - set(self.tasks)
         if unknown:
             raise KeyError(f"model has no head for {sorted(unknown)}; heads: {self.tasks}")
         size = images.shape[-2:]
@@ -165,10 +166,8 @@ class MultiTaskModel(nn.Module):
         else:
             inputs = dict.fromkeys(tasks, head_inputs)
         preds = {
-            task: F.interpolate(
-                self.decoders[task](inputs[task]), size=size, mode="bilinear", align_corners=False
-            )
-            for task in tasks
+            task: F.interpolate(pred, size=size, mode="bilinear", align_corners=False)
+            for task, pred in self.decoders({task: inputs[task] for task in tasks}).items()
         }
         return Decoded(preds, list(features), list(head_inputs), probes)
 
