@@ -390,14 +390,17 @@ def _decoder_problems(cfg: DictConfig) -> list[str]:
         cls = get_class(decoder._target_)
     except Exception as error:  # hydra wraps import errors in several types
         return [f"model.decoder._target_: cannot import '{decoder._target_}' ({error})"]
+    problems = []
+    if callable(getattr(cls, "config_problems", None)):  # the decoder's own option checks
+        problems += cls.config_problems(OmegaConf.to_container(decoder, resolve=True))
     mode = (cfg.get("balancer") or {}).get("mode")
     if mode == "rep" and getattr(cls, "shares_parameters", False):
-        return [
+        return problems + [
             f"balancer.mode: 'rep' balances gradients at the backbone features, but the decoder "
             f"{cls.__name__} shares parameters between tasks after them, which rep mode would "
             "leave untrained; use balancer.mode=param"
         ]
-    return []
+    return problems
 
 
 def _show(value: Any) -> str:

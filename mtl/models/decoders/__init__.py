@@ -4,6 +4,7 @@ One module per decoder; configs name the class (``conf/model/decoder/<name>.yaml
 heads and multi-task decoders are told apart in `base`.
 """
 
+from mtl.models.decoders.aspp import ASPPDecoder
 from mtl.models.decoders.base import (
     MultiTaskDecoder,
     PerTaskDecoders,
@@ -14,13 +15,16 @@ from mtl.models.decoders.base import (
 from mtl.models.decoders.conv import ConvDecoder
 from mtl.models.decoders.hrnet import HRNetDecoder
 from mtl.models.decoders.layers import NORMS, conv_bn_act, normalisation, upsample_and_concat
+from mtl.models.decoders.taskexpert import TaskExpertDecoder
 
 __all__ = [
     "NORMS",
+    "ASPPDecoder",
     "ConvDecoder",
     "HRNetDecoder",
     "MultiTaskDecoder",
     "PerTaskDecoders",
+    "TaskExpertDecoder",
     "TaskInputs",
     "build_decoder",
     "conv_bn_act",
