@@ -15,6 +15,7 @@ padding); the image-pooling branch carries the global context then.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,19 @@ def scaled_rates(rates: Sequence[int], rates_stride: int, stride: int) -> list[i
     return [max(1, round(rate * rates_stride / stride)) for rate in rates]
 
 
+def _pooled_norm(kind: str, channels: int) -> nn.Module:
+    """Normalisation of the image-pooling branch's 1x1 map: group norm with at least two
+    channels per group for ``batch`` and ``group``. Batch norm there would normalise over the
+    batch alone, one value per image: at batch size 2 every channel becomes +-1, at batch size 1
+    training fails; group norm normalises each image's pooled vector by itself."""
+    if kind == "none":
+        return nn.Identity()
+    groups = math.gcd(32, channels)
+    while groups > 1 and channels // groups < 2:
+        groups //= 2
+    return nn.GroupNorm(groups, channels)
+
+
 class ASPPDecoder(nn.Module):
     """ASPP on the coarsest level -> 1x1 projection -> 3x3 conv block -> 1x1 classifier.
 
@@ -40,8 +54,8 @@ class ASPPDecoder(nn.Module):
         hidden_channels: channels of every branch and of the projection (DeepLabV3: 256).
         rates: dilations of the 3x3 branches at stride `rates_stride`.
         rates_stride: the stride `rates` are given for.
-        norm: ``batch``, ``group`` (independent of the batch: use it to train at batch size 1,
-            where batch norm cannot normalise the 1x1 map of the pooling branch) or ``none``.
+        norm: ``batch``, ``group`` or ``none`` (the pooling branch: group norm unless ``none``,
+            see `_pooled_norm`; so the head trains at any batch size, 1 included).
         dropout: dropout after the projection.
     """
 
@@ -77,7 +91,9 @@ class ASPPDecoder(nn.Module):
             )
         self.pooling = nn.Sequential(  # image pooling: global context, constant over the map
             nn.AdaptiveAvgPool2d(1),
-            conv_bn_act(channels, hidden_channels, 1, norm),
+            nn.Conv2d(channels, hidden_channels, 1, bias=bias),
+            _pooled_norm(norm, hidden_channels),
+            nn.ReLU(inplace=True),
         )
         self.project = nn.Sequential(
             conv_bn_act(hidden_channels * (len(self.branches) + 1), hidden_channels, 1, norm),
