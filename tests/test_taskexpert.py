@@ -44,7 +44,9 @@ def test_predictions_at_a_quarter_of_the_finest_stride_and_at_input_size(
     images = torch.randn(2, 3, *size)
     raw = model.decoders(dict.fromkeys(TASKS, backbone(images)))
     h, w = size[0] // stride * 4, size[1] // stride * 4
-    assert {t: tuple(p.shape) for t, p in raw.items()} == {t: (2, c, h, w) for t, c in TASKS.items()}
+    assert {t: tuple(p.shape) for t, p in raw.items()} == {
+        t: (2, c, h, w) for t, c in TASKS.items()
+    }
     preds = model(images)
     assert {t: tuple(p.shape) for t, p in preds.items()} == {
         t: (2, c, *size) for t, c in TASKS.items()
