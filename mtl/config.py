@@ -59,9 +59,11 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"data.tasks: '{task}' is listed twice; each task once")
     if not data.tasks:
         problems.append("data.tasks: empty; choose at least one of " + str(available))
+    problems += aux_task_problems(cfg)
     problems += data_root_problems(data)
+    aux_tasks = data.get("aux_tasks") or []
     for task in data.get("loss_weights") or {}:
-        if task not in available:
+        if task not in available and (isinstance(aux_tasks, str) or task not in aux_tasks):
             problems.append(f"data.loss_weights.{task}: '{task}' is not a task of '{data.name}'")
     if not _integer(data.batch_size) or data.batch_size <= 0:
         problems.append(f"data.batch_size: {data.batch_size!r}; expected a positive integer")
@@ -98,6 +100,59 @@ def config_problems(cfg: DictConfig) -> list[str]:
     else:
         problems += _adapter_problems(cfg)
         problems += weights_problems(cfg)
+    return problems
+
+
+def training_tasks(data: DictConfig) -> list[str]:
+    """The tasks a run trains (losses, balancer weights): ``data.tasks``, then the
+    training-only ``data.aux_tasks``."""
+    aux = data.get("aux_tasks") or []
+    return [*data.tasks, *([] if isinstance(aux, str) else aux)]
+
+
+def aux_task_problems(cfg: DictConfig) -> list[str]:
+    """``data.aux_tasks``: training-only tasks only, each once, whose source task the dataset
+    provides, with a shared representation and augmentation in the loader workers; and no
+    training-only task in ``data.tasks``."""
+    data = cfg.data
+    aux = data.get("aux_tasks") or []
+    only = sorted(name for name, task in TASKS.items() if task.training_only)
+    problems = [
+        f"data.tasks: '{task}' is a training-only task (a loss, no scores); train it with "
+        f"data.aux_tasks=[{task}]"
+        for task in ([] if isinstance(data.tasks, str) else data.tasks)
+        if task in only
+    ]
+    if isinstance(aux, str):
+        expected = f"expected a list: data.aux_tasks=[{aux}]"
+        return [*problems, f"data.aux_tasks: {aux!r} is a single name; {expected}"]
+    available = list(data.get("available_tasks") or [])
+    for task in dict.fromkeys(aux):
+        if task not in only:
+            what = "a reported task: list it in data.tasks" if task in TASKS else "unknown"
+            problems.append(f"data.aux_tasks: '{task}' is {what}; training-only tasks: {only}")
+            continue
+        source = TASKS[task].derived_from
+        if source and source not in available:
+            problems.append(
+                f"data.aux_tasks: '{task}' is computed from the {source} labels, which dataset "
+                f"'{data.name}' does not provide (its tasks: {available})"
+            )
+        elif source and source not in (data.get("num_classes") or {}):
+            problems.append(f"data.num_classes.{source}: missing; '{task}' needs a class count")
+        if list(aux).count(task) > 1:
+            problems.append(f"data.aux_tasks: '{task}' is listed twice; each task once")
+    if aux and data.get("gpu_augment", False):
+        problems.append(
+            f"data.aux_tasks: the targets of {list(aux)} are computed in the loader workers after "
+            "the augmentation, but data.gpu_augment=true augments later on the device; set "
+            "data.gpu_augment=false"
+        )
+    if aux and (cfg.model.get("adapter") or {}).get("task_aware", False):
+        problems.append(
+            f"data.aux_tasks: the auxiliary heads of {list(aux)} read one shared representation, "
+            "but the adapter is task-aware (per-task features); use model/adapter=none or lora"
+        )
     return problems
 
 
@@ -285,12 +340,13 @@ def _balancer_problems(cfg: DictConfig) -> list[str]:
             else None
         )
         problems += jacobian_problems(
-            method, OmegaConf.to_container(balancer), len(cfg.data.tasks), per_process, flat
+            method, OmegaConf.to_container(balancer), len(training_tasks(cfg.data)), per_process,
+            flat,
         )
     if mode not in ("param", "rep"):
         problems.append(f"balancer.mode: {mode!r}; expected 'param' or 'rep'")
     else:
-        problems += _option_problems(balancer, cfg.data.tasks, cfg.get("smoothing"))
+        problems += _option_problems(balancer, training_tasks(cfg.data), cfg.get("smoothing"))
     if mode == "rep" and not method.needs_task_gradients:
         problems.append(
             f"balancer.mode: 'rep' is for gradient methods; {name} only weights losses "

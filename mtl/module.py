@@ -80,9 +80,11 @@ class MultiTaskModule(L.LightningModule):
         self.automatic_optimization = False
         self.model = model
         self.balancer = balancer
-        self.tasks: list[str] = list(model.tasks)
+        self.tasks: list[str] = list(model.tasks)  # the reported tasks (evaluated, scored)
+        # trained: the reported tasks and the training-only ones (auxiliary heads)
+        self.training_tasks: list[str] = [*model.tasks, *model.aux_tasks]
         self.loss_weights = {
-            t: float(loss_weights.get(t, get_task(t).loss_weight)) for t in self.tasks
+            t: float(loss_weights.get(t, get_task(t).loss_weight)) for t in self.training_tasks
         }
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -106,7 +108,7 @@ class MultiTaskModule(L.LightningModule):
         batch: Mapping[str, Tensor],
         tasks: Sequence[str] | None = None,
     ) -> dict[str, Tensor]:
-        """Unweighted loss of each task (default: all)."""
+        """Unweighted loss of each task (default: the reported tasks)."""
         return {t: get_task(t).loss(preds[t], batch[t]) for t in tasks or self.tasks}
 
     def weighted(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -127,9 +129,10 @@ class MultiTaskModule(L.LightningModule):
             tasks: Sequence[str] | None = None, part: Mapping[str, Any] | None = None
         ) -> dict[str, Tensor]:
             rows = batch if part is None else part
+            tasks = tasks or self.training_tasks
             out = self.model.decode(
                 rows["image"],
-                tasks or self.tasks,
+                tasks,
                 detach_features=self.balancer.uses_representation,
                 probe_features=self.regularizer is not None,
             )
