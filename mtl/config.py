@@ -48,6 +48,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
     for task in tasks:
         if task not in TASKS:
             problems.append(f"data.tasks: unknown task '{task}'; registered tasks: {sorted(TASKS)}")
+        elif TASKS[task].training_only:
+            continue  # reported by `aux_task_problems`
         elif task not in available:
             problems.append(
                 f"data.tasks: task '{task}' is not provided by dataset '{data.name}'; "

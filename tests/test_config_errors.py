@@ -95,6 +95,23 @@ CASES = [
     (["optimized_metric=test/semseg/mIoU"],
      ["optimized_metric: 'test/semseg/mIoU' is not a score this run reports",
       "'val/semseg/mIoU'"]),
+    (["data.available_tasks=[depth,normals]", "data.tasks=[depth]", "data.aux_tasks=[sem_boundary]"],
+     ["data.aux_tasks: 'sem_boundary' is computed from the semseg labels, which dataset "
+      "'synthetic' does not provide (its tasks: ['depth', 'normals'])"]),
+    (["data.tasks=[semseg,sem_boundary]"],
+     ["data.tasks: 'sem_boundary' is a training-only task (a loss, no scores); train it with "
+      "data.aux_tasks=[sem_boundary]"]),
+    (["data.aux_tasks=[depth]"],
+     ["data.aux_tasks: 'depth' is a reported task: list it in data.tasks; training-only tasks: "
+      "['sem_boundary']"]),
+    (["data.aux_tasks=[sem_boundary]", "data.gpu_augment=true"],
+     ["data.aux_tasks: the targets of ['sem_boundary'] are computed in the loader workers after "
+      "the augmentation, but data.gpu_augment=true"]),
+    ([VIT, "model/adapter=mtlora", "data.aux_tasks=[sem_boundary]"],
+     ["data.aux_tasks: the auxiliary heads of ['sem_boundary'] read one shared representation, "
+      "but the adapter is task-aware"]),
+    (["optimized_metric=val/sem_boundary/loss", "data.aux_tasks=[sem_boundary]"],
+     ["optimized_metric: 'val/sem_boundary/loss' is not a score this run reports"]),
 ]  # fmt: skip
 
 
