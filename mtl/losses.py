@@ -65,7 +65,8 @@ def multilabel_edge_bce(pred: Tensor, target: Tensor) -> Tensor:
     the K-channel {0, 1} map. Per image, positives are weighted by
     clamp(negatives / positives, 1, pixels x K); the BCE is averaged over pixels and classes,
     then over the batch."""
-    target = target.to(pred.dtype)
+    pred = pred.float()  # sums over K x H x W pixels: not in half precision
+    target = target.float()
     dims = tuple(range(1, target.ndim))
     total = target[0].numel()
     positives = target.sum(dims)

@@ -117,7 +117,8 @@ def build_model(cfg: DictConfig, aux_heads: bool = True) -> MultiTaskModel:
     with open_dict(node):
         compile_value = node.pop("compile", False)  # model.compile: see mtl/compile.py
     try:
-        model = instantiate(node, task_channels=channels, aux_heads=heads, _convert_="all")
+        extra = {"aux_heads": heads} if heads else {}  # other model classes need not take it
+        model = instantiate(node, task_channels=channels, _convert_="all", **extra)
     except InstantiationException as error:  # hydra wraps the backbone's report on its weights
         cause = error.__cause__
         while isinstance(cause, InstantiationException):

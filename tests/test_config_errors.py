@@ -95,7 +95,8 @@ CASES = [
     (["optimized_metric=test/semseg/mIoU"],
      ["optimized_metric: 'test/semseg/mIoU' is not a score this run reports",
       "'val/semseg/mIoU'"]),
-    (["data.available_tasks=[depth,normals]", "data.tasks=[depth]", "data.aux_tasks=[sem_boundary]"],
+    (["data.available_tasks=[depth,normals]", "data.tasks=[depth]",
+      "data.aux_tasks=[sem_boundary]"],
      ["data.aux_tasks: 'sem_boundary' is computed from the semseg labels, which dataset "
       "'synthetic' does not provide (its tasks: ['depth', 'normals'])"]),
     (["data.tasks=[semseg,sem_boundary]"],
