@@ -71,6 +71,35 @@ def test_boundaries_match_the_rule_on_the_whole_image():
     np.testing.assert_array_equal(semantic_boundaries(labels, 5), _reference(labels, 5))
 
 
+def test_targets_are_computed_after_augmentation_in_the_loader(make_cfg):
+    """The train transform of the datamodule adds the boundaries of the augmented class map;
+    semseg, loaded only for them, leaves the sample (and is not added to validation)."""
+    from mtl.data.derived import DerivedTargets
+    from mtl.train import build_datamodule
+
+    cfg = make_cfg("data.tasks=[depth]", "data.aux_tasks=[sem_boundary]")
+    datamodule = build_datamodule(cfg.data)
+    assert datamodule.tasks == ["depth", "semseg"]
+    transform = datamodule.train_transform
+    assert isinstance(transform, DerivedTargets)
+    labels = np.zeros((48, 64), np.uint8)
+    labels[10:30, 5:25] = 3
+    sample = {
+        "image": np.full((48, 64, 3), 128, np.uint8),
+        "semseg": labels,
+        "depth": np.ones((48, 64), np.float32),
+        "meta": {"id": "a", "orig_size": (48, 64), "pad": (0, 0, 0, 0)},
+    }
+    torch.manual_seed(3)
+    out = transform(dict(sample))
+    assert set(out) == {"image", "depth", "sem_boundary", "meta"}
+    torch.manual_seed(3)  # the same random scale, crop and flip without the derived target
+    augmented = transform.transform(dict(sample))["semseg"]
+    assert not torch.equal(augmented, torch.from_numpy(labels).long())  # it was augmented
+    torch.testing.assert_close(out["sem_boundary"], boundary_targets(augmented, 5))
+    assert "semseg" not in datamodule.val_transform(dict(sample))
+
+
 def test_multilabel_edge_loss_balances_positives_per_image():
     logits = torch.zeros(2, 2, 2, 2)  # [fused; last] of K=1, two images
     target = torch.zeros(2, 1, 2, 2, dtype=torch.uint8)
