@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,10 +170,16 @@ ALLOWED = {b"train/sem_boundary/loss", b"balancer/sem_boundary/weight"}
 GRADIENTS = rb"grad/(cos/\w+-sem_boundary|cos/sem_boundary-\w+|sem_boundary/norm)"
 
 
+def json_total(run: Path) -> int:
+    """The parameter count a run reports."""
+    return json.loads((run / "metrics.json").read_text())["params/total"]
+
+
 def test_training_only_task_trains_and_is_in_no_report(make_cfg, tmp_path):
     import re
 
     import mtl
+    from mtl.checkpoint import IncompatibleCheckpointError, check_compatible, model_signature
     from mtl.train import train
 
     run = tmp_path / "run"
@@ -194,10 +201,12 @@ def test_training_only_task_trains_and_is_in_no_report(make_cfg, tmp_path):
 
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     head_keys = [k for k in checkpoint["state_dict"] if k.startswith("model.aux_heads.")]
-    assert head_keys  # kept for resuming
+    assert head_keys  # kept for resuming, which needs the same training-only tasks:
+    plain = make_cfg(*[o for o in AUX_RUN if "aux_tasks" not in o], output_dir=run)
+    with pytest.raises(IncompatibleCheckpointError, match=r"aux_tasks: checkpoint \['sem_bo"):
+        check_compatible(checkpoint, model_signature(plain, json_total(run)))
     loaded = mtl.load(run / "checkpoints" / "last.ckpt")
     assert loaded.tasks == ["semseg", "depth"]
     assert not any("aux_heads" in name for name, _ in loaded.model.named_parameters())
-    total = sum(p.numel() for p in loaded.model.parameters())
-    assert total == json.loads((run / "metrics.json").read_text())["params/total"]
+    assert sum(p.numel() for p in loaded.model.parameters()) == json_total(run)
     assert set(loaded.predict(np.zeros((40, 50, 3), np.uint8))) == set(loaded.tasks)
