@@ -79,9 +79,9 @@ def build_datamodule(data: DictConfig) -> MultiTaskDataModule:
     if aux_tasks:
         num_classes = _plain(data.get("num_classes"))
         derived = {
-            t: (get_task(t).derived_from, partial(get_task(t).derive, num_classes=n))
-            for t in aux_tasks
-            for n in [get_task(t).channels(num_classes)]
+            task: (spec.derived_from, partial(spec.derive, num_classes=spec.channels(num_classes)))
+            for task in aux_tasks
+            for spec in [get_task(task)]
         }
         sources = [source for source, _ in derived.values() if source not in tasks]
         train_transform = DerivedTargets(train_transform, derived, drop=sources)
@@ -108,10 +108,11 @@ def build_model(cfg: DictConfig, aux_heads: bool = True) -> MultiTaskModel:
     `aux_heads`, the auxiliary heads of the training-only tasks (``data.aux_tasks``) too."""
     num_classes = _plain(cfg.data.get("num_classes"))
     channels = {task: get_task(task).channels(num_classes) for task in cfg.data.tasks}
+    aux_tasks = list(cfg.data.get("aux_tasks") or []) if aux_heads else []
     heads = {
-        task: partial(get_class(get_task(task).aux_head), out_channels=channels)
-        for task in (cfg.data.get("aux_tasks") or []) if aux_heads
-        for channels in [get_task(task).channels(num_classes)]
+        task: partial(get_class(get_task(task).aux_head), out_channels=classes)
+        for task in aux_tasks
+        for classes in [get_task(task).channels(num_classes)]
     }
     node = cfg.model.copy()
     with open_dict(node):
