@@ -96,6 +96,24 @@ def test_overhead_table():
     assert all(r > 0 for r in table.column("ratio to plain"))
 
 
+def test_edge_table_scores_like_the_reference_and_faster():
+    """Seconds: two tiny sizes, one image each, 9 thresholds; the same scores as the seeded
+    whole-image reference (its random outlier edges lose nothing on graphs this small)."""
+    from bench import edge
+    from mtl.metrics.boundary import pyedgeeval_available
+
+    if not pyedgeeval_available():
+        pytest.skip("pyedgeeval not installed (pip install -e '.[edge]')")
+    table = edge.edge_table(edge.Settings.tiny())
+    assert table.column("size") == ["48x64", "60x80"]
+    for name in ("odsF ref / mtl", "oisF ref / mtl", "AP ref / mtl"):
+        for cell in table.column(name):
+            reference, ours = cell.split(" / ")
+            assert reference == ours and 0 < float(ours) <= 1
+    assert all(cell.startswith("0 of ") for cell in table.column("matched px lost by ref"))
+    assert all(r > 1 for r in table.column("speed-up"))
+
+
 def test_gpu_peaks_and_skip_without_cuda():
     assert gpu.peak_tflops("NVIDIA H100 80GB HBM3") == 989
     assert gpu.peak_tflops("NVIDIA H100 PCIe") == 756
