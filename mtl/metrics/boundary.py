@@ -1,8 +1,9 @@
-"""Boundary precision/recall with the benchmark's one-to-one pixel matching (NumPy only).
+"""Boundary precision/recall with the benchmark's one-to-one pixel matching (NumPy, SciPy).
 
-This module runs in worker processes, so it imports neither torch nor the rest of the package.
-The matching (``correspondPixels`` of the BSDS benchmark), the morphological thinning and the
-optional NMS come from the ``pyedgeeval`` package (``pip install -e ".[edge]"``).
+This module runs in worker processes, so it imports neither torch nor the rest of the package
+(only its NumPy modules `mtl.metrics.thinning` and `mtl.metrics.matching`). The thinning tables,
+the optional NMS and the reference matcher (``correspondPixels`` of the BSDS benchmark) come
+from the ``pyedgeeval`` package (``pip install -e ".[edge]"``).
 
 Per image and threshold t the edge probability map, quantised to uint8 as in the exported PNGs,
 is binarised as ``q / 255 > t`` (SEISM's ``read_one_cont_png``), thinned, and matched to the

@@ -76,12 +76,21 @@ def _pairs(pred: np.ndarray, gt: np.ndarray, tol: Tolerance) -> tuple[np.ndarray
     pred_at, gt_at = np.flatnonzero(pred), np.flatnonzero(gt)
     gt_id = np.full(pred.size, -1, dtype=np.int64)
     gt_id[gt_at] = np.arange(gt_at.size)
-    y, x = np.divmod(pred_at, width)
-    yy, xx = y[:, None] + tol.dy, x[:, None] + tol.dx  # [prediction pixel, offset]
-    inside = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
-    partner = np.where(inside, gt_id[np.where(inside, yy * width + xx, 0)], -1)
-    rows, offset = np.nonzero(partner >= 0)
-    return rows, partner[rows, offset], tol.cost[offset], pred_at, gt_at
+    rows, cols, offsets = [], [], []
+    block = max(1, 2**20 // tol.dy.size)  # prediction pixels per step: bounded memory
+    for start in range(0, pred_at.size, block):
+        y, x = np.divmod(pred_at[start : start + block], width)
+        yy, xx = y[:, None] + tol.dy, x[:, None] + tol.dx  # [prediction pixel, offset]
+        inside = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
+        partner = np.where(inside, gt_id[np.where(inside, yy * width + xx, 0)], -1)
+        row, offset = np.nonzero(partner >= 0)
+        rows.append(start + row)
+        cols.append(partner[row, offset])
+        offsets.append(offset)
+    if not rows:
+        return (np.zeros(0, dtype=np.int64),) * 3 + (pred_at, gt_at)
+    offset = np.concatenate(offsets)
+    return np.concatenate(rows), np.concatenate(cols), tol.cost[offset], pred_at, gt_at
 
 
 def _assignment_count(
