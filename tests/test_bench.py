@@ -114,6 +114,18 @@ def test_edge_table_scores_like_the_reference_and_faster():
     assert all(r > 1 for r in table.column("speed-up"))
 
 
+def test_data_pipeline_table_gives_the_decode_only_rate():
+    """Two samples of NYUD-v2 (ATRC layout) and PASCAL_MT, one pass: every rate positive;
+    decoding alone (what a worker does with data.gpu_augment) beats decoding and augmenting."""
+    from bench import data
+
+    table = data.pipeline_table(data.Settings(samples=2, repeats=1, nyud_variants=("atrc",)))
+    assert len(table.rows) == 2 and "gpu_augment" in table.notes[0]
+    for row in table.rows:
+        assert all(r > 0 for r in row[1:])
+    assert sum(table.column("mtl decode only")) > sum(table.column("mtl"))
+
+
 def test_gpu_peaks_and_skip_without_cuda():
     assert gpu.peak_tflops("NVIDIA H100 80GB HBM3") == 989
     assert gpu.peak_tflops("NVIDIA H100 PCIe") == 756
