@@ -115,15 +115,15 @@ def test_edge_table_scores_like_the_reference_and_faster():
 
 
 def test_data_pipeline_table_gives_the_decode_only_rate():
-    """Two samples of NYUD-v2 (ATRC layout) and PASCAL_MT, one pass: every rate positive;
-    decoding alone (what a worker does with data.gpu_augment) beats decoding and augmenting."""
+    """Two samples of NYUD-v2 (ATRC layout) and PASCAL_MT, one pass: both pipelines and the
+    decode-only rate (what a worker does with data.gpu_augment) measured for each."""
     from bench import data
 
     table = data.pipeline_table(data.Settings(samples=2, repeats=1, nyud_variants=("atrc",)))
     assert len(table.rows) == 2 and "gpu_augment" in table.notes[0]
+    assert table.column("data")[0].startswith("NYUD-v2 ATRC")
     for row in table.rows:
-        assert all(r > 0 for r in row[1:])
-    assert sum(table.column("mtl decode only")) > sum(table.column("mtl"))
+        assert all(math.isfinite(r) and r > 0 for r in row[1:])
 
 
 def test_gpu_peaks_and_skip_without_cuda():
