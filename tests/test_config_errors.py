@@ -93,7 +93,7 @@ CASES = [
      ["optimized_metric: 'val/normals/mean_angle' is not a score this run reports",
       "'val/depth/rmse'"]),
     (["++data.metric_options.edge.online_thresholds=-1", "++data.metric_options.edge.workers=all"],
-     ["data.metric_options.edge.workers: 'all'; expected a count of processes",
+     ["data.metric_options.edge.workers: 'all'; expected a count of processes >= 0",
       "data.metric_options.edge.online_thresholds: -1; expected a count >= 0"]),
     (["optimized_metric=test/semseg/mIoU"],
      ["optimized_metric: 'test/semseg/mIoU' is not a score this run reports",

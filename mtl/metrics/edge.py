@@ -71,9 +71,11 @@ def edge_option_problems(options: Mapping[str, Any]) -> list[str]:
     """Bad values among the edge metric's options (``data.metric_options.edge``), one line each."""
     problems = []
     workers = options.get("workers")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)):
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or workers < 0
+    ):
         problems.append(
-            f"data.metric_options.edge.workers: {workers!r}; expected a count of processes "
+            f"data.metric_options.edge.workers: {workers!r}; expected a count of processes >= 0 "
             "(0: match in the evaluating process) or null (every available core)"
         )
     online = options.get("online_thresholds", 0)
