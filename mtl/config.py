@@ -89,6 +89,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     problems += trainer_argument_problems(cfg.get("trainer"))
     problems += ckpt_path_problems(cfg)
     problems += optimized_metric_problems(cfg)
+    problems += _edge_option_problems(data)
 
     import timm  # imported here: timm's import is slow and the task checks do not need it
 
@@ -303,6 +304,16 @@ def trainer_argument_problems(trainer: DictConfig | None) -> list[str]:
             + (f"; did you mean trainer.{close[0]}?" if close else "")
         )
     return problems
+
+
+def _edge_option_problems(data: DictConfig) -> list[str]:
+    """Bad edge metric options (``data.metric_options.edge``), before training starts."""
+    from mtl.metrics.edge import edge_option_problems
+
+    options = (data.get("metric_options") or {}).get("edge")
+    if not isinstance(options, DictConfig):
+        return []
+    return edge_option_problems(OmegaConf.to_container(options, resolve=True))
 
 
 def _adapter_problems(cfg: DictConfig) -> list[str]:

@@ -96,6 +96,36 @@ def test_overhead_table():
     assert all(r > 0 for r in table.column("ratio to plain"))
 
 
+def test_edge_table_scores_like_the_reference_and_faster():
+    """Seconds: two tiny sizes, one image each, 9 thresholds; the same scores as the seeded
+    whole-image reference (its random outlier edges lose nothing on graphs this small)."""
+    from bench import edge
+    from mtl.metrics.boundary import pyedgeeval_available
+
+    if not pyedgeeval_available():
+        pytest.skip("pyedgeeval not installed (pip install -e '.[edge]')")
+    table = edge.edge_table(edge.Settings.tiny())
+    assert table.column("size") == ["48x64", "60x80"]
+    for name in ("odsF ref / mtl", "oisF ref / mtl", "AP ref / mtl"):
+        for cell in table.column(name):
+            reference, ours = cell.split(" / ")
+            assert reference == ours and 0 < float(ours) <= 1
+    assert all(cell.startswith("0 of ") for cell in table.column("matched px lost by ref"))
+    assert all(r > 1 for r in table.column("speed-up"))
+
+
+def test_data_pipeline_table_gives_the_decode_only_rate():
+    """Two samples of NYUD-v2 (ATRC layout) and PASCAL_MT, one pass: both pipelines and the
+    decode-only rate (what a worker does with data.gpu_augment) measured for each."""
+    from bench import data
+
+    table = data.pipeline_table(data.Settings(samples=2, repeats=1, nyud_variants=("atrc",)))
+    assert len(table.rows) == 2 and "gpu_augment" in table.notes[0]
+    assert table.column("data")[0].startswith("NYUD-v2 ATRC")
+    for row in table.rows:
+        assert all(math.isfinite(r) and r > 0 for r in row[1:])
+
+
 def test_gpu_peaks_and_skip_without_cuda():
     assert gpu.peak_tflops("NVIDIA H100 80GB HBM3") == 989
     assert gpu.peak_tflops("NVIDIA H100 PCIe") == 756
