@@ -46,6 +46,7 @@ from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mtl.eval_config import evaluation_config, section_overrides
 from mtl.export import PredictionWriter
 from mtl.loggers import build_loggers, finish_loggers, logger_callbacks
+from mtl.merging.initial import load_initial_weights
 from mtl.metrics.callback import MetricsCallback
 from mtl.metrics.collection import TaskMetrics
 from mtl.metrics.delta_m import find_baselines, load_baselines
@@ -90,6 +91,7 @@ def build_model(cfg: DictConfig) -> MultiTaskModel:
     node = cfg.model.copy()
     with open_dict(node):
         compile_value = node.pop("compile", False)  # model.compile: see mtl/compile.py
+        init_from = node.pop("init_from", None)  # model.init_from: see mtl/merging/initial.py
     try:
         model = instantiate(node, task_channels=channels, _convert_="all")
     except InstantiationException as error:  # hydra wraps the backbone's report on its weights
@@ -99,6 +101,8 @@ def build_model(cfg: DictConfig) -> MultiTaskModel:
         if isinstance(cause, WeightsError):
             raise cause from None
         raise
+    if init_from and cfg.get("train", True):
+        load_initial_weights(model, init_from)
     compile_backbone(model, compile_value)
     return model
 
