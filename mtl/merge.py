@@ -30,11 +30,16 @@ def method_overrides(argv: list[str]) -> list[str]:
     return [f"merge@{word}" if word.startswith("method=") else word for word in argv]
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="merge")
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> dict[str, float]:
+    """`mtl.merging.run.merge`, a user's mistake reported as one ``error:`` line."""
     from mtl.merging.run import merge
 
-    reporting_errors(lambda: merge(cfg), extra=(MergeError,))
+    return reporting_errors(lambda: merge(cfg), extra=(MergeError,))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="merge")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
 
 
 if __name__ == "__main__":

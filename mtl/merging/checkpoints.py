@@ -101,15 +101,14 @@ def check_mergeable(runs: Sequence[SingleTask]) -> None:
     """Refuse runs of other architectures (naming the first differing encoder tensor), of the
     same task twice, of other datasets or decoders, or started from other initialisations."""
     if len(runs) < 1:
-        raise MergeError(
-            "checkpoints: empty; give one single-task checkpoint per task, e.g. checkpoints=[a.ckpt,b.ckpt]"
-        )
+        raise MergeError("checkpoints: empty; give one single-task checkpoint per task")
     first = runs[0]
     seen: dict[str, str] = {}
     for run in runs:
         if run.task in seen:
             raise MergeError(
-                f"checkpoints: {seen[run.task]} and {run.path} are both {run.task} models; give one per task"
+                f"checkpoints: {seen[run.task]} and {run.path} are both {run.task} models; "
+                "give one per task"
             )
         seen[run.task] = run.path
     reference = encoder(first.state)
@@ -125,8 +124,8 @@ def check_mergeable(runs: Sequence[SingleTask]) -> None:
         if _init_source(run.config) != _init_source(first.config):
             raise MergeError(
                 f"checkpoints: {run.path} and {first.path} start from different initialisations "
-                f"({_init_source(run.config)} vs {_init_source(first.config)}); train them with one "
-                "model.init_from=FILE (or one seed)"
+                f"({_init_source(run.config)} vs {_init_source(first.config)}); train them with "
+                "one model.init_from=FILE (or one seed)"
             )
 
 
