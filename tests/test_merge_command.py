@@ -27,8 +27,15 @@ SHORT = [
 
 
 def _train_cfg(root: Path, out: Path, *overrides: str):
-    base = [*TINY_DATA, f"data.root={root}", f"paths.root_dir={ROOT}", f"paths.output_dir={out}",
-            "data.batch_size=4", "data.num_workers=0", "trainer.enable_progress_bar=false"]  # fmt: skip
+    base = [
+        *TINY_DATA,
+        f"data.root={root}",
+        f"paths.root_dir={ROOT}",
+        f"paths.output_dir={out}",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "trainer.enable_progress_bar=false",
+    ]
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         return compose(config_name="train", overrides=[*base, *SHORT, *overrides])
 
