@@ -45,9 +45,10 @@ def _method(cfg: DictConfig):
     return instantiate(node, _convert_="all")
 
 
-def merge(cfg: DictConfig) -> dict[str, float]:
+def merge(cfg: DictConfig, single: dict[str, dict[str, float]] | None = None) -> dict[str, float]:
     """Merge ``cfg.checkpoints`` with ``cfg.method``; returns the scores written to
-    ``<output_dir>/metrics.json``."""
+    ``<output_dir>/metrics.json``. `single`: each task's single-task scores (``test/<task>/...``)
+    when known already (a benchmark merging the same checkpoints many times); else computed."""
     from mtl.train import build_datamodule, build_module  # heavy imports, only for the command
 
     checkpoints = list(cfg.get("checkpoints") or [])
@@ -96,9 +97,9 @@ def merge(cfg: DictConfig) -> dict[str, float]:
             module.model.backbone, training_images(datamodule, int(cfg.bn_batches), device)
         )
     scores: dict[str, float] = {"merge/seconds": seconds}
-    single: dict[str, dict[str, float]] = {}
+    single = dict(single or {})
     if cfg.evaluate:
-        for run in runs:
+        for run in [run for run in runs if run.task not in single]:
             L.seed_everything(cfg.seed, verbose=False)
             own = build_module(buildable(run.config))
             own.model.load_state_dict(run.state)
