@@ -210,3 +210,61 @@ def test_first_difference_names_the_tensor():
     assert first_difference(BASE, other) == "b has shape (3,), expected (2,)"
     assert first_difference(BASE, {"w": BASE["w"]}) == "b is missing"
     assert first_difference(BASE, dict(BASE)) is None
+
+
+class _Toy(torch.nn.Module):
+    """A 1x1-conv 'encoder' whose output is every task's prediction, as a module would hold it."""
+
+    def __init__(self, tasks: list[str], channels: int) -> None:
+        super().__init__()
+        self.backbone = torch.nn.Conv2d(1, channels, 1, bias=False)
+        self.tasks = tasks
+
+    @property
+    def model(self):
+        return self
+
+    def forward(self, images, tasks):
+        return {t: self.backbone(images) for t in tasks}
+
+    def weighted(self, losses):
+        return losses
+
+
+def _batches(target: float):
+    images = torch.rand(4, 1, 3, 3) + 0.5
+    while True:
+        yield {"image": images, "depth": target * images}
+
+
+def test_learned_coefficients_fit_a_known_optimum_and_start_from_init():
+    from mtl.merging.adamerging import LearnedCoefficients
+
+    toy = _Toy(["depth"], 1)
+    base = {"backbone.weight": torch.zeros(1, 1, 1, 1)}
+    tv = [{"backbone.weight": torch.ones(1, 1, 1, 1)}]
+    # depth = λ·x against a target 2·x (L1): the optimum is λ = 2 (no clamp)
+    method = LearnedCoefficients(
+        granularity="task", init=0.0, objective="supervised", steps=150, lr=0.05, clamp=False
+    )
+    merged = method.learn(base, tv, toy, _batches(2.0), torch.device("cpu"))
+    assert float(merged["backbone.weight"]) == pytest.approx(2.0, abs=0.05)
+    close(LearnedCoefficients(init=0.3)(base, tv), TaskArithmetic(0.3)(base, tv))
+
+
+def test_entropy_sharpens_a_classification_head_up_to_the_clamp():
+    from mtl.merging.adamerging import LearnedCoefficients, prediction_entropy
+
+    uniform = torch.zeros(1, 5, 2, 2)
+    assert float(prediction_entropy(uniform, "labels")) == pytest.approx(torch.log(T(5.0)).item())
+    assert float(prediction_entropy(torch.zeros(1, 1, 2, 2), "probability")) == pytest.approx(
+        torch.log(T(2.0)).item()
+    )
+    toy = _Toy(["semseg"], 2)
+    base = {"backbone.weight": torch.zeros(2, 1, 1, 1)}
+    tv = [{"backbone.weight": T([4.0, -4.0]).reshape(2, 1, 1, 1)}]  # larger λ: surer logits
+    method = LearnedCoefficients(
+        granularity="tensor", init=0.3, objective="entropy", steps=60, lr=0.05
+    )
+    method.learn(base, tv, toy, _batches(0.0), torch.device("cpu"))
+    assert method.coefficients.tolist() == [[1.0]]  # clamped at 1

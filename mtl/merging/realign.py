@@ -8,6 +8,8 @@ features need no checkpointing, logging or balancer, and the loop is the whole m
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import lightning as L
 import torch
 
@@ -32,7 +34,7 @@ def realign_decoders(
     model.train()
     model.backbone.eval()  # the merged statistics stay as they are
     losses = []
-    batches = _forever(datamodule)
+    batches = endless_batches(datamodule)
     try:
         for _ in range(steps):
             batch = next(batches)
@@ -54,6 +56,7 @@ def realign_decoders(
     return losses
 
 
-def _forever(datamodule: L.LightningDataModule):
+def endless_batches(datamodule: L.LightningDataModule) -> Iterator[dict]:
+    """The training split's batches, epoch after epoch."""
     while True:
         yield from datamodule.train_dataloader()

@@ -26,7 +26,7 @@ from mtl.merging.checkpoints import (
     save_merged,
 )
 from mtl.merging.evaluate import baselines_of, buildable, test_scores, training_images, with_delta
-from mtl.merging.realign import realign_decoders
+from mtl.merging.realign import endless_batches, realign_decoders
 from mtl.merging.task_vectors import MergeError, add, task_vector
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,21 @@ def merge(cfg: DictConfig, single: dict[str, dict[str, float]] | None = None) ->
     keys = merged_keys(module.model)
     theta0 = {k: base[k] for k in keys}
     vectors = [task_vector({k: run.state[k] for k in keys}, theta0) for run in runs]
+    datamodule = build_datamodule(merged_cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
     start = time.perf_counter()
-    merged = add(theta0, merger(theta0, vectors))
+    learned = {}
+    if getattr(merger, "learns", False):  # coefficients fitted through the assembled model
+        initial = add(theta0, merger(theta0, vectors))
+        module.model.load_state_dict(assemble(module.model, initial, runs, average_bn=True))
+        delta = merger.learn(theta0, vectors, module, endless_batches(datamodule), device)
+        module.cpu()
+        for run, row in zip(runs, merger.coefficients, strict=True):
+            learned[f"merge/coefficient/{run.task}"] = float(row.mean())
+    else:
+        delta = merger(theta0, vectors)
+    merged = add(theta0, delta)
     seconds = time.perf_counter() - start
     log.info(
         "merged %d tensors of %d tasks with %s in %.2f s",
@@ -85,9 +98,6 @@ def merge(cfg: DictConfig, single: dict[str, dict[str, float]] | None = None) ->
     recompute = bool(cfg.recompute_bn)
     module.model.load_state_dict(assemble(module.model, merged, runs, average_bn=not recompute))
 
-    datamodule = build_datamodule(merged_cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
     module.to(device)
     if recompute and any(
         isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
@@ -96,7 +106,7 @@ def merge(cfg: DictConfig, single: dict[str, dict[str, float]] | None = None) ->
         recompute_batchnorm(
             module.model.backbone, training_images(datamodule, int(cfg.bn_batches), device)
         )
-    scores: dict[str, float] = {"merge/seconds": seconds}
+    scores: dict[str, float] = {"merge/seconds": seconds, **learned}
     single = dict(single or {})
     if cfg.evaluate:
         for run in [run for run in runs if run.task not in single]:
