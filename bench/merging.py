@@ -90,16 +90,25 @@ def comparison(out: Path, tasks: Sequence[str], chosen: Sequence[str], realign: 
     joint = with_delta({f"test/{k[4:]}": v for k, v in joint.items() if k.startswith("val/")},
                        baselines, tasks, "test/")  # fmt: skip
     metrics = [get_task(t).main_metric for t in tasks]
-    arrows = ["↑" if get_task(t).higher_is_better[m] else "↓" for t, m in zip(tasks, metrics)]
-    header = ["model", *(f"{t} {m} {a}" for t, m, a in zip(tasks, metrics, arrows)), "Δm % ↑"]
+    arrows = [
+        "↑" if get_task(t).higher_is_better[m] else "↓"
+        for t, m in zip(tasks, metrics, strict=False)
+    ]
+    header = [
+        "model",
+        *(f"{t} {m} {a}" for t, m, a in zip(tasks, metrics, arrows, strict=False)),
+        "Δm % ↑",
+    ]
     table = Table("Merging single-task models (synthetic scenes, evaluation split)", header)
 
     def row(name: str, scores: dict, prefix: str = "test/") -> None:
-        cells = [f"{scores[f'{prefix}{t}/{m}']:.4f}" for t, m in zip(tasks, metrics)]
+        cells = [f"{scores[f'{prefix}{t}/{m}']:.4f}" for t, m in zip(tasks, metrics, strict=False)]
         delta = scores.get(f"{prefix}delta_m")
         table.rows.append([name, *cells, "" if delta is None else f"{delta:+.2f}"])
 
-    own = {f"test/{t}/{m}": single[t][f"test/{t}/{m}"] for t, m in zip(tasks, metrics)}
+    own = {
+        f"test/{t}/{m}": single[t][f"test/{t}/{m}"] for t, m in zip(tasks, metrics, strict=False)
+    }
     row("single-task models", {**own, "test/delta_m": 0.0})
     row("joint multi-task training", joint)
     row("initial encoder, single-task heads", floor)
@@ -118,7 +127,9 @@ def comparison(out: Path, tasks: Sequence[str], chosen: Sequence[str], realign: 
 def _random_vectors(model_name: str, tasks: int, seed: int = 0) -> tuple[dict, list[dict]]:
     import timm
 
-    base = {k: v for k, v in timm.create_model(model_name).state_dict().items() if v.is_floating_point()}
+    base = {
+        k: v for k, v in timm.create_model(model_name).state_dict().items() if v.is_floating_point()
+    }
     generator = torch.Generator().manual_seed(seed)
     vectors = [{k: 1e-3 * torch.randn(v.shape, generator=generator) for k, v in base.items()}
                for _ in range(tasks)]  # fmt: skip
@@ -164,7 +175,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cost-model", default="vit_base_patch16_224")
     parser.add_argument("--cost-tasks", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "merging")
-    parser.add_argument("--tiny", action="store_true", help="seconds: 2 tasks, tiny data, 2 methods")
+    parser.add_argument(
+        "--tiny", action="store_true", help="seconds: 2 tasks, tiny data, 2 methods"
+    )
     args = parser.parse_args(argv)
     chosen, tasks = args.methods or methods(), TASKS
     if args.tiny:
