@@ -90,10 +90,7 @@ def comparison(out: Path, tasks: Sequence[str], chosen: Sequence[str], realign: 
     joint = with_delta({f"test/{k[4:]}": v for k, v in joint.items() if k.startswith("val/")},
                        baselines, tasks, "test/")  # fmt: skip
     metrics = [get_task(t).main_metric for t in tasks]
-    arrows = [
-        "↑" if get_task(t).higher_is_better[m] else "↓"
-        for t, m in zip(tasks, metrics, strict=False)
-    ]
+    arrows = ["↑" if get_task(t).higher_is_better[m] else "↓" for t, m in pairs]
     header = [
         "model",
         *(f"{t} {m} {a}" for t, m, a in zip(tasks, metrics, arrows, strict=False)),
@@ -102,13 +99,11 @@ def comparison(out: Path, tasks: Sequence[str], chosen: Sequence[str], realign: 
     table = Table("Merging single-task models (synthetic scenes, evaluation split)", header)
 
     def row(name: str, scores: dict, prefix: str = "test/") -> None:
-        cells = [f"{scores[f'{prefix}{t}/{m}']:.4f}" for t, m in zip(tasks, metrics, strict=False)]
+        cells = [f"{scores[f'{prefix}{t}/{m}']:.4f}" for t, m in pairs]
         delta = scores.get(f"{prefix}delta_m")
         table.rows.append([name, *cells, "" if delta is None else f"{delta:+.2f}"])
 
-    own = {
-        f"test/{t}/{m}": single[t][f"test/{t}/{m}"] for t, m in zip(tasks, metrics, strict=False)
-    }
+    own = {f"test/{t}/{m}": single[t][f"test/{t}/{m}"] for t, m in pairs}
     row("single-task models", {**own, "test/delta_m": 0.0})
     row("joint multi-task training", joint)
     row("initial encoder, single-task heads", floor)
