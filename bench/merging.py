@@ -90,10 +90,11 @@ def comparison(out: Path, tasks: Sequence[str], chosen: Sequence[str], realign: 
     joint = with_delta({f"test/{k[4:]}": v for k, v in joint.items() if k.startswith("val/")},
                        baselines, tasks, "test/")  # fmt: skip
     metrics = [get_task(t).main_metric for t in tasks]
+    pairs = list(zip(tasks, metrics, strict=True))
     arrows = ["↑" if get_task(t).higher_is_better[m] else "↓" for t, m in pairs]
     header = [
         "model",
-        *(f"{t} {m} {a}" for t, m, a in zip(tasks, metrics, arrows, strict=False)),
+        *(f"{t} {m} {a}" for t, m, a in zip(tasks, metrics, arrows, strict=True)),
         "Δm % ↑",
     ]
     table = Table("Merging single-task models (synthetic scenes, evaluation split)", header)
