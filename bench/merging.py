@@ -152,6 +152,10 @@ def cost(model_name: str, tasks: int, chosen: Sequence[str]) -> str:
     table = Table(title, ["method", "seconds", "peak extra MiB"])
     context = multiprocessing.get_context("fork")
     for method in chosen:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+            node = compose(config_name="merge", overrides=[f"merge@method={method}"]).method
+        if getattr(instantiate(node, _convert_="all"), "learns", False):
+            continue  # its cost is a training run's, not a merge's
         queue = context.Queue()
         process = context.Process(target=_child, args=(method, base, vectors, queue))
         process.start()

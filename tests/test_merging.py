@@ -268,3 +268,19 @@ def test_entropy_sharpens_a_classification_head_up_to_the_clamp():
     )
     method.learn(base, tv, toy, _batches(0.0), torch.device("cpu"))
     assert method.coefficients.tolist() == [[1.0]]  # clamped at 1
+
+
+@pytest.mark.parametrize("aggregate", ["sum", "mean"])
+def test_ties_equals_fusionbench_when_installed(aggregate):
+    """FusionBench as an oracle (a test-only dependency, skipped without it). Its trim keeps
+    ⌊d·k⌋ + 1 entries, so our k is set to keep as many."""
+    utils = pytest.importorskip("fusion_bench.method.ties_merging.ties_merging_utils")
+    from mtl.merging.task_vectors import stack
+
+    generator = torch.Generator().manual_seed(0)
+    tv = [{"a": torch.randn(30, 20, generator=generator), "b": torch.randn(400, generator=generator)}
+          for _ in range(4)]  # fmt: skip
+    base = {k: torch.zeros_like(v) for k, v in tv[0].items()}
+    expected = utils.ties_merging(stack(tv), reset_thresh=20, merge_func=f"dis-{aggregate}")
+    merged = Ties(k=201 / 1000, scaling=1.0, aggregate=aggregate)(base, tv)
+    torch.testing.assert_close(stack([merged])[0], expected)
