@@ -277,9 +277,8 @@ def test_ties_equals_fusionbench_when_installed(aggregate):
     utils = pytest.importorskip("fusion_bench.method.ties_merging.ties_merging_utils")
     from mtl.merging.task_vectors import stack
 
-    generator = torch.Generator().manual_seed(0)
-    tv = [{"a": torch.randn(30, 20, generator=generator), "b": torch.randn(400, generator=generator)}
-          for _ in range(4)]  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    tv = [{"a": torch.randn(30, 20, generator=g), "b": torch.randn(400, generator=g)} for _ in range(4)]
     base = {k: torch.zeros_like(v) for k, v in tv[0].items()}
     expected = utils.ties_merging(stack(tv), reset_thresh=20, merge_func=f"dis-{aggregate}")
     merged = Ties(k=201 / 1000, scaling=1.0, aggregate=aggregate)(base, tv)
