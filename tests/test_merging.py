@@ -278,7 +278,8 @@ def test_ties_equals_fusionbench_when_installed(aggregate):
     from mtl.merging.task_vectors import stack
 
     g = torch.Generator().manual_seed(0)
-    tv = [{"a": torch.randn(30, 20, generator=g), "b": torch.randn(400, generator=g)} for _ in range(4)]
+    tv = [{"a": torch.randn(30, 20, generator=g), "b": torch.randn(400, generator=g)}]
+    tv = tv + [{k: torch.randn(v.shape, generator=g) for k, v in tv[0].items()} for _ in range(3)]
     base = {k: torch.zeros_like(v) for k, v in tv[0].items()}
     expected = utils.ties_merging(stack(tv), reset_thresh=20, merge_func=f"dis-{aggregate}")
     merged = Ties(k=201 / 1000, scaling=1.0, aggregate=aggregate)(base, tv)
