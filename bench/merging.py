@@ -176,13 +176,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cost-tasks", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "merging")
     parser.add_argument(
-        "--tiny", action="store_true", help="seconds: 2 tasks, tiny data, 2 methods"
+        "--tiny", action="store_true", help="seconds: 2 tasks, tiny data, TIES only"
     )
     args = parser.parse_args(argv)
     chosen, tasks = args.methods or methods(), TASKS
     if args.tiny:
         chosen, tasks, args.epochs, args.n_train, args.n_val, args.realign_steps = (
-            ["task_arithmetic", "ties"], TASKS[:2], 1, 16, 8, 2)  # fmt: skip
+            ["ties"], TASKS[:2], 1, 16, 8, 2)  # fmt: skip
         args.cost_model, args.cost_tasks = "test_vit", 2
     unknown = sorted(set(chosen) - set(methods()))
     if unknown:
