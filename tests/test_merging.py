@@ -215,9 +215,9 @@ def test_first_difference_names_the_tensor():
 class _Toy(torch.nn.Module):
     """A 1x1-conv 'encoder' whose output is every task's prediction, as a module would hold it."""
 
-    def __init__(self, tasks: list[str], channels: int) -> None:
+    def __init__(self, tasks: list[str], channels: int, inputs: int = 1) -> None:
         super().__init__()
-        self.backbone = torch.nn.Conv2d(1, channels, 1, bias=False)
+        self.backbone = torch.nn.Conv2d(inputs, channels, 1, bias=False)
         self.tasks = tasks
 
     @property
@@ -231,10 +231,10 @@ class _Toy(torch.nn.Module):
         return losses
 
 
-def _batches(target: float):
-    images = torch.rand(4, 1, 3, 3) + 0.5
+def _batches(target: float, inputs: int = 1):
+    images = torch.rand(4, inputs, 3, 3) + 0.5
     while True:
-        yield {"image": images, "depth": target * images}
+        yield {"image": images, "depth": target * images[:, :1]}
 
 
 def test_learned_coefficients_fit_a_known_optimum_and_start_from_init():
@@ -284,3 +284,17 @@ def test_ties_equals_fusionbench_when_installed(aggregate):
     expected = utils.ties_merging(stack(tv), reset_thresh=20, merge_func=f"dis-{aggregate}")
     merged = Ties(k=201 / 1000, scaling=1.0, aggregate=aggregate)(base, tv)
     torch.testing.assert_close(stack([merged])[0], expected)
+
+
+def test_concrete_mask_learns_which_entries_to_keep():
+    from mtl.merging.concrete import ConcreteTaskArithmetic
+
+    # depth = λ (m₀ x₀ + m₁ x₁)·1 with λ = 1 against 2·x₀: the mask m / mean(m) = (2, 0) fits
+    toy = _Toy(["depth"], 1, inputs=2)
+    base = {"backbone.weight": torch.zeros(1, 2, 1, 1)}
+    tv = [{"backbone.weight": torch.ones(1, 2, 1, 1)}]
+    method = ConcreteTaskArithmetic(scaling=1.0, objective="supervised", steps=200, lr=0.05)
+    close(method(base, tv), tv[0])  # without data: Task Arithmetic (mask 1)
+    merged = method.learn(base, tv, toy, _batches(2.0, inputs=2), torch.device("cpu"))
+    first, second = merged["backbone.weight"].flatten().tolist()
+    assert first > 1.5 and second < 0.5

@@ -97,6 +97,21 @@ class LearnedCoefficients:
             return prediction_entropy(pred, spec.kind)
         return spec.loss(pred, batch[task])
 
+    def objective_loss(
+        self,
+        module: torch.nn.Module,
+        params: Mapping[str, Tensor],
+        batch: Mapping[str, Tensor],
+        device: torch.device,
+    ) -> Tensor:
+        """The weighted objective of one batch through `module`'s model with the encoder
+        tensors `params` (BatchNorm in eval mode: its statistics are not a coefficient)."""
+        model, tasks = module.model.to(device).eval(), list(module.tasks)
+        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        preds = functional_call(model, dict(params), (batch["image"], tasks), strict=False)
+        losses = {t: self.task_loss(t, preds[t], batch) for t in tasks}
+        return torch.stack(list(module.weighted(losses).values())).sum()
+
     def learn(
         self,
         base: Mapping[str, Tensor],
@@ -107,7 +122,7 @@ class LearnedCoefficients:
     ) -> StateDict:
         """The coefficients fitted on `batches` through `module` (a `MultiTaskModule` with the
         tasks' decoders in place); returns the merged task vector Σ_t λ_t ⊙ τ_t."""
-        model, tasks = module.model, list(module.tasks)
+        tasks = list(module.tasks)
         supervised = [t for t in tasks if self.objective == "supervised"
                       or get_task(t).kind not in ("labels", "probability")]  # fmt: skip
         if self.objective == "entropy" and supervised:
@@ -118,16 +133,10 @@ class LearnedCoefficients:
         coefficients = torch.full((len(vectors), columns), self.init, device=device)
         coefficients.requires_grad_(True)
         optimizer = torch.optim.AdamW([coefficients], lr=self.lr, weight_decay=self.weight_decay)
-        model.to(device).eval()  # BatchNorm statistics are not a coefficient
         for _ in range(self.steps):
-            batch = {
-                k: v.to(device) if isinstance(v, Tensor) else v for k, v in next(batches).items()
-            }
             delta = self.combine(vectors, coefficients)
             params = {k: base[k] + delta[k] for k in base}
-            preds = functional_call(model, params, (batch["image"], tasks), strict=False)
-            losses = {t: self.task_loss(t, preds[t], batch) for t in tasks}
-            total = torch.stack(list(module.weighted(losses).values())).sum()
+            total = self.objective_loss(module, params, next(batches), device)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()

@@ -82,7 +82,7 @@ def merge(cfg: DictConfig, single: dict[str, dict[str, float]] | None = None) ->
         module.model.load_state_dict(assemble(module.model, initial, runs, average_bn=True))
         delta = merger.learn(theta0, vectors, module, endless_batches(datamodule), device)
         module.cpu()
-        for run, row in zip(runs, merger.coefficients, strict=True):
+        for run, row in zip(runs, merger.coefficients, strict=True):  # mean λ per task
             learned[f"merge/coefficient/{run.task}"] = float(row.mean())
     else:
         delta = merger(theta0, vectors)
