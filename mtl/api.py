@@ -129,6 +129,7 @@ def stored_config(checkpoint: Mapping[str, Any], path: str | Path) -> DictConfig
         cfg.model.compile = False  # inference: eager
         if "pretrained_file" in cfg.model.backbone:
             cfg.model.backbone.pretrained_file = None  # the checkpoint brings the weights
+        cfg.model.init_from = None
     return cfg
 
 

@@ -48,6 +48,7 @@ from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mtl.eval_config import evaluation_config, section_overrides
 from mtl.export import PredictionWriter
 from mtl.loggers import build_loggers, finish_loggers, logger_callbacks
+from mtl.merging.initial import load_initial_weights
 from mtl.metrics.callback import MetricsCallback
 from mtl.metrics.collection import TaskMetrics
 from mtl.metrics.delta_m import find_baselines, load_baselines
@@ -117,6 +118,7 @@ def build_model(cfg: DictConfig, aux_heads: bool = True) -> MultiTaskModel:
     node = cfg.model.copy()
     with open_dict(node):
         compile_value = node.pop("compile", False)  # model.compile: see mtl/compile.py
+        init_from = node.pop("init_from", None)  # model.init_from: see mtl/merging/initial.py
     try:
         extra = {"aux_heads": heads} if heads else {}  # other model classes need not take it
         model = instantiate(node, task_channels=channels, _convert_="all", **extra)
@@ -127,6 +129,8 @@ def build_model(cfg: DictConfig, aux_heads: bool = True) -> MultiTaskModel:
         if isinstance(cause, WeightsError):
             raise cause from None
         raise
+    if init_from and cfg.get("train", True):
+        load_initial_weights(model, init_from)
     compile_backbone(model, compile_value)
     return model
 

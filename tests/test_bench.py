@@ -162,3 +162,17 @@ def test_the_balancer_benchmark_covers_every_config_and_each_steps():
     for _, overrides, _ in rows:
         step = balancers.make_step(overrides, balancers.ALL_TASKS, settings)
         step()  # raises for a configuration the benchmark cannot run
+
+
+def test_merging_benchmark_tiny_mode_prints_every_row(tmp_path, capsys):
+    from bench import merging
+
+    merging.main(["--tiny", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    rows = ["single-task models", "joint multi-task training", "initial encoder", "| ties |",
+            "ties + re-aligned heads (2 steps)", "| ties | "]  # fmt: skip
+    for row in rows:
+        assert row in printed, row
+    assert (tmp_path / "merged" / "ties" / "merged.ckpt").is_file()
+    single = [line for line in printed.splitlines() if line.startswith("| single-task models")]
+    assert single[0].endswith("| +0.00 |")
