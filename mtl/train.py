@@ -56,6 +56,7 @@ from mtl.module import MultiTaskModule
 from mtl.redact import resolved_config
 from mtl.regularizers import build_regularizer
 from mtl.resume import ApplyOptimizerSettings, check_training
+from mtl.slim.config import build_slimming
 from mtl.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def build_model(cfg: DictConfig) -> MultiTaskModel:
     node = cfg.model.copy()
     with open_dict(node):
         compile_value = node.pop("compile", False)  # model.compile: see mtl/compile.py
+        slimming = build_slimming(node.pop("slim", None))  # model/slim=on: see mtl/slim
     try:
         model = instantiate(node, task_channels=channels, _convert_="all")
     except InstantiationException as error:  # hydra wraps the backbone's report on its weights
@@ -99,6 +101,8 @@ def build_model(cfg: DictConfig) -> MultiTaskModel:
         if isinstance(cause, WeightsError):
             raise cause from None
         raise
+    if slimming is not None:
+        slimming.apply(model)
     compile_backbone(model, compile_value)
     return model
 
@@ -136,6 +140,7 @@ def build_module(cfg: DictConfig) -> MultiTaskModule:
         metrics=build_metrics(cfg),
         max_bad_steps=cfg.get("max_bad_steps", 3),
         regularizer=build_regularizer(cfg.get("regularizer")),
+        slimming=build_slimming(cfg.model.get("slim")),
     )
 
 
