@@ -207,5 +207,7 @@ class Slimming:
         `random_configs` random ones (each role's width drawn uniformly from `widths`); the
         same on every process for the same `seed`."""
         rng = random.Random(seed)
-        drawn = [{r: rng.choice(self.widths) for r in model_roles} for _ in range(self.random_configs)]
+        drawn = [
+            {r: rng.choice(self.widths) for r in model_roles} for _ in range(self.random_configs)
+        ]
         return [self.smallest(model_roles), *drawn]
