@@ -42,11 +42,11 @@ TASKS = ("semseg", "depth", "normals")
 class Settings:
     """Data, schedule and grid of the benchmark."""
 
-    n_train: int = 400
-    n_val: int = 100
-    image_size: tuple[int, int] = (96, 128)
-    epochs: int = 12
-    batch_size: int = 16
+    n_train: int = 256
+    n_val: int = 64
+    image_size: tuple[int, int] = (64, 96)
+    epochs: int = 6
+    batch_size: int = 8
     budgets: tuple[float, ...] = (0.4, 0.55, 0.7, 0.85, 1.0)
     preferences: tuple[dict[str, float], ...] = (
         {"semseg": 1 / 3, "depth": 1 / 3, "normals": 1 / 3},
@@ -86,6 +86,7 @@ class Settings:
             f"trainer.max_epochs={self.epochs}",
             "trainer.enable_progress_bar=false",
             "trainer.num_sanity_val_steps=0",
+            "diagnostics_every_n_steps=0",
             "logger=csv",
             f"paths.output_dir={out / name}",
             f"paths.root_dir={ROOT}",
