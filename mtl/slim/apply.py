@@ -150,9 +150,9 @@ class Slimming:
         widths: the trained widths of the encoder and of every decoder (1.0 included).
         random_configs: k, the random configurations trained per step besides the full and
             the smallest one (the sandwich rule).
-        distill_weight: weight of the configuration-invariant distillation loss (mean squared
+        distill_weight: weight of the configuration-invariant distillation loss (squared
             distance of each sub-network's backbone features to the full model's, the latter
-            without gradient).
+            without gradient, relative to their mean square; `mtl.slim.training`).
         fixed: a width configuration (role -> width): the model is exported as the dense
             sub-network of these widths (set by ``python -m mtl.control`` in the checkpoints it
             writes); None: the slimmable model.

@@ -5,8 +5,12 @@ Per step the full model runs as usual; `SandwichStep` adds the smallest and k ra
 configurations. Each task's loss becomes the sum of its losses over these configurations (the
 balancer sees these sums, and gets the same configurations when it re-evaluates the losses), and
 the distillation loss pulls each sub-network's backbone features toward the full model's
-(detached): ``weight * sum_configs mean_levels mse(features_config, sg(features_full))``, a
-term outside the balancer, like a regulariser.
+(detached), as a squared error relative to the full model's feature energy so that it does not
+grow with the scale of the features (a ViT's residual stream grows during training)::
+
+    weight * sum_configs mean_levels mean((f_config - sg(f_full))^2) / mean(sg(f_full)^2)
+
+a term outside the balancer, like a regulariser.
 """
 
 from __future__ import annotations
@@ -53,7 +57,10 @@ class SandwichStep:
                 out = model.decode(batch["image"], tasks)
             for task, loss in loss_fn(out.preds, batch, tasks).items():
                 total[task] = total[task] + loss
-            levels = [F.mse_loss(f, t) for f, t in zip(out.features, teacher, strict=True)]
+            levels = [
+                F.mse_loss(f, t) / t.square().mean().clamp_min(1e-12)
+                for f, t in zip(out.features, teacher, strict=True)
+            ]
             distill = distill + torch.stack(levels).mean()
         if self.distill is None:
             self.distill = self.slimming.distill_weight * distill
