@@ -6,6 +6,8 @@ For a checkpoint trained with ``model/slim=on``: the FLOPs of every encoder and 
 at the model's evaluation input size (counted once, cached next to the checkpoint), the width
 configuration for the budget and the preference (`mtl.slim.search`), and a pruned checkpoint of
 that sub-network (`mtl.slim.export`) that ``eval.py``, ``predict.py`` and ``mtl.load`` accept.
+With ``tasks=[...]`` only those heads are kept (single-task deployment) and the budget is a
+fraction of the full-width model with those heads.
 """
 
 from __future__ import annotations
@@ -56,9 +58,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loaded = load(path)
     size = loaded.input_size or (224, 224)
     table = cached_cost_table(loaded.model, size, node.get("widths") or [1.0], path)
+    tasks = list(cfg.tasks) if cfg.get("tasks") else list(loaded.tasks)
+    if isinstance(cfg.get("tasks"), str) or not set(tasks) <= set(loaded.tasks):
+        raise SearchError(
+            f"tasks: {cfg.tasks!r}; expected a list of the model's tasks {loaded.tasks}, "
+            "e.g. tasks=[semseg]"
+        )
+    table.decoders = {t: table.decoders[t] for t in tasks}  # the heads kept
     choice = search(table, cfg.budget, preference)
     output = Path(cfg.output) if cfg.get("output") else default_output(path, cfg.budget, preference)
-    exported = export_checkpoint(checkpoint, loaded.model, choice.widths, output, size)
+    exported = export_checkpoint(checkpoint, loaded.model, choice.widths, output, size, tasks)
     flops = exported.flops
     report = {
         "widths": choice.widths,
@@ -67,6 +76,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "flops_fraction": flops / table.full,
         "parameters": exported.parameters,
         "full_parameters": exported.full_parameters,
+        "tasks": tasks,
         "output": str(output),
     }
     log.info(

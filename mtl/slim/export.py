@@ -26,10 +26,7 @@ from mtl.checkpoint import (
     model_signature,
 )
 from mtl.slim.cost import count_flops
-from mtl.slim.widths import export_dense
-
-#: State-dict prefix of the model inside a `MultiTaskModule` checkpoint.
-MODEL_PREFIX = "model."
+from mtl.slim.widths import ENCODER, export_dense
 
 
 @dataclass
@@ -66,32 +63,47 @@ def export_checkpoint(
     widths: Mapping[str, float],
     output: str | Path,
     image_size: Sequence[int],
+    tasks: Sequence[str] | None = None,
 ) -> Exported:
     """Write the dense sub-network of `widths` of `model` (the slimmable model of
-    `checkpoint`, changed in place) to `output`. The exported model is rebuilt from the
-    written config as the loader does, checked to take the weights, and counted."""
-    from mtl.api import stored_config  # mtl.api builds models through mtl.train
-    from mtl.train import build_model
+    `checkpoint`, changed in place) to `output`, with the heads of `tasks` only (None: all).
+    The exported module is rebuilt from the written config as the loaders do, checked to take
+    the weights, and counted."""
+    from mtl.api import stored_config  # mtl.api builds modules through mtl.train
+    from mtl.train import build_module
 
     output = Path(output)
+    tasks = list(model.tasks) if tasks is None else list(tasks)
     full_parameters = sum(p.numel() for p in model.parameters())
     export_dense(model, widths)
+    model.decoders = nn.ModuleDict({t: model.decoders[t] for t in tasks})
+    model.tasks = tasks
     config = copy.deepcopy(checkpoint[CONFIG_KEY])
-    config["model"]["slim"]["fixed"] = {k: float(v) for k, v in widths.items()}
+    config["data"]["tasks"] = tasks
+    config["model"]["slim"]["fixed"] = {
+        k: float(v) for k, v in widths.items() if k == ENCODER or k in tasks
+    }
     exported = dict(checkpoint)
     exported[CONFIG_KEY] = config
-    rebuilt = build_model(stored_config(exported, output)).eval()
+    cfg = stored_config(exported, output)
+    cfg.delta_m_baselines = None  # a baselines file of the training machine may be gone
+    module = build_module(cfg).eval()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    rebuilt.load_state_dict(state)  # strict: the loader's model takes these weights as they are
-    parameters = sum(p.numel() for p in rebuilt.parameters())
+    module.model.load_state_dict(state)  # strict: the rebuilt model takes these weights
+    parameters = sum(p.numel() for p in module.model.parameters())
     with torch.no_grad():
-        flops = count_flops(lambda: rebuilt(torch.zeros(1, 3, *image_size)))
+        flops = count_flops(lambda: module.model(torch.zeros(1, 3, *image_size)))
+    # the rest of the module (balancer state) as trained where it still fits, else as built
+    original = checkpoint["state_dict"]
     exported["state_dict"] = {
-        **{k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(MODEL_PREFIX)},
-        **{MODEL_PREFIX + k: v for k, v in state.items()},
+        key: original[key]
+        if key in original and original[key].shape == value.shape and not key.startswith("model.")
+        else value
+        for key, value in module.state_dict().items()
     }
     for key in ("optimizer_states", "lr_schedulers"):  # of the full model's shapes
         exported.pop(key, None)
     exported[SIGNATURE_KEY] = model_signature(OmegaConf.create(config), parameters)
     atomic_save(exported, output)
     return Exported(output, parameters, full_parameters, flops)
+
