@@ -257,7 +257,8 @@ def test_train_control_and_evaluate_a_pruned_checkpoint(make_cfg, tmp_path):
     assert 0 <= scores["test/semseg/mIoU"] <= 1 and scores["params/total"] == report["parameters"]
 
     single = tmp_path / "depth.ckpt"  # one head kept: single-task deployment
-    options = {"ckpt_path": str(checkpoint), "budget": 0.6, "tasks": ["depth"], "output": str(single)}
+    options = {"ckpt_path": str(checkpoint), "budget": 0.6, "tasks": ["depth"]}
+    options["output"] = str(single)
     depth_only = run(OmegaConf.create(options))
     assert set(depth_only["widths"]) == {"encoder", "depth"}
     assert mtl.load(single).tasks == ["depth"] and depth_only["parameters"] < report["parameters"]
