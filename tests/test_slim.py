@@ -218,6 +218,9 @@ def test_config_refuses_what_slimming_cannot_do(make_cfg):
         "ViTs (MLP hidden size, attention heads) and ResNets (block width) "
         "(swin_tiny_patch4_window7_224)",
     ]
+    assert config_problems(make_cfg("model/slim=on", "model.slim.fixed={semseg:0.3}")) == [
+        "model.slim.fixed: {'semseg': 0.3}; every width must be one of model.slim.widths"
+    ]
     assert config_problems(make_cfg("model/slim=on")) == []
 
 

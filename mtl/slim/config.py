@@ -35,6 +35,15 @@ def slim_problems(cfg: DictConfig) -> list[str]:
         Slimming(**options)
     except (TypeError, ValueError) as error:
         problems.append(str(error) if str(error).startswith("model.") else f"model.slim: {error}")
+    fixed = options.get("fixed") or {}
+    tasks = [] if isinstance(cfg.data.tasks, str) else list(cfg.data.tasks)
+    roles = ["encoder", *tasks]
+    if not isinstance(fixed, dict) or not set(fixed) <= set(roles):
+        problems.append(f"model.slim.fixed: {fixed!r}; expected a width per role of {roles}")
+    elif any(w not in (options.get("widths") or [1.0]) for w in fixed.values()):
+        problems.append(
+            f"model.slim.fixed: {fixed!r}; every width must be one of model.slim.widths"
+        )
     adapter = (cfg.model.get("adapter") or {}).get("_target_") or ""
     if adapter.rsplit(".", 1)[-1] not in ("NoAdapter", "Adapter", ""):
         problems.append(
