@@ -66,6 +66,11 @@ def slim_problems(cfg: DictConfig) -> list[str]:
             "regularizer: a representation regulariser sees one forward pass, but model/slim=on "
             "trains several widths per step; use regularizer=none"
         )
+    if cfg.model.get("compile") and not options.get("fixed"):
+        problems.append(
+            "model.compile: the widths of model/slim=on change at every step (a recompilation "
+            "each time); set model.compile=false"
+        )
     if "ddp" in str(cfg.trainer.get("strategy", "")).lower() and not options.get("fixed"):
         problems.append(
             "trainer.strategy: ddp with model/slim=on is not supported (the switchable norms of "
