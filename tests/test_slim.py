@@ -196,6 +196,7 @@ def test_search_follows_the_budget_and_the_preference():
     assert chosen.widths == {"encoder": 0.5, "a": 1.0, "b": 0.5}
     assert (chosen.flops, chosen.fraction) == (80, 80 / 140)
     assert search(table, 0.6, {"a": 1, "b": 3}).widths == {"encoder": 0.5, "a": 0.5, "b": 1.0}
+    assert search(table, 0.6).widths == {"encoder": 0.5, "a": 0.5, "b": 0.5}  # equal: equal widths
     with pytest.raises(SearchError, match="budget >= 0.500"):
         search(table, 0.4)
     with pytest.raises(SearchError, match="unknown tasks"):

@@ -3,7 +3,7 @@
 Rules:
 - cost: counted FLOPs (`mtl.slim.cost.CostTable`) at most ``budget`` x those of the full model;
 - preference order: a task with a higher preference never gets a narrower decoder than a task
-  with a lower one;
+  with a lower one, and tasks of equal preference get equal widths;
 - objective: among the configurations that satisfy both, the one of highest preference-weighted
   capacity ``w_encoder + sum_t p_t * w_t`` (p normalised to sum 1: the encoder serves every
   task, so a unit of its width counts as much as a unit of all decoders together); at equal
@@ -61,11 +61,12 @@ def normalised_preference(
 
 
 def respects_preference(widths: Mapping[str, float], preference: Mapping[str, float]) -> bool:
-    """Whether no task gets a narrower decoder than a less preferred one."""
+    """Whether no task gets a narrower decoder than a task it is preferred to at least as much
+    (equal preferences: equal widths)."""
     return all(
         widths[a] >= widths[b]
         for a, b in itertools.permutations(preference, 2)
-        if preference[a] > preference[b]
+        if preference[a] >= preference[b]
     )
 
 
