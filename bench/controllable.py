@@ -195,7 +195,7 @@ def run(settings: Settings, out: Path) -> list[Table]:
         results.append((budget, preference, normalised(scores, full)))
         if len({w[t] for t in TASKS}) > 1:
             acting.append(results[-1])
-        plotted.setdefault(tag(preference), []).append((choice.fraction, scores))
+        plotted.setdefault(tag(preference), []).append((budget, scores))
         chosen[(budget, tag(preference))] = (choice.widths, scores)
     rho, counted = controllability(results)
     rho_acting, counted_acting = controllability(acting)
@@ -245,7 +245,8 @@ def separate_table(settings: Settings, out: Path, chosen: dict, full: dict) -> T
 
 
 def plot(series: dict[str, list[tuple[float, dict[str, float]]]], full: dict, path: Path) -> None:
-    """Each task's score against the FLOPs used (share of the full model), per preference."""
+    """Each task's score against the budget, one line per preference (markers and dashes
+    differ, since preferences that choose the same widths draw the same points)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,14 +254,18 @@ def plot(series: dict[str, list[tuple[float, dict[str, float]]]], full: dict, pa
 
     from mtl.tasks import get_task
 
+    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("v", ":"), ("D", "-")]
     figure, axes = plt.subplots(1, len(TASKS), figsize=(4 * len(TASKS), 3.2))
     for axis, task in zip(axes, TASKS, strict=True):
-        for name, points in series.items():
+        for (name, points), (marker, dash) in zip(series.items(), styles, strict=False):
             points = sorted(points, key=lambda p: p[0])
-            axis.plot([p[0] for p in points], [p[1][task] for p in points], "o-", label=name)
+            x, y = [p[0] for p in points], [p[1][task] for p in points]
+            axis.plot(x, y, marker=marker, linestyle=dash, label=name, alpha=0.8)
         axis.axhline(full[task], color="grey", linestyle=":", label="full width")
-        axis.set_title(f"{task} {get_task(task).main_metric}")
-        axis.set_xlabel("FLOPs used (share of full)")
+        spec = get_task(task)
+        better = "higher" if spec.higher_is_better[spec.main_metric] else "lower"
+        axis.set_title(f"{task} {spec.main_metric} ({better} is better)")
+        axis.set_xlabel("budget (share of the full model's FLOPs)")
     axes[0].legend(fontsize=7)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
