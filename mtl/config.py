@@ -17,6 +17,7 @@ from mtl.balancers import available_modes
 from mtl.balancers.full_jacobian import JacobianMethod
 from mtl.balancers.full_jacobian import config_problems as jacobian_problems
 from mtl.metrics.delta_m import baselines_problems
+from mtl.slim.config import slim_problems
 from mtl.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     else:
         problems += _adapter_problems(cfg)
         problems += weights_problems(cfg)
+        problems += slim_problems(cfg)
     return problems
 
 

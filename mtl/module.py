@@ -27,6 +27,8 @@ from mtl.models.multitask import Decoded, MultiTaskModel
 from mtl.numerics import Buffers, StepGuard, agree, nonfinite_gradients, nonfinite_losses
 from mtl.optim import rebuild_schedule
 from mtl.regularizers.base import RepresentationRegularizer
+from mtl.slim.apply import Slimming
+from mtl.slim.training import SandwichStep
 from mtl.steps import logging_step
 from mtl.tasks import get_task
 
@@ -59,6 +61,8 @@ class MultiTaskModule(L.LightningModule):
             skipped, see ``mtl.numerics``) after which training stops.
         regularizer: a term on the shared representation whose gradient is added to the
             balancer's update (``mtl.regularizers``), or None.
+        slimming: a slimmable model's training rule (``mtl.slim``: the sandwich rule and
+            configuration-invariant distillation); None, or an exported sub-network: plain steps.
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class MultiTaskModule(L.LightningModule):
         metrics: TaskMetrics | None = None,
         max_bad_steps: int = 3,
         regularizer: RepresentationRegularizer | None = None,
+        slimming: Slimming | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -94,6 +99,7 @@ class MultiTaskModule(L.LightningModule):
         self.metrics = metrics if metrics is not None else TaskMetrics(self.tasks, num_classes)
         self.guard = StepGuard(max_bad_steps)
         self.regularizer = regularizer
+        self.slimming = slimming if slimming is not None and slimming.fixed is None else None
         # restored when a step is skipped: BatchNorm statistics, the balancer's loss statistics
         self.step_buffers = Buffers({"model": self.model, "balancer": self.balancer})
         self._evaluation_fault: str | None = None  # a bad sample met in this evaluation epoch
@@ -124,6 +130,11 @@ class MultiTaskModule(L.LightningModule):
         images = batch["image"]
         self.step_buffers.save()
         decoded: list[Decoded] = []
+        sandwich = (
+            SandwichStep(self.slimming, self.model, self.seed * 1_000_003 + self.global_step)
+            if self.slimming is not None
+            else None
+        )
 
         def compute_losses(
             tasks: Sequence[str] | None = None, part: Mapping[str, Any] | None = None
@@ -141,6 +152,15 @@ class MultiTaskModule(L.LightningModule):
             losses = self.weighted(self.task_losses(out.preds, rows, tasks))
             for task, extra in self.model.auxiliary_losses().items():  # e.g. MoE load balancing
                 losses[task] = losses[task] + extra
+            if sandwich is not None:  # the same sub-networks at every evaluation of the step
+                losses = sandwich.add_subnetworks(
+                    self.model,
+                    losses,
+                    out.features,
+                    rows,
+                    tasks or self.tasks,
+                    lambda preds, rows, tasks: self.weighted(self.task_losses(preds, rows, tasks)),
+                )
             return losses
 
         def part_losses(parts: int) -> list[dict[str, Tensor]]:
@@ -177,6 +197,8 @@ class MultiTaskModule(L.LightningModule):
             part_losses=part_losses,
         )
         regularizer_grads = self._regularizer_gradients(losses, decoded[0], context)
+        if sandwich is not None:  # distillation: weight 1, outside the balancer, like a regulariser
+            distill_grads = sandwich.distill_gradients(self._regularized_params())
         diagnose = bool(self.diagnostics_every) and self.global_step % self.diagnostics_every == 0
         gram = None
         if diagnose and not self.balancer.needs_task_gradients:
@@ -185,6 +207,10 @@ class MultiTaskModule(L.LightningModule):
         result = self.balancer.backward(losses, context)
         if regularizer_grads is not None:  # weight 1, no part of the balancer's surgery
             for p, g in zip(self._regularized_params(), regularizer_grads, strict=True):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
+        if sandwich is not None:
+            for p, g in zip(self._regularized_params(), distill_grads, strict=True):
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad + g
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -208,6 +234,8 @@ class MultiTaskModule(L.LightningModule):
         total = torch.stack(list(losses.values())).sum().detach()
         batch_size = images.shape[0]
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        if sandwich is not None and sandwich.distill is not None:
+            self.log("train/slim/distill", sandwich.distill.detach(), batch_size=batch_size)
         if self._loggers_write_this_step():
             for task, loss in losses.items():
                 self.log(

@@ -59,6 +59,7 @@ from mtl.module import MultiTaskModule
 from mtl.redact import resolved_config
 from mtl.regularizers import build_regularizer
 from mtl.resume import ApplyOptimizerSettings, check_training
+from mtl.slim.config import build_slimming
 from mtl.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ def build_model(cfg: DictConfig, aux_heads: bool = True) -> MultiTaskModel:
     with open_dict(node):
         compile_value = node.pop("compile", False)  # model.compile: see mtl/compile.py
         init_from = node.pop("init_from", None)  # model.init_from: see mtl/merging/initial.py
+        slimming = build_slimming(node.pop("slim", None))  # model/slim=on: see mtl/slim
     try:
         extra = {"aux_heads": heads} if heads else {}  # other model classes need not take it
         model = instantiate(node, task_channels=channels, _convert_="all", **extra)
@@ -131,6 +133,8 @@ def build_model(cfg: DictConfig, aux_heads: bool = True) -> MultiTaskModel:
         raise
     if init_from and cfg.get("train", True):
         load_initial_weights(model, init_from)
+    if slimming is not None:
+        slimming.apply(model)
     compile_backbone(model, compile_value)
     return model
 
@@ -168,6 +172,7 @@ def build_module(cfg: DictConfig) -> MultiTaskModule:
         metrics=build_metrics(cfg),
         max_bad_steps=cfg.get("max_bad_steps", 3),
         regularizer=build_regularizer(cfg.get("regularizer")),
+        slimming=build_slimming(cfg.model.get("slim")),
     )
 
 

@@ -176,3 +176,28 @@ def test_merging_benchmark_tiny_mode_prints_every_row(tmp_path, capsys):
     assert (tmp_path / "merged" / "ties" / "merged.ckpt").is_file()
     single = [line for line in printed.splitlines() if line.startswith("| single-task models")]
     assert single[0].endswith("| +0.00 |")
+
+
+def test_controllability_is_the_mean_rank_correlation_of_preference_and_kept_score():
+    from bench.controllable import controllability
+
+    follows = {"semseg": 0.9, "depth": 0.8, "normals": 0.7}
+    inverted = {"semseg": 0.7, "depth": 0.8, "normals": 0.9}
+    preference = {"semseg": 0.6, "depth": 0.3, "normals": 0.1}
+    rows = [(0.5, preference, follows), (0.7, preference, inverted), (1.0, preference, inverted)]
+    assert controllability(rows[:1]) == (1.0, 1)
+    assert controllability(rows) == (0.0, 2)  # budget 1 is left out
+
+
+def test_controllable_tiny(tmp_path):
+    from bench import controllable
+
+    tables = controllable.run(controllable.Settings.tiny(), tmp_path)
+    grid = tables[0]
+    assert len(grid.rows) == 4 and (tmp_path / "controllable.png").stat().st_size > 0
+    flops = grid.column("GFLOPs")
+    assert flops[0] < flops[-1] and grid.column("budget") == [0.6, 0.6, 1.0, 1.0]
+    first, second = ([float(w) for w in c.split("/")] for c in grid.column(grid.header[2])[:2])
+    assert first[1] >= first[2] >= first[3] and second[2] >= second[3] >= second[1]
+    assert first[1] > second[1]  # semseg preferred first, least preferred second
+    assert "Controllability" in grid.notes[-1]

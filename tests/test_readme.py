@@ -41,7 +41,12 @@ TINY_REAL = ("data.image_size=[48,64]", "data.batch_size=2", "data.num_workers=0
 SHORT_FIT = ("debug=limit",)
 
 #: Modules that read what earlier commands wrote and run as they are.
-READ_ONLY_MODULES = ("bench.trivial_baselines", "mtl.metrics.baselines", "mtl.compare")
+READ_ONLY_MODULES = (
+    "bench.trivial_baselines",
+    "mtl.metrics.baselines",
+    "mtl.compare",
+    "mtl.control",
+)
 #: Words of a training command that needs the checkpoints a real fit writes (``outputs/merging``:
 #: the single-task runs ``python -m mtl.merge`` reads).
 NEEDS_CHECKPOINTS = ("resume=", "ckpt_path=", "ckpt_every", "output_dir", "outputs/merging")
