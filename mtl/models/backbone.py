@@ -149,6 +149,7 @@ def _getter_keeping_norm(name: str, pretrained: bool, kwargs: dict) -> FeatureGe
             f"model.backbone.norm_last: '{name}' has no final norm over its intermediate "
             "features (a ViT or Swin has); set model.backbone.norm_last=false"
         )
-    getter = FeatureGetterNet(model, out_indices=3 if out_indices is None else out_indices, norm=True)
+    indices = 3 if out_indices is None else out_indices  # timm's ViT default
+    getter = FeatureGetterNet(model, out_indices=indices, norm=True)
     getter.norm = False
     return getter
