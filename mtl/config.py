@@ -397,7 +397,8 @@ def _decoder_problems(cfg: DictConfig) -> list[str]:
             f"{cls.__name__} shares parameters between tasks after them, which rep mode would "
             "leave untrained; use balancer.mode=param"
         ]
-    return []
+    checks = getattr(cls, "config_problems", None)  # a decoder's own checks of its node
+    return checks(cfg) if checks is not None else []
 
 
 def _show(value: Any) -> str:
