@@ -136,6 +136,7 @@ def build_module(cfg: DictConfig) -> MultiTaskModule:
         metrics=build_metrics(cfg),
         max_bad_steps=cfg.get("max_bad_steps", 3),
         regularizer=build_regularizer(cfg.get("regularizer")),
+        loss_options=_plain(cfg.data.get("loss_options")),
     )
 
 

@@ -29,6 +29,9 @@ CASES = [
     (["model/adapter=moe"], ["model.adapter: moe needs a plain ViT backbone"]),
     (["model/decoder=mlore", "model.decoder.image_size=[64,64]"],
      ["model.decoder.image_size: [64, 64] differs from data.image_size"]),
+    (["+data.loss_options={edge:{weight:0.9}}"],
+     ["data.loss_options.edge.weight: not an option of the edge loss; its options: "
+      "['pos_weight']"]),
     (["model/decoder=mlore", "model.decoder.topk=16"],
      ["model.decoder.topk: 16; expected an integer from 1 to 15"]),
     ([VIT, "model/adapter=lora", "model.adapter.rank=0"],
