@@ -2,9 +2,10 @@
 
 Sections: overhead (Lightning vs plain PyTorch), balancers (every method and mode, growth with
 the number of tasks), adapters (parameters, FLOPs, step time, MoE experts and top-k), decoders
-(parameters, FLOPs, step time and memory of every decoder config), data (loader throughput against the training step rate), memory (peak of a step per balancer and
-adapter), gpu (bf16 ViT throughput and share of peak; skipped without CUDA). Machine-dependent
-figures are ratios measured in the same run; timings are medians after warm-up.
+(parameters, FLOPs, step time and memory of every decoder config), data (loader throughput
+against the training step rate), memory (peak of a step per balancer and adapter), gpu (bf16
+ViT throughput and share of peak; skipped without CUDA). Machine-dependent figures are ratios
+measured in the same run; timings are medians after warm-up.
 """
 
 from __future__ import annotations
