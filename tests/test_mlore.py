@@ -152,3 +152,16 @@ def test_reparameterised_decoder_equals_the_original_in_eval_mode(pre_softmax):
         torch.testing.assert_close(after[task], before[task], atol=1e-5, rtol=0)
     with pytest.raises(RuntimeError, match="inference only"):
         model.train()
+
+
+def test_the_shared_conv_learns_from_a_detached_input():
+    torch.manual_seed(0)
+    model = decoder()
+    seen = []
+    model.first[0].shared.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    inputs = [f.requires_grad_() for f in features()]
+    preds = model(dict.fromkeys(TASKS, inputs))
+    sum(p.square().mean() for p in preds.values()).backward()
+    assert seen and not any(x.requires_grad for x in seen)
+    assert model.first[0].shared.weight.grad.abs().sum() > 0
+    assert inputs[0].grad.abs().sum() > 0  # the rest of the block still trains what feeds it
