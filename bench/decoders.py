@@ -1,15 +1,16 @@
 """Cost of the decoders: parameters, FLOPs (all tasks and one), training-step time, peak memory.
 
-    python -m bench.decoders [--small] [--size H W] [--repeats N]
+    python -m bench.decoders [--small] [--size H W] [--repeats N] [--no-steps]
 
 Model: a random ViT-S/16 and ViT-B/16 at 448x576, batch 1 (``--small``: ViT-Tiny/8 with 4
 blocks at 32x48, seconds), the four NYUD-v2 heads, CPU. Decoders: every
 ``conf/model/decoder/*.yaml`` (new ones appear by themselves), with their defaults; where an
 experiment ``conf/experiment/{nyud,pascal}_<vit>_<decoder>.yaml`` exists, with its decoder
 values (MLoRE's published setting for that backbone). FLOPs: `torch.utils.flop_counter`, one
-forward pass (a multiply-add counts 2). Step: forward, backward of a square loss per head plus
-the decoder's auxiliary losses, AdamW; median after a warm-up. Memory: peak resident-set growth
-of one step (`bench.memory`; NaN off Linux).
+forward pass (a multiply-add counts 2), counted on the meta device (shapes only). Step: forward,
+backward of a square loss per head plus the decoder's auxiliary losses, AdamW; median after a
+warm-up. Memory: peak resident-set growth of one step (`bench.memory`; NaN off Linux).
+``--no-steps``: parameters and FLOPs only (seconds at any size).
 
 MLoRE's parameter count follows from the dimensions of the authors' release alone
 (`mlore_parameter_count`); the table's note states it at ViT-L next to the built module's count.
@@ -44,6 +45,7 @@ class Settings:
     size: tuple[int, int] = (448, 576)
     batch_size: int = 1
     repeats: int = 3
+    steps: bool = True  # False: parameters and FLOPs only (counted on the meta device)
 
     @classmethod
     def small(cls) -> Settings:
@@ -98,13 +100,17 @@ def cost_table(settings: Settings) -> Table:
     )
     for arch in settings.archs:
         for name in decoder_names():
-            net = model(name, arch, settings.size)
+            with torch.device("meta"):  # shapes only: exact counts without memory or time
+                net = model(name, arch, settings.size)
+                shapes = torch.empty(images.shape)
             params = sum(p.numel() for p in net.decoders.parameters())
-            every = forward_flops(net, images)
-            one = forward_flops(net, images, ["semseg"])
-            step = train_step(net, images)
-            seconds = median_seconds(step, settings.repeats)
-            memory = step_growth_mib(step)
+            every = forward_flops(net, shapes)
+            one = forward_flops(net, shapes, ["semseg"])
+            seconds = memory = float("nan")
+            if settings.steps:
+                step = train_step(model(name, arch, settings.size), images)
+                seconds = median_seconds(step, settings.repeats)
+                memory = step_growth_mib(step)
             table.rows.append([arch, name, params, every / 1e9, one / 1e9, seconds, memory])
     return table
 
@@ -196,8 +202,10 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="ViT-Tiny/8, 32x48: seconds")
     parser.add_argument("--size", type=int, nargs=2)
     parser.add_argument("--repeats", type=int)
+    parser.add_argument("--no-steps", action="store_true", help="parameters and FLOPs only")
     args = parser.parse_args()
     settings = Settings.small() if args.small else Settings()
+    settings.steps = not args.no_steps
     settings.size = tuple(args.size or settings.size)
     settings.repeats = args.repeats or settings.repeats
     print(cost_table(settings).markdown())

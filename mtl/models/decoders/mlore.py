@@ -133,6 +133,9 @@ class MoEBlock(nn.Module):
         self.topk = topk
         self.pre_softmax = pre_softmax
         self.experts = nn.ModuleList(LowRankConv(channels, r, expert_init=True) for r in self.ranks)
+        #: the expert of each channel of the stacked first convs (gate lookup, no copy per call)
+        index = torch.tensor([i for i, r in enumerate(self.ranks) for _ in range(r)])
+        self.register_buffer("expert_of_channel", index, persistent=False)
         self.shared = nn.Conv2d(channels, channels, 3, padding=1)
         self.branches = nn.ModuleDict(
             {t: TaskBranch(channels, tokens, len(self.ranks), spe_rank) for t in tasks}
@@ -146,8 +149,7 @@ class MoEBlock(nn.Module):
         down_w = torch.cat([e.down.weight for e in self.experts])
         down_b = torch.cat([e.down.bias for e in self.experts])
         hidden = F.conv2d(y, down_w, down_b, padding=1)
-        ranks = torch.tensor(self.ranks, device=y.device)
-        hidden = hidden * gates.repeat_interleave(ranks, dim=1)[:, :, None, None]
+        hidden = hidden * gates[:, self.expert_of_channel, None, None]
         up_w = torch.cat([e.up.weight for e in self.experts], dim=1)
         up_b = torch.stack([e.up.bias for e in self.experts])  # (E, C)
         return F.conv2d(hidden, up_w) + (gates @ up_b)[:, :, None, None]
