@@ -1,6 +1,6 @@
 """Cost of the decoders: parameters, FLOPs (all tasks and one), training-step time, peak memory.
 
-    python -m bench.decoders [--small] [--size H W] [--repeats N] [--no-steps]
+    python -m bench.decoders [--small] [--size H W] [--repeats N] [--no-steps] [--archs A ...]
 
 Model: a random ViT-S/16 and ViT-B/16 at 448x576, batch 1 (``--small``: ViT-Tiny/8 with 4
 blocks at 32x48, seconds), the four NYUD-v2 heads, CPU. Decoders: every
@@ -203,9 +203,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2)
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--no-steps", action="store_true", help="parameters and FLOPs only")
+    parser.add_argument("--archs", nargs="+", choices=sorted(VITS), help="backbones to measure")
     args = parser.parse_args()
     settings = Settings.small() if args.small else Settings()
     settings.steps = not args.no_steps
+    settings.archs = tuple(args.archs or settings.archs)
     settings.size = tuple(args.size or settings.size)
     settings.repeats = args.repeats or settings.repeats
     print(cost_table(settings).markdown())
