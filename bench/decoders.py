@@ -45,11 +45,12 @@ class Settings:
     size: tuple[int, int] = (448, 576)
     batch_size: int = 1
     repeats: int = 3
-    steps: bool = True  # False: parameters and FLOPs only (counted on the meta device)
+    steps: bool = True  # False: parameters and FLOPs only
+    meta: bool = True  # count FLOPs on the meta device (no memory; slower than tiny real runs)
 
     @classmethod
     def small(cls) -> Settings:
-        return cls(archs=("vit_tiny_4",), size=(32, 48), repeats=1)
+        return cls(archs=("vit_tiny_4",), size=(32, 48), repeats=1, meta=False)
 
 
 def decoder_names() -> list[str]:
@@ -74,11 +75,13 @@ def decoder_factory(name: str, arch: str, size: Sequence[int]):
     return instantiate(cfg.model.decoder, _convert_="all")
 
 
-def model(name: str, arch: str, size: Sequence[int]) -> MultiTaskModel:
+def model(name: str, arch: str, size: Sequence[int], factory=None) -> MultiTaskModel:
+    """A random ViT (a key of `VITS`) with decoder `name` (or its composed `factory`)."""
     torch.manual_seed(0)
     timm_name, extra = VITS[arch]
     backbone = Backbone(timm_name, img_size=tuple(size), dynamic_img_size=True, **extra)
-    return MultiTaskModel(backbone, decoder_factory(name, arch, size), dict(NYUD_HEADS))
+    factory = factory or decoder_factory(name, arch, size)
+    return MultiTaskModel(backbone, factory, dict(NYUD_HEADS))
 
 
 def cost_table(settings: Settings) -> Table:
@@ -100,15 +103,17 @@ def cost_table(settings: Settings) -> Table:
     )
     for arch in settings.archs:
         for name in decoder_names():
-            with torch.device("meta"):  # shapes only: exact counts without memory or time
-                net = model(name, arch, settings.size)
-                shapes = torch.empty(images.shape)
+            factory = decoder_factory(name, arch, settings.size)
+            with torch.device("meta" if settings.meta else "cpu"):  # meta: shapes only
+                net = model(name, arch, settings.size, factory)
+                shapes = torch.empty(images.shape) if settings.meta else images
             params = sum(p.numel() for p in net.decoders.parameters())
             every = forward_flops(net, shapes)
             one = forward_flops(net, shapes, ["semseg"])
             seconds = memory = float("nan")
             if settings.steps:
-                step = train_step(model(name, arch, settings.size), images)
+                real = model(name, arch, settings.size, factory) if settings.meta else net
+                step = train_step(real, images)
                 seconds = median_seconds(step, settings.repeats)
                 memory = step_growth_mib(step)
             table.rows.append([arch, name, params, every / 1e9, one / 1e9, seconds, memory])
