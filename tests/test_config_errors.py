@@ -32,6 +32,8 @@ CASES = [
     (["+data.loss_options={edge:{weight:0.9}}"],
      ["data.loss_options.edge.weight: not an option of the edge loss; its options: "
       "['pos_weight']"]),
+    ([VIT, "model/decoder=mlore", "data.image_size=[40,64]"],
+     ["data.image_size: [40, 64] is not a multiple of the ViT patch size 16"]),
     (["model/decoder=mlore", "model.decoder.topk=16"],
      ["model.decoder.topk: 16; expected an integer from 1 to 15"]),
     ([VIT, "model/adapter=lora", "model.adapter.rank=0"],

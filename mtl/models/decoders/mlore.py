@@ -10,6 +10,7 @@ Written here because no library provides it; the layout follows the authors' rel
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -320,6 +321,12 @@ class MLoRE(MultiTaskDecoder):
                 "feature grid of its configured input size, so train and evaluate at one "
                 "size: leave model.decoder.image_size at its default ${data.image_size}"
             )
+        patch = _vit_patch(cfg.model.get("backbone") or {})
+        if patch and data_size is not None and any(int(v) % patch for v in data_size):
+            problems.append(
+                f"data.image_size: {_plain(data_size)} is not a multiple of the ViT patch size "
+                f"{patch}; MLoRE's router needs the exact token grid of the input"
+            )
         return problems
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
@@ -400,6 +407,18 @@ class MLoRE(MultiTaskDecoder):
         if mode and any(b.folded is not None for b in (*self.first, *self.second)):
             raise RuntimeError("a re-parameterised MLoRE is for inference only")
         return super().train(mode)
+
+
+def _vit_patch(backbone: Any) -> int | None:
+    """The patch size of a timm ViT backbone node (``patch_size`` or the name's
+    ``patch<N>``); None for other backbones."""
+    name = str(backbone.get("name") or "")
+    if not name.startswith(("vit_", "deit")):
+        return None
+    if backbone.get("patch_size"):
+        return int(backbone.get("patch_size"))
+    found = re.search(r"patch(\d+)", name)
+    return int(found.group(1)) if found else None
 
 
 def _plain(value: Any) -> Any:
