@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 import math
 import os
@@ -68,6 +69,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     for task in data.get("loss_weights") or {}:
         if task not in available and (isinstance(aux_tasks, str) or task not in aux_tasks):
             problems.append(f"data.loss_weights.{task}: '{task}' is not a task of '{data.name}'")
+    problems += _loss_option_problems(data, available)
     if not _integer(data.batch_size) or data.batch_size <= 0:
         problems.append(f"data.batch_size: {data.batch_size!r}; expected a positive integer")
     else:
@@ -449,6 +451,23 @@ def _option_problems(balancer: DictConfig, tasks: Any, smoothing: DictConfig | N
     return []
 
 
+def _loss_option_problems(data: DictConfig, available: list) -> list[str]:
+    """``data.loss_options.<task>.<name>``: keyword arguments of the task's loss function."""
+    problems = []
+    for task, options in (data.get("loss_options") or {}).items():
+        if task not in available or task not in TASKS:
+            problems.append(f"data.loss_options.{task}: '{task}' is not a task of '{data.name}'")
+            continue
+        accepted = list(inspect.signature(TASKS[task].loss).parameters)[2:]
+        for name in options or {}:
+            if name not in accepted:
+                problems.append(
+                    f"data.loss_options.{task}.{name}: not an option of the {task} loss; "
+                    f"its options: {accepted}"
+                )
+    return problems
+
+
 def _decoder_problems(cfg: DictConfig) -> list[str]:
     """Every task needs a head: the decoder node must name a class."""
     decoder = cfg.model.get("decoder")
@@ -468,7 +487,8 @@ def _decoder_problems(cfg: DictConfig) -> list[str]:
             f"{cls.__name__} shares parameters between tasks after them, which rep mode would "
             "leave untrained; use balancer.mode=param"
         ]
-    return []
+    checks = getattr(cls, "config_problems", None)  # a decoder's own checks of its node
+    return checks(cfg) if checks is not None else []
 
 
 def _show(value: Any) -> str:

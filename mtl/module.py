@@ -50,6 +50,8 @@ class MultiTaskModule(L.LightningModule):
         model: backbone + heads.
         balancer: the gradient-balancing method.
         loss_weights: static weight per task, applied before the balancer.
+        loss_options: keyword arguments of a task's loss (``data.loss_options``), e.g.
+            ``{"edge": {"pos_weight": 0.88}}``.
         num_classes: class count per classification task (for its metrics).
         optimizer: partial, called with the parameters.
         scheduler: partial, called as ``scheduler(optimizer, total_steps=N)``; stepped per step.
@@ -80,6 +82,7 @@ class MultiTaskModule(L.LightningModule):
         max_bad_steps: int = 3,
         regularizer: RepresentationRegularizer | None = None,
         slimming: Slimming | None = None,
+        loss_options: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -91,6 +94,7 @@ class MultiTaskModule(L.LightningModule):
         self.loss_weights = {
             t: float(loss_weights.get(t, get_task(t).loss_weight)) for t in self.training_tasks
         }
+        self.loss_options = {t: dict(o or {}) for t, o in (loss_options or {}).items()}
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.grad_clip_norm = grad_clip_norm
@@ -115,7 +119,10 @@ class MultiTaskModule(L.LightningModule):
         tasks: Sequence[str] | None = None,
     ) -> dict[str, Tensor]:
         """Unweighted loss of each task (default: the reported tasks)."""
-        return {t: get_task(t).loss(preds[t], batch[t]) for t in tasks or self.tasks}
+        return {
+            t: get_task(t).loss(preds[t], batch[t], **self.loss_options.get(t, {}))
+            for t in tasks or self.tasks
+        }
 
     def weighted(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {t: self.loss_weights[t] * loss for t, loss in losses.items()}

@@ -173,6 +173,7 @@ def build_module(cfg: DictConfig) -> MultiTaskModule:
         max_bad_steps=cfg.get("max_bad_steps", 3),
         regularizer=build_regularizer(cfg.get("regularizer")),
         slimming=build_slimming(cfg.model.get("slim")),
+        loss_options=_plain(cfg.data.get("loss_options")),
     )
 
 

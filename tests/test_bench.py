@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from bench import adapters, balancers, gpu, overhead
+from bench import adapters, balancers, decoders, gpu, overhead
 from bench.models import count_flops
 from bench.table import Table
 from bench.timing import (
@@ -201,3 +201,29 @@ def test_controllable_tiny(tmp_path):
     assert first[1] >= first[2] >= first[3] and second[2] >= second[3] >= second[1]
     assert first[1] > second[1]  # semseg preferred first, least preferred second
     assert "Controllability" in grid.notes[-1]
+
+
+def test_decoder_table_covers_every_decoder_config():
+    table = decoders.cost_table(decoders.Settings.small())
+    names = decoders.decoder_names()
+    assert {"conv", "hrnet", "mlore"} <= set(names)
+    assert table.column("decoder") == names
+    for one, every in zip(
+        table.column("GFLOPs semseg only"), table.column("GFLOPs all tasks"), strict=True
+    ):
+        assert 0 < one < every
+    assert all(p > 0 for p in table.column("decoder params"))
+    assert f"{decoders.MLORE_PASCAL_VIT_LARGE:,} parameters implied" in table.notes[-1]
+
+
+def test_mlore_parameter_count_by_hand_matches_the_module():
+    from mtl.models.decoders import MLoRE
+
+    small = dict(in_channels=[24, 32, 32, 40], task_channels={"semseg": 5, "depth": 1},
+                 tokens=12, embed_dim=20, rank_list=[2, 3, 5], spe_rank=4)  # fmt: skip
+    module = MLoRE(small["in_channels"], [16] * 4, small["task_channels"], image_size=(48, 64),
+                   embed_dim=20, rank_list=[2, 3, 5], spe_rank=4, topk=2)  # fmt: skip
+    assert decoders.mlore_parameter_count(**small) == sum(p.numel() for p in module.parameters())
+    implied = decoders.mlore_parameter_count(**decoders.PASCAL_VIT_LARGE)
+    assert implied == decoders.MLORE_PASCAL_VIT_LARGE  # the docstring's hand computation
+    assert decoders.built_mlore_parameters(**decoders.PASCAL_VIT_LARGE) == implied

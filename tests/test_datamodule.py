@@ -68,6 +68,10 @@ def test_real_data_experiment_runs_one_batch(
     ]
     if dataset == "pascal_context":
         overrides.append(f"data.cache_dir={tmp_path / 'cache'}")  # not under the repository
+    if "mlore" in experiment:  # a narrow decoder with few experts; ViT-Tiny's 12 blocks
+        overrides += ["model.backbone.out_indices=[2,5,8,11]", "model.decoder.embed_dim=16",
+                      "model.decoder.rank_list=[2,3,4]", "model.decoder.spe_rank=2",
+                      "model.decoder.topk=2"]  # fmt: skip
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose(config_name="train", overrides=overrides)
     assert cfg.data.name == dataset

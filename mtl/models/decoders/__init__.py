@@ -14,11 +14,13 @@ from mtl.models.decoders.base import (
 from mtl.models.decoders.conv import ConvDecoder
 from mtl.models.decoders.hrnet import HRNetDecoder
 from mtl.models.decoders.layers import NORMS, conv_bn_act, normalisation, upsample_and_concat
+from mtl.models.decoders.mlore import MLoRE
 
 __all__ = [
     "NORMS",
     "ConvDecoder",
     "HRNetDecoder",
+    "MLoRE",
     "MultiTaskDecoder",
     "PerTaskDecoders",
     "TaskInputs",
