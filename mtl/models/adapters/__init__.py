@@ -1,7 +1,8 @@
-"""Backbone adapters (``conf/model/adapter``): none, lora, mtlora, moe."""
+"""Backbone adapters (``conf/model/adapter``): none, lora, mtlora, moe, modsquad."""
 
 from mtl.models.adapters.base import Adapter, NoAdapter
 from mtl.models.adapters.lora import LoRALinear, TaskLoRALinear
+from mtl.models.adapters.modsquad import ModSquad
 from mtl.models.adapters.moe import MoE, MoEMlp
 from mtl.models.adapters.mtlora import MTLoRA
 from mtl.models.adapters.shared_lora import LoRA
@@ -12,6 +13,7 @@ __all__ = [
     "LoRA",
     "LoRALinear",
     "MTLoRA",
+    "ModSquad",
     "MoE",
     "MoEMlp",
     "NoAdapter",
