@@ -1,10 +1,13 @@
-"""Backbone adapters (``conf/model/adapter``): none, lora, mtlora, moe, modsquad."""
+"""Backbone adapters (``conf/model/adapter``): none, lora, mtlora, moe, modsquad, mhr,
+scalearn."""
 
 from mtl.models.adapters.base import Adapter, NoAdapter
 from mtl.models.adapters.lora import LoRALinear, TaskLoRALinear
+from mtl.models.adapters.mhr import MHR
 from mtl.models.adapters.modsquad import ModSquad
 from mtl.models.adapters.moe import MoE, MoEMlp
 from mtl.models.adapters.mtlora import MTLoRA
+from mtl.models.adapters.scalearn import ScaLearn
 from mtl.models.adapters.shared_lora import LoRA
 from mtl.models.adapters.task_batch import TaskBatch
 
@@ -12,11 +15,13 @@ __all__ = [
     "Adapter",
     "LoRA",
     "LoRALinear",
+    "MHR",
     "MTLoRA",
     "ModSquad",
     "MoE",
     "MoEMlp",
     "NoAdapter",
+    "ScaLearn",
     "TaskBatch",
     "TaskLoRALinear",
 ]
