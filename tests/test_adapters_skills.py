@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 from functools import partial
 
+import pytest
 import torch
 from torch import nn
 
 from mtl.checkpoint import CONFIG_KEY
-from mtl.models.adapters import MHR, MTLoRA, ScaLearn
+from mtl.models.adapters import MHR, MTLoRA, Polyhistor, ScaLearn
 from mtl.models.adapters.mhr import MHRLinear
+from mtl.models.adapters.polyhistor import Hypernetwork, PolyhistorMlp, kron_expand
 from mtl.models.adapters.task_batch import TaskBatch
 from mtl.models.backbone import Backbone
 from mtl.models.decoders import ConvDecoder
@@ -137,3 +139,66 @@ def test_scalearn_shared_scalar_omega_and_a_missing_source(tmp_path):
     problems = ScaLearn(source_ckpt=str(tmp_path / "nope.ckpt")).problems(nn.Linear(1, 1), [])
     assert problems == [f"model.adapter.source_ckpt: no checkpoint file at {tmp_path}/nope.ckpt"]
     assert copy.deepcopy(net)  # the hooks and shared omega survive a copy
+
+
+# ------------------------------------------------------------------------------ Polyhistor
+def swin() -> Backbone:
+    return Backbone(
+        "swin_tiny_patch4_window7_224",
+        img_size=(32, 32),
+        window_size=2,
+        depths=(1, 1, 2, 1),
+        embed_dim=24,
+        num_heads=(1, 2, 2, 4),
+        out_indices=[0, 1, 2, 3],
+    )
+
+
+def test_kron_expand_is_the_kronecker_product():
+    kernel, template = torch.randn(3, 2), torch.randn(4, 5)
+    torch.testing.assert_close(kron_expand(template, kernel), torch.kron(kernel, template))
+    batched = kron_expand(torch.stack([template, 2 * template]), kernel)
+    torch.testing.assert_close(batched[1], torch.kron(kernel, 2 * template))
+
+
+@pytest.mark.parametrize("lite", [False, True])
+def test_polyhistor_weights_per_stage_start_as_the_base_model_and_only_adapters_train(lite):
+    torch.manual_seed(0)
+    base = swin().eval()
+    adapted = copy.deepcopy(base)
+    adapted.adapt(Polyhistor(rank=4, hyper_rank=2, embed_dim=8, lite=lite), list(TASKS))
+    layers = [m for m in adapted.modules() if isinstance(m, PolyhistorMlp)]
+    shapes = []
+    for layer in layers:
+        down, up = layer.weights(["semseg", "sal"])
+        shapes.append((tuple(down.shape), tuple(up.shape)))
+    widths = [24, 48, 96, 96, 192]  # Swin stages 1..4 (stage 3 has two blocks)
+    assert shapes == [((2, w, 4), (2, 4, w)) for w in widths]
+    assert [tuple(m.polyhistor_kernel_down.shape) for m in layers] == [(w // 24, 1) for w in widths]
+    with torch.no_grad():
+        for task in TASKS:
+            for mine, theirs in zip(adapted(images(), [task]), base(images()), strict=True):
+                torch.testing.assert_close(mine, theirs)
+    trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    assert trainable and all("polyhistor_" in n for n in trainable)
+    hyper = [m for m in adapted.modules() if isinstance(m, Hypernetwork)]
+    assert len(hyper) == 1  # one hypernetwork, shared by every layer, counted once
+
+
+def test_polyhistor_lite_is_smaller_and_both_learn_on_vit():
+    counts = {}
+    for lite in (False, True):
+        net = build(Polyhistor(rank=8, hyper_rank=4, embed_dim=16, lite=lite)).train()
+        params = [p for p in net.backbone.parameters() if p.requires_grad]
+        counts[lite] = sum(p.numel() for p in params)
+        optimiser = torch.optim.Adam(params, lr=1e-2)
+        target = torch.randn(2, 192, 4, 4, generator=torch.Generator().manual_seed(3))
+        losses = []
+        for _ in range(5):
+            loss = sum((f - target).pow(2).mean() for f in net.backbone(images(), ["depth"]))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss.detach()))
+        assert losses[-1] < losses[0]
+    assert counts[True] < counts[False]

@@ -1,5 +1,5 @@
 """Backbone adapters (``conf/model/adapter``): none, lora, mtlora, moe, modsquad, mhr,
-scalearn."""
+scalearn, polyhistor (and polyhistor_lite)."""
 
 from mtl.models.adapters.base import Adapter, NoAdapter
 from mtl.models.adapters.lora import LoRALinear, TaskLoRALinear
@@ -7,6 +7,7 @@ from mtl.models.adapters.mhr import MHR
 from mtl.models.adapters.modsquad import ModSquad
 from mtl.models.adapters.moe import MoE, MoEMlp
 from mtl.models.adapters.mtlora import MTLoRA
+from mtl.models.adapters.polyhistor import Polyhistor
 from mtl.models.adapters.scalearn import ScaLearn
 from mtl.models.adapters.shared_lora import LoRA
 from mtl.models.adapters.task_batch import TaskBatch
@@ -21,6 +22,7 @@ __all__ = [
     "MoE",
     "MoEMlp",
     "NoAdapter",
+    "Polyhistor",
     "ScaLearn",
     "TaskBatch",
     "TaskLoRALinear",
