@@ -93,8 +93,11 @@ class Hypernetwork(nn.Module):
         scaled by 1 / sqrt(k d0) so that a unit-variance input gives an O(1) bottleneck."""
         task_down, task_up = self._task_factors(tasks)
         emb = self.polyhistor_layer[layer]
-        layer_down = self.polyhistor_layer_down(emb).view(self.k, self.rank)
-        layer_up = self.polyhistor_layer_up(emb).view(self.rank, self.k)
+        # F.linear, not the modules: a module called on a view of a parameter trips the
+        # module tracker of FlopCounterMode under no_grad
+        down_map, up_map = self.polyhistor_layer_down, self.polyhistor_layer_up
+        layer_down = F.linear(emb, down_map.weight, down_map.bias).view(self.k, self.rank)
+        layer_up = F.linear(emb, up_map.weight, up_map.bias).view(self.rank, self.k)
         down = task_down @ layer_down / math.sqrt(self.k * self.width)
         return down, layer_up @ task_up
 
