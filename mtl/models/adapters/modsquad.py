@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -32,21 +31,13 @@ from mtl.models.adapters.moe import ExpertMLPs, cv_squared
 from mtl.models.adapters.routing import (
     EPS,
     KeptExperts,
+    all_reduce_sum,
     grouped_linear,
     keep_usage_optional,
     mutual_information_terms,
     update_usage,
 )
 from mtl.models.adapters.task_batch import TaskBatch, block_names
-
-
-def _all_reduce_sum(x: Tensor) -> Tensor:
-    """Sum over processes with a gradient (identity outside DDP)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return x
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(x)
 
 
 class TaskGate(nn.Module):
@@ -107,13 +98,15 @@ class TaskGate(nn.Module):
         )
         joint, tokens = probs.sum(1), probs.new_tensor([float(t * n)])
         if self.training and self.sync_statistics:
-            summed = _all_reduce_sum(torch.cat([joint.reshape(-1), counts.reshape(-1), tokens]))
+            summed = all_reduce_sum(torch.cat([joint.reshape(-1), counts.reshape(-1), tokens]))
             joint, counts = summed[: t * e].reshape(t, e), summed[t * e : 2 * t * e].reshape(t, e)
             tokens = summed[-1:]
+        elif self.training:  # the usage EMA is of the global batch either way
+            counts = all_reduce_sum(counts)
         self.load, self.load_tasks = counts.detach(), list(tasks)
         if self.training:
             rows = [self.tasks.index(task) for task in tasks]
-            update_usage(self.expert_usage, rows, counts, self.usage_momentum)
+            update_usage(self.expert_usage, rows, counts.detach(), self.usage_momentum)
         mi = mutual_information_terms(joint / tokens)
         self.balance_loss = {}
         for i, task in enumerate(tasks):

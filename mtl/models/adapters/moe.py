@@ -22,7 +22,12 @@ from torch.special import ndtr
 
 from mtl.models.adapters.base import Adapter
 from mtl.models.adapters.lora import freeze_base
-from mtl.models.adapters.routing import KeptExperts, keep_usage_optional, update_usage
+from mtl.models.adapters.routing import (
+    KeptExperts,
+    all_reduce_sum,
+    keep_usage_optional,
+    update_usage,
+)
 from mtl.models.adapters.task_batch import TaskBatch, block_names, first_task_block
 
 
@@ -181,9 +186,10 @@ class MoEMlp(nn.Module):
         full = torch.zeros_like(probs).scatter(-1, experts, gates)
         counts = (full > 0).sum(dim=1)  # T x E
         self.load, self.load_tasks = counts.detach(), list(tasks)
-        if self.training:
+        if self.training:  # the usage of the global batch: every process keeps the same EMA
             rows = [self.tasks.index(task) for task in tasks]
-            update_usage(self.expert_usage, rows, counts, self.usage_momentum)
+            global_counts = all_reduce_sum(counts.detach().float())
+            update_usage(self.expert_usage, rows, global_counts, self.usage_momentum)
         self.balance_loss = {}
         for t, task in enumerate(tasks):
             if std > 0 and k < E:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -78,6 +79,15 @@ class KeptExperts(nn.Module):
         if self.pruned:
             probs = probs.masked_fill(self.local < 0, -1.0)
         return probs.topk(k, dim=-1)
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """Sum over DDP processes, with a gradient (the identity outside DDP)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return x
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(x)
 
 
 def update_usage(usage: Tensor, rows: Sequence[int], counts: Tensor, momentum: float) -> None:
