@@ -42,8 +42,9 @@ from mtl.models.adapters.task_batch import TaskBatch, block_names
 
 class TaskGate(nn.Module):
     """Per-task gate of one MoE layer; after each forward, `balance_loss` holds the weighted
-    auxiliary loss of each task (MI term, optional cv² and z-loss; `balance_weight` is 1) and
-    `load` the selections per task and expert (T x E)."""
+    auxiliary loss of each task (its term of the MI sum, whose total is the layer's MI loss;
+    optional cv² and z-loss; `balance_weight` is 1) and `load` the selections per task and
+    expert (T x E)."""
 
     balance_weight = 1.0
 
