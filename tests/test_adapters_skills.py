@@ -131,6 +131,24 @@ def test_scalearn_trains_only_omega_and_one_hot_omega_is_the_source_task(tmp_pat
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in omegas)
 
 
+def test_scalearn_experiment_runs_on_a_stage_one_checkpoint(make_cfg, tmp_path):
+    from mtl.redact import resolved_config
+    from mtl.train import build_module, train
+
+    stage1 = make_cfg("experiment=synthetic_vit_tiny_mtlora_equal", "data.tasks=[semseg,depth]")
+    module = build_module(stage1)
+    path = tmp_path / "stage1.ckpt"
+    torch.save({"state_dict": module.state_dict(), CONFIG_KEY: resolved_config(stage1)}, path)
+    cfg = make_cfg(
+        "experiment=synthetic_vit_tiny_scalearn_equal",
+        f"model.adapter.source_ckpt={path}",
+        "debug=fdr",
+    )
+    scores = train(cfg)
+    assert "val/sal/maxF" in scores and "val/semseg/loss" not in scores
+    assert scores["params/trainable"] < 0.2 * scores["params/total"]
+
+
 def test_scalearn_shared_scalar_omega_and_a_missing_source(tmp_path):
     path, _ = source_checkpoint(tmp_path)
     net = build(ScaLearn(source_ckpt=path, vector=False, shared=True), {"sal": 1})
