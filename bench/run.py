@@ -39,7 +39,11 @@ def _adapters(quick: bool) -> list[Table]:
     from bench import adapters
 
     settings = adapters.Settings.quick() if quick else adapters.Settings()
-    return [adapters.cost_table(settings), adapters.moe_table(settings)]
+    return [
+        adapters.cost_table(settings),
+        adapters.moe_table(settings),
+        adapters.extraction_table(settings),
+    ]
 
 
 def _decoders(quick: bool) -> list[Table]:

@@ -65,7 +65,9 @@ def test_table_markdown():
 def test_adapter_tables():
     settings = adapters.Settings(arch="vit_tiny_4", size=(32, 32), batch_size=1, repeats=1)
     table = adapters.cost_table(settings)
-    assert table.column("adapter") == ["none", "lora", "mtlora", "moe"]
+    assert table.column("adapter") == [
+        *["none", "lora", "mtlora", "moe", "modsquad", "mhr", "polyhistor", "polyhistor_lite"]
+    ]
     for one, every in zip(
         table.column("GFLOPs semseg only"), table.column("GFLOPs all tasks"), strict=True
     ):
@@ -76,6 +78,10 @@ def test_adapter_tables():
     assert moe.column("E") == [2]
     for row in moe.rows:
         assert 0 < row[1] < row[2]  # top-2 costs more than top-1
+    extraction = adapters.extraction_table(settings)
+    assert extraction.column("experts kept") == ["all", "top-k", "half"] * 2
+    ratios = extraction.column("params / full")
+    assert ratios[1] < ratios[2] < 1 and ratios[4] < ratios[5] < 1  # fewer experts, fewer params
 
 
 def test_balancer_tables():

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtl.models.adapters import Adapter, MoEMlp
+from mtl.models.adapters import Adapter
 from mtl.models.backbone import Backbone
 from mtl.models.decoders.base import build_decoder
 
@@ -92,8 +92,10 @@ class MultiTaskModel(nn.Module):
     #: instance from the adapter.
     task_aware_backbone: bool = False
 
-    def _moe_layers(self) -> list[MoEMlp]:
-        return [m for m in self.backbone.modules() if isinstance(m, MoEMlp)]
+    def _moe_layers(self) -> list[nn.Module]:
+        """Backbone modules with a routing loss (``balance_loss``, ``balance_weight``) and
+        ``load`` (MoE MLPs, Mod-Squad gates)."""
+        return [m for m in self.backbone.modules() if hasattr(m, "balance_loss")]
 
     def auxiliary_losses(self) -> dict[str, Tensor]:
         """Weighted auxiliary losses of the last forward, per task (MoE load balancing in the
