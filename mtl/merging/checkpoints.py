@@ -118,7 +118,8 @@ def check_mergeable(runs: Sequence[SingleTask]) -> None:
             raise MergeError(
                 f"checkpoints: {run.path} has another architecture than {first.path}: {difference}"
             )
-        for key in ("model.decoder", "data.name", "data.image_size"):
+        for key in ("model.decoder", "data.name", "data.image_size", "data.val_fraction",
+                    "data.val_seed"):  # fmt: skip
             if OmegaConf.select(run.config, key) != OmegaConf.select(first.config, key):
                 raise MergeError(f"checkpoints: {run.path} and {first.path} differ in {key}")
         if _init_source(run.config) != _init_source(first.config):
