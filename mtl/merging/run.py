@@ -194,6 +194,8 @@ def merge(
         "base": source,
         "recompute_bn": recompute,
         "realign_steps": steps,
+        # LoRA runs enter as their dense models: the merged checkpoint is dense, no adapter
+        "lora_folded": [run.path for run in runs if run.folded_lora],
     }
     path = output_dir / "merged.ckpt"
     save_merged(module.cpu(), merged_cfg, path, record, step=steps)
