@@ -569,6 +569,12 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.skip_bad", lambda v: isinstance(v, bool), "true or false"),
     ("data.gpu_augment", lambda v: isinstance(v, bool), "true or false"),
     (
+        "data.val_fraction",
+        lambda v: _number(v) and 0 <= v < 1,
+        "a number in [0, 1) (0: no held-out split)",
+    ),
+    ("data.val_seed", _integer, "an integer"),
+    (
         "data.image_size",
         lambda v: len(v) == 2 and all(_integer(x) and x > 0 for x in v),
         "[height, width], positive integers",

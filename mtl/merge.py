@@ -30,7 +30,7 @@ def method_overrides(argv: list[str]) -> list[str]:
     return [f"merge@{word}" if word.startswith("method=") else word for word in argv]
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
+def run(cfg: DictConfig) -> dict[str, float | str]:
     """`mtl.merging.run.merge`, a user's mistake reported as one ``error:`` line."""
     from mtl.merging.run import merge
 

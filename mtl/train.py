@@ -102,6 +102,8 @@ def build_datamodule(data: DictConfig) -> MultiTaskDataModule:
         check_files=data.get("check_files", 8),
         skip_bad=data.get("skip_bad", False),
         gpu_augment=gpu_augment,
+        val_fraction=data.get("val_fraction") or 0.0,
+        val_seed=data.get("val_seed") or 0,
     )
 
 

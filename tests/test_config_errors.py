@@ -63,6 +63,8 @@ CASES = [
     (["data.image_size=[0,64]"], ["data.image_size: [0, 64]; expected [height, width]"]),
     (["data.loss_weights.depth=-1"], ["data.loss_weights.depth: -1; expected a number >= 0"]),
     (["data.skip_bad=maybe"], ["data.skip_bad: 'maybe'; expected true or false"]),
+    (["data.val_fraction=1"],
+     ["data.val_fraction: 1; expected a number in [0, 1) (0: no held-out split)"]),
     (["max_bad_steps=0"], ["max_bad_steps: 0; expected an integer >= 1"]),
     (["eval_ckpt=first"], ["eval_ckpt: 'first'; expected best or last"]),
     (["resume=sometimes"], ["resume: 'sometimes'; expected never or auto"]),

@@ -150,3 +150,42 @@ def test_a_bad_checkpoint_path_is_one_error_line(tmp_path):
     with pytest.raises(SystemExit) as stop:
         run(cfg)
     assert stop.value.code == "error: checkpoints: no checkpoint file at nowhere.ckpt"
+
+
+def test_learned_coefficients_are_fitted_and_scored_on_the_held_out_split(
+    single, tiny_data_root, tmp_path, monkeypatch
+):
+    """Checkpoints trained with data.val_fraction: AdaMerging reads only the held-out
+    training samples, and metrics.json scores them (selection/...) and says so."""
+    from mtl.merging.adamerging import LearnedCoefficients
+    from mtl.train import build_datamodule
+
+    held_cfg = _train_cfg(tiny_data_root, tmp_path / "d", "data.val_fraction=0.25")
+    dm = build_datamodule(held_cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    holdout = dm.datasets["holdout"]
+    held = {holdout.dataset.ids[i] for i in holdout.indices}
+    paths = []
+    for task in ("semseg", "depth"):  # as trained with data.val_fraction=0.25
+        checkpoint = torch.load(single[task], map_location="cpu", weights_only=True)
+        checkpoint["mtl_config"]["data"]["val_fraction"] = 0.25
+        paths.append(tmp_path / f"{task}.ckpt")
+        torch.save(checkpoint, paths[-1])
+    seen: list[str] = []
+    objective = LearnedCoefficients.objective_loss
+
+    def spy(self, module, params, batch, device):
+        seen.extend(batch["meta"]["id"])
+        return objective(self, module, params, batch, device)
+
+    monkeypatch.setattr(LearnedCoefficients, "objective_loss", spy)
+    scores = _merge(tmp_path / "m", "method=adamerging", "method.steps=3", "recompute_bn=false",
+                    f"checkpoints=[{paths[0]},{paths[1]}]")  # fmt: skip
+    assert seen and set(seen) <= held
+    assert scores["merge/chosen_on"].startswith("holdout: 0.25 of the training split")
+    for key in ("selection/semseg/mIoU", "selection/depth/rmse", "selection/delta_m"):
+        assert key in scores, key
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["merge/chosen_on"] == (
+        scores["merge/chosen_on"]
+    )

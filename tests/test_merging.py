@@ -12,7 +12,14 @@ from mtl.merging.dare import Dare, drop_and_rescale
 from mtl.merging.lines import LiNeS, block_index
 from mtl.merging.pcb import PCB
 from mtl.merging.task_arithmetic import TaskArithmetic
-from mtl.merging.task_vectors import add, first_difference, task_vector, top_magnitude_mask, trim
+from mtl.merging.task_vectors import (
+    MergeError,
+    add,
+    first_difference,
+    task_vector,
+    top_magnitude_mask,
+    trim,
+)
 from mtl.merging.ties import Ties
 
 T = torch.tensor
@@ -298,3 +305,62 @@ def test_concrete_mask_learns_which_entries_to_keep():
     merged = method.learn(base, tv, toy, _batches(2.0, inputs=2), torch.device("cpu"))
     first, second = merged["backbone.weight"].flatten().tolist()
     assert first > 1.5 and second < 0.5
+
+
+def _lora_run() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A tiny encoder (LayerNorm, LoRA-wrapped Linear) 'fine-tuned' from θ₀: B and the norm
+    moved, the base weight frozen; returns the model and θ₀ (the plain model's names)."""
+    from torch import nn
+
+    from mtl.models.adapters import LoRALinear
+
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.LayerNorm(6), nn.Linear(6, 4))
+    theta0 = {f"backbone.{k}": v.clone() for k, v in encoder.state_dict().items()}
+    encoder[1] = LoRALinear(encoder[1], rank=2, alpha=4.0)
+    with torch.no_grad():
+        encoder[1].lora_B.normal_()
+        encoder[0].weight.add_(0.1)
+    return nn.ModuleDict({"backbone": encoder}), theta0
+
+
+def test_task_arithmetic_of_one_lora_task_at_one_is_its_merged_model():
+    """A LoRA run is merged through its dense delta (α/r)·B·A: TA at λ = 1 of that one task
+    gives the LoRA model with its pair folded in (same weights, same outputs)."""
+    from torch import nn
+
+    from mtl.merging.lora import fold_lora, lora_scale
+
+    model, theta0 = _lora_run()
+    x = torch.randn(3, 6)
+    expected_out = model["backbone"](x)
+    tuned = fold_lora(model.state_dict(), lora_scale({"alpha": 4.0, "rank": 2}))
+    assert tuned.keys() == theta0.keys()
+    merged = add(theta0, TaskArithmetic(scaling=1.0)(theta0, [task_vector(tuned, theta0)]))
+    model["backbone"][1].merge()  # the adapter's own fold: base.weight += (α/r)·B·A
+    lora = model.state_dict()
+    torch.testing.assert_close(merged["backbone.1.weight"], lora["backbone.1.base.weight"])
+    torch.testing.assert_close(merged["backbone.0.weight"], lora["backbone.0.weight"])
+    delta = merged["backbone.1.weight"] - theta0["backbone.1.weight"]
+    assert torch.linalg.matrix_rank(delta) == 2  # the dense delta of a rank-2 pair
+    plain = nn.Sequential(nn.LayerNorm(6), nn.Linear(6, 4))
+    plain.load_state_dict({k[len("backbone.") :]: v for k, v in merged.items()})
+    torch.testing.assert_close(plain(x), expected_out)
+
+
+def test_lora_checkpoints_are_read_dense_task_aware_adapters_refused(tmp_path):
+    from mtl.merging.checkpoints import read_single_task
+
+    model, _ = _lora_run()
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    lora = {"_target_": "mtl.models.adapters.LoRA", "rank": 2, "alpha": 4.0}
+    mtlora = {"_target_": "mtl.models.adapters.MTLoRA", "rank": 2}
+    for name, adapter in (("lora", lora), ("mtlora", mtlora)):
+        config = {"data": {"tasks": ["depth"]}, "model": {"adapter": adapter}}
+        torch.save({"state_dict": state, "mtl_config": config}, tmp_path / f"{name}.ckpt")
+    run = read_single_task(tmp_path / "lora.ckpt")
+    assert run.folded_lora and run.config.model.adapter._target_.endswith("NoAdapter")
+    assert sorted(run.state) == ["backbone.0.bias", "backbone.0.weight", "backbone.1.bias",
+                                 "backbone.1.weight"]  # fmt: skip
+    with pytest.raises(MergeError, match=r"model/adapter=mtlora; merging takes fully"):
+        read_single_task(tmp_path / "mtlora.ckpt")

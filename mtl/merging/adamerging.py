@@ -8,9 +8,9 @@ Objectives, per task:
   ``probability`` tasks (saliency, edge). Entropy has no meaning for depth or normals: those
   tasks use their own supervised loss instead, on labelled images (logged once).
 - ``supervised`` (aTLAS): every task's own loss on labelled images.
-Each task's term is weighted by its training loss weight. The images are the training split
-(``python -m mtl.merge`` has no held-out split of its own: choose the settings on images the
-reported split does not contain).
+Each task's term is weighted by its training loss weight. ``python -m mtl.merge`` feeds the
+part of the training split that ``data.val_fraction`` held out from the single-task runs
+(else, with no such split, the training split itself), never the reported split.
 
 Written here: FusionBench's versions wrap CLIP classifiers and their datasets; the coefficient
 model itself is a few lines with ``torch.func.functional_call``.

@@ -8,6 +8,7 @@ copied from the first checkpoint.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,11 @@ from mtl.checkpoint import (
     model_signature,
 )
 from mtl.merging.initial import model_state
+from mtl.merging.lora import fold_lora, lora_scale
 from mtl.merging.task_vectors import MergeError, StateDict, first_difference
 
+log = logging.getLogger(__name__)
+NO_ADAPTER = "mtl.models.adapters.NoAdapter"
 #: Key of the merge's own record (method, sources, base) inside a merged checkpoint.
 MERGE_KEY = "mtl_merge"
 ENCODER = "backbone."
@@ -44,6 +48,8 @@ class SingleTask:
     task: str
     config: DictConfig
     state: StateDict
+    #: trained with model/adapter=lora; `state` and `config` are the dense model's
+    folded_lora: bool = False
 
 
 def _stored(checkpoint: dict, path: str) -> DictConfig:
@@ -59,7 +65,9 @@ def _stored(checkpoint: dict, path: str) -> DictConfig:
 
 
 def read_single_task(path: str | Path) -> SingleTask:
-    """The checkpoint at `path`, which must hold one task trained without an adapter."""
+    """The checkpoint at `path`, which must hold one task trained without an adapter or with
+    a shared LoRA (then folded into the base weights: the run becomes the dense model it
+    computes, see `mtl.merging.lora`)."""
     path = str(path)
     try:
         checkpoint = load_checkpoint(path)
@@ -74,13 +82,20 @@ def read_single_task(path: str | Path) -> SingleTask:
             f"checkpoints: {path} was trained on {tasks}; merging takes single-task checkpoints "
             "(python train.py data.tasks=[TASK])"
         )
-    adapter = OmegaConf.select(cfg, "model.adapter.name") or "none"
-    if adapter != "none":
+    state = model_state(checkpoint)
+    adapter = str(OmegaConf.select(cfg, "model.adapter._target_") or NO_ADAPTER)
+    adapter = adapter.rsplit(".", 1)[-1]
+    if adapter == "LoRA":  # merged as the dense model it computes
+        state = fold_lora(state, lora_scale(cfg.model.adapter))
+        with open_dict(cfg):
+            cfg.model.adapter = {"_target_": NO_ADAPTER, "task_aware": False}
+        log.info("%s: LoRA folded into the base weights (merged as a dense model)", path)
+    elif adapter != "NoAdapter":
         raise MergeError(
-            f"checkpoints: {path} was trained with model/adapter={adapter}; merging needs fully "
-            "fine-tuned encoders (model/adapter=none)"
+            f"checkpoints: {path} was trained with model/adapter={adapter.lower()}; merging "
+            "takes fully fine-tuned (model/adapter=none) or LoRA (model/adapter=lora) encoders"
         )
-    return SingleTask(path, tasks[0], cfg, model_state(checkpoint))
+    return SingleTask(path, tasks[0], cfg, state, folded_lora=adapter == "LoRA")
 
 
 def _init_source(cfg: DictConfig) -> dict[str, Any]:
@@ -118,7 +133,8 @@ def check_mergeable(runs: Sequence[SingleTask]) -> None:
             raise MergeError(
                 f"checkpoints: {run.path} has another architecture than {first.path}: {difference}"
             )
-        for key in ("model.decoder", "data.name", "data.image_size"):
+        for key in ("model.decoder", "data.name", "data.image_size", "data.val_fraction",
+                    "data.val_seed"):  # fmt: skip
             if OmegaConf.select(run.config, key) != OmegaConf.select(first.config, key):
                 raise MergeError(f"checkpoints: {run.path} and {first.path} differ in {key}")
         if _init_source(run.config) != _init_source(first.config):

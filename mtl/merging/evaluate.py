@@ -25,9 +25,14 @@ def buildable(cfg: DictConfig) -> DictConfig:
 
 
 def test_scores(
-    module: L.LightningModule, datamodule: L.LightningDataModule, accelerator: str
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    accelerator: str,
+    holdout: bool = False,
 ) -> dict[str, float]:
-    """``trainer.test`` on one device: ``test/<task>/<metric>`` of every task of the module."""
+    """``trainer.test`` on one device: ``test/<task>/<metric>`` of every task of the module, on
+    the evaluation split, or (`holdout`) on the part of the training split that
+    ``data.val_fraction`` held out."""
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=1,
@@ -36,7 +41,10 @@ def test_scores(
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    results = trainer.test(module, datamodule=datamodule, verbose=False)
+    if holdout:
+        results = trainer.test(module, dataloaders=datamodule.holdout_dataloader(), verbose=False)
+    else:
+        results = trainer.test(module, datamodule=datamodule, verbose=False)
     return {k: float(v) for k, v in results[0].items()} if results else {}
 
 

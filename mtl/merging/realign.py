@@ -56,7 +56,8 @@ def realign_decoders(
     return losses
 
 
-def endless_batches(datamodule: L.LightningDataModule) -> Iterator[dict]:
-    """The training split's batches, epoch after epoch."""
+def endless_batches(datamodule: L.LightningDataModule, split: str = "train") -> Iterator[dict]:
+    """The batches of the training split (or of ``holdout``, the part of it that
+    ``data.val_fraction`` held out), epoch after epoch."""
     while True:
-        yield from datamodule.train_dataloader()
+        yield from getattr(datamodule, f"{split}_dataloader")()

@@ -45,10 +45,49 @@ def _method(cfg: DictConfig):
     return instantiate(node, _convert_="all")
 
 
-def merge(cfg: DictConfig, single: dict[str, dict[str, float]] | None = None) -> dict[str, float]:
+def chosen_on(data: DictConfig) -> str:
+    """The split learned coefficients are fitted on, and ``selection/`` scores computed on."""
+    fraction = float(data.get("val_fraction") or 0)
+    if fraction > 0:
+        return (
+            f"holdout: {fraction} of the training split held out from training "
+            f"(data.val_fraction={fraction}, data.val_seed={data.get('val_seed') or 0})"
+        )
+    return "train: the training split (data.val_fraction=0, no held-out split)"
+
+
+def _holdout_scores(
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    runs: list,
+    cfg: DictConfig,
+    tasks: list[str],
+) -> dict[str, float]:
+    """``selection/...``: the merged model's scores and Δm against each single-task model on
+    the held-out part of the training split."""
+    from mtl.train import build_datamodule, build_module
+
+    single = {}
+    for run in runs:
+        L.seed_everything(cfg.seed, verbose=False)
+        own = build_module(buildable(run.config))
+        own.model.load_state_dict(run.state)
+        own_data = build_datamodule(buildable(run.config).data)
+        own_data.setup("fit")
+        single[run.task] = test_scores(own, own_data, str(cfg.accelerator), holdout=True)
+    merged = test_scores(module, datamodule, str(cfg.accelerator), holdout=True)
+    scores = with_delta(merged, baselines_of(single), tasks, "test/")
+    return {f"selection/{k[len('test/') :]}": v for k, v in scores.items() if k.startswith("test/")}
+
+
+def merge(
+    cfg: DictConfig, single: dict[str, dict[str, float]] | None = None
+) -> dict[str, float | str]:
     """Merge ``cfg.checkpoints`` with ``cfg.method``; returns the scores written to
     ``<output_dir>/metrics.json``. `single`: each task's single-task scores (``test/<task>/...``)
-    when known already (a benchmark merging the same checkpoints many times); else computed."""
+    when known already (a benchmark merging the same checkpoints many times); else computed.
+    With ``data.val_fraction`` > 0 in the checkpoints' config, learned coefficients are fitted
+    on the held-out part of the training split, and ``selection/...`` scores it."""
     from mtl.train import build_datamodule, build_module  # heavy imports, only for the command
 
     checkpoints = list(cfg.get("checkpoints") or [])
@@ -75,12 +114,14 @@ def merge(cfg: DictConfig, single: dict[str, dict[str, float]] | None = None) ->
     datamodule = build_datamodule(merged_cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    held = float(merged_cfg.data.get("val_fraction") or 0) > 0
     start = time.perf_counter()
     learned = {}
     if getattr(merger, "learns", False):  # coefficients fitted through the assembled model
         initial = add(theta0, merger(theta0, vectors))
         module.model.load_state_dict(assemble(module.model, initial, runs, average_bn=True))
-        delta = merger.learn(theta0, vectors, module, endless_batches(datamodule), device)
+        batches = endless_batches(datamodule, "holdout" if held else "train")
+        delta = merger.learn(theta0, vectors, module, batches, device)
         module.cpu()
         for run, row in zip(runs, merger.coefficients, strict=True):  # mean λ per task
             learned[f"merge/coefficient/{run.task}"] = float(row.mean())
@@ -106,7 +147,11 @@ def merge(cfg: DictConfig, single: dict[str, dict[str, float]] | None = None) ->
         recompute_batchnorm(
             module.model.backbone, training_images(datamodule, int(cfg.bn_batches), device)
         )
-    scores: dict[str, float] = {"merge/seconds": seconds, **learned}
+    scores: dict[str, float | str] = {
+        "merge/seconds": seconds,
+        "merge/chosen_on": chosen_on(merged_cfg.data),
+        **learned,
+    }
     single = dict(single or {})
     if cfg.evaluate:
         for run in [run for run in runs if run.task not in single]:
@@ -141,12 +186,16 @@ def merge(cfg: DictConfig, single: dict[str, dict[str, float]] | None = None) ->
                 test_scores(module, datamodule, str(cfg.accelerator)), baselines, tasks, "test/"
             )
         )
+    if cfg.evaluate and held:  # the scores to choose keys on (`-m` grids): the held-out split
+        scores.update(_holdout_scores(module, datamodule, runs, cfg, tasks))
     record = {
         "method": OmegaConf.to_container(cfg.method, resolve=True),
         "checkpoints": checkpoints,
         "base": source,
         "recompute_bn": recompute,
         "realign_steps": steps,
+        # LoRA runs enter as their dense models: the merged checkpoint is dense, no adapter
+        "lora_folded": [run.path for run in runs if run.folded_lora],
     }
     path = output_dir / "merged.ckpt"
     save_merged(module.cpu(), merged_cfg, path, record, step=steps)
