@@ -18,11 +18,17 @@ import torch
 from torch import Tensor, nn
 
 from mtl.models.adapters.base import Adapter
-from mtl.models.adapters.lora import DEFAULT_TARGETS, freeze_base, matching_linears, replace_module
+from mtl.models.adapters.lora import (
+    DEFAULT_TARGETS,
+    WrappedLinear,
+    freeze_base,
+    matching_linears,
+    replace_module,
+)
 from mtl.models.adapters.task_batch import TaskBatch, first_task_block
 
 
-class MHRLinear(nn.Module):
+class MHRLinear(WrappedLinear):
     """``base(x) + scale * x A_t B_t`` with (A_t, B_t) routed from S skills in h heads."""
 
     def __init__(
@@ -49,14 +55,6 @@ class MHRLinear(nn.Module):
         self.lora_logits = nn.ParameterDict(
             {t: nn.Parameter(torch.empty(heads, skills).uniform_(-1e-3, 1e-3)) for t in tasks}
         )
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         return [self.lora_logits[task]]

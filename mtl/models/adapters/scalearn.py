@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtl.models.adapters.base import Adapter
-from mtl.models.adapters.lora import TaskLoRALinear
+from mtl.models.adapters.lora import TaskLoRALinear, WrappedLinear
 from mtl.models.adapters.task_batch import TaskBatch
 
 #: Where the timm model's weights sit in a checkpoint's ``state_dict``.
@@ -52,7 +52,7 @@ class ScaLearnOmega(nn.Module):
         return F.dropout(omega, self.dropout, self.training)
 
 
-class ScaLearnLinear(nn.Module):
+class ScaLearnLinear(WrappedLinear):
     """``base(x) + sum_i omega[t, i] * scale * B_i A_i x``, the source pairs frozen."""
 
     def __init__(
@@ -72,14 +72,6 @@ class ScaLearnLinear(nn.Module):
         self.source_A = nn.Parameter(torch.stack([source.lora_A[s] for s in sources]).detach())
         self.source_B = nn.Parameter(torch.stack([source.lora_B[s] for s in sources]).detach())
         self.dropout = source.dropout
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def forward(self, x: Tensor) -> Tensor:
         rows = self.task_batch.by_task(self.dropout(x))  # T x n x d_in
