@@ -5,8 +5,11 @@
 Model: a ViT (quick: ViT-Tiny, 4 blocks, patch 8; else ViT-Small/16, 12 blocks) with HRNet-style
 heads for 4 tasks, random init, CPU. Adapters as in ``conf/model/adapter`` (lora r8; mtlora
 shared r64 + task r4 on the out_indices blocks; moe 16 experts top-4, hidden = embed dim, odd
-blocks, a router per task). FLOPs are counted with `torch.utils.flop_counter` (matrix products,
-convolutions, attention; a multiply-add counts 2) for one forward pass. Step time: forward,
+blocks, a router per task; modsquad; mhr; polyhistor and polyhistor_lite; scalearn needs a
+stage-1 checkpoint and is not measured). The extraction table compares a single-task model that
+keeps n experts per MoE layer (`mtl.extract`) with the full model computing that one task.
+FLOPs are counted with `torch.utils.flop_counter` (matrix products, convolutions, attention; a
+multiply-add counts 2) for one forward pass. Step time: forward,
 backward of the summed losses (+ MoE balancing), AdamW step; median of repetitions after a
 warm-up, as a ratio to no adapter measured in the same run.
 """
@@ -21,7 +24,8 @@ import torch
 from bench.models import forward_flops, train_step, vit_model
 from bench.table import Table
 from bench.timing import median_seconds
-from mtl.models.adapters import LoRA, MoE, MTLoRA
+from mtl.models.adapters import MHR, LoRA, ModSquad, MoE, MTLoRA, Polyhistor
+from mtl.models.adapters.modsquad import MoEAttention
 
 
 @dataclass
@@ -55,7 +59,50 @@ def adapters() -> dict[str, object]:
         "lora": LoRA(rank=8, alpha=16, trainable=["norm"]),
         "mtlora": MTLoRA(trainable=["norm"]),
         "moe": MoE(num_experts=16, top_k=4),
+        "modsquad": ModSquad(),
+        "mhr": MHR(trainable=["norm"]),
+        "polyhistor": Polyhistor(),
+        "polyhistor_lite": Polyhistor(lite=True),
     }
+
+
+def extraction_table(settings: Settings) -> Table:
+    """Parameters and one-task FLOPs of single-task models keeping n experts per MoE layer
+    against the full 4-task model computing that task."""
+    images = settings.images()
+    table = Table(
+        "Extraction: single-task (semseg) models with n experts kept per layer "
+        f"({settings.describe()})",
+        ["adapter", "experts kept", "parameters", "params / full", "GFLOPs semseg", "FLOPs / full"],
+        notes=[
+            "n: the experts `python -m mtl.extract` keeps per layer (at least top-k; how many "
+            "depends on the trained routing); the routers keep all their outputs. Full: the "
+            "4-task model, FLOPs of its semseg-only forward."
+        ],
+    )
+    semseg = {"semseg": 21}
+    for name, make in (
+        ("moe", lambda kept: MoE(num_experts=16, top_k=4, kept_experts=kept)),
+        ("modsquad", lambda kept: ModSquad(kept_experts=kept)),
+    ):
+        full = vit_model(settings.arch, settings.size, adapter=make(None))
+        params = sum(p.numel() for p in full.parameters())
+        flops = forward_flops(full, images, ["semseg"])
+        table.rows.append([name, "all", params, 1.0, flops / 1e9, 1.0])
+        vit = full.backbone.model.model
+        for fraction in ("top-k", "half"):
+            kept = {}
+            for i, block in enumerate(vit.blocks):
+                layer = block.attn if isinstance(block.attn, MoEAttention) else block.mlp
+                if not hasattr(layer, "kept"):
+                    continue  # a dense block
+                total = len(layer.kept)
+                kept[i] = list(range(layer.top_k if fraction == "top-k" else total // 2))
+            small = vit_model(settings.arch, settings.size, semseg, adapter=make(kept))
+            n = sum(p.numel() for p in small.parameters())
+            f = forward_flops(small, images)
+            table.rows.append([name, fraction, n, n / params, f / 1e9, f / flops])
+    return table
 
 
 def cost_table(settings: Settings) -> Table:
@@ -134,6 +181,7 @@ def main() -> None:
     torch.set_num_threads(max(torch.get_num_threads() // 2, 1))
     print(cost_table(settings).markdown())
     print(moe_table(settings).markdown())
+    print(extraction_table(settings).markdown())
 
 
 if __name__ == "__main__":

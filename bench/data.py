@@ -178,6 +178,7 @@ class Settings:
     batches_per_repeat: int = 6
     train_batch: int = 2
     workers: tuple[int, ...] = (0, 2)
+    nyud_variants: tuple[str, ...] = ("nyud_mt", "atrc")  # NYUD-v2 layouts of the first table
 
     @classmethod
     def quick(cls) -> Settings:
@@ -226,10 +227,15 @@ def pipeline_table(settings: Settings) -> Table:
     torch.set_num_threads(1)
     table = Table(
         "Data: samples/s of one loader worker (one process, one thread)",
-        ["data", "straightforward", "mtl", "speed-up"],
+        ["data", "straightforward", "mtl", "speed-up", "mtl decode only"],
+        notes=[
+            "Decode only: what a worker does with data.gpu_augment=true (decode, pad to the "
+            "crop, tensors; the augmentation runs on the GPU). Workers needed to feed a GPU: "
+            "its training samples/s divided by this rate."
+        ],
     )
     with tempfile.TemporaryDirectory() as tmp:
-        for s in write_datasets(Path(tmp), settings.samples):
+        for s in write_datasets(Path(tmp), settings.samples, settings.nyud_variants):
             ds = s.dataset
             plain = samples_per_second(
                 lambda i, s=s: straightforward(s.float_sample(s.dataset, s.dataset.ids[i]), s.crop),
@@ -237,7 +243,10 @@ def pipeline_table(settings: Settings) -> Table:
                 settings.repeats,
             )
             ours = samples_per_second(lambda i, ds=ds: ds[i], len(ds), settings.repeats)
-            table.rows.append([s.label, plain, ours, ours / plain])
+            augment, ds.transform = ds.transform, decode_transforms(s.crop)
+            decode = samples_per_second(lambda i, ds=ds: ds[i], len(ds), settings.repeats)
+            ds.transform = augment
+            table.rows.append([s.label, plain, ours, ours / plain, decode])
     torch.set_num_threads(threads)
     return table
 

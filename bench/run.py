@@ -1,10 +1,11 @@
 """Run every benchmark and print markdown tables: ``python -m bench [--quick]``.
 
 Sections: overhead (Lightning vs plain PyTorch), balancers (every method and mode, growth with
-the number of tasks), adapters (parameters, FLOPs, step time, MoE experts and top-k), data
-(loader throughput against the training step rate), memory (peak of a step per balancer and
-adapter), gpu (bf16 ViT throughput and share of peak; skipped without CUDA). Machine-dependent
-figures are ratios measured in the same run; timings are medians after warm-up.
+the number of tasks), adapters (parameters, FLOPs, step time, MoE experts and top-k), decoders
+(parameters, FLOPs, step time and memory of every decoder config), data (loader throughput
+against the training step rate), memory (peak of a step per balancer and adapter), gpu (bf16
+ViT throughput and share of peak; skipped without CUDA). Machine-dependent figures are ratios
+measured in the same run; timings are medians after warm-up.
 """
 
 from __future__ import annotations
@@ -38,7 +39,17 @@ def _adapters(quick: bool) -> list[Table]:
     from bench import adapters
 
     settings = adapters.Settings.quick() if quick else adapters.Settings()
-    return [adapters.cost_table(settings), adapters.moe_table(settings)]
+    return [
+        adapters.cost_table(settings),
+        adapters.moe_table(settings),
+        adapters.extraction_table(settings),
+    ]
+
+
+def _decoders(quick: bool) -> list[Table]:
+    from bench import decoders
+
+    return [decoders.cost_table(decoders.Settings.small() if quick else decoders.Settings())]
 
 
 def _data(quick: bool) -> list[Table]:
@@ -66,6 +77,7 @@ SECTIONS: dict[str, Callable[[bool], list[Table]]] = {
     "overhead": _overhead,
     "balancers": _balancers,
     "adapters": _adapters,
+    "decoders": _decoders,
     "data": _data,
     "gpu": _gpu,
     "memory": _memory,

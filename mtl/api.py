@@ -28,6 +28,8 @@ from mtl.tasks import get_task
 
 #: State-dict prefix of the model inside a `MultiTaskModule` checkpoint.
 MODEL_PREFIX = "model."
+#: State-dict prefix of the auxiliary heads of training-only tasks inside the model.
+AUX_PREFIX = "aux_heads."
 
 
 @dataclass
@@ -127,6 +129,7 @@ def stored_config(checkpoint: Mapping[str, Any], path: str | Path) -> DictConfig
         cfg.model.compile = False  # inference: eager
         if "pretrained_file" in cfg.model.backbone:
             cfg.model.backbone.pretrained_file = None  # the checkpoint brings the weights
+        cfg.model.init_from = None
     return cfg
 
 
@@ -153,11 +156,13 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedMo
 
     checkpoint = load_checkpoint(path, map_location="cpu")
     cfg = stored_config(checkpoint, path)
-    model = build_model(cfg)
+    # training-only tasks are not predicted: their auxiliary heads stay in the checkpoint (for
+    # resuming) and are neither built nor loaded
+    model = build_model(cfg, aux_heads=False)
     state = {
         key[len(MODEL_PREFIX) :]: value
         for key, value in checkpoint["state_dict"].items()
-        if key.startswith(MODEL_PREFIX)
+        if key.startswith(MODEL_PREFIX) and not key.startswith(MODEL_PREFIX + AUX_PREFIX)
     }
     model.load_state_dict(state)
     model.to(map_location).eval()

@@ -335,7 +335,8 @@ def _name(node: Any) -> str | None:
 
 def model_signature(cfg: DictConfig, num_parameters: int | None = None) -> dict[str, Any]:
     """What a checkpoint must match to be loaded into the configured model, as plain values:
-    tasks, head channels, class counts, backbone, adapter, decoder and the parameter count."""
+    tasks, head channels, class counts, training-only tasks, backbone, adapter, decoder and the
+    parameter count."""
     from mtl.tasks import get_task  # local: keeps this module light for tools that only read
 
     model = OmegaConf.to_container(cfg.model, resolve=True)
@@ -346,6 +347,8 @@ def model_signature(cfg: DictConfig, num_parameters: int | None = None) -> dict[
         "tasks": tasks,
         "task_channels": {t: int(get_task(t).channels(num_classes)) for t in tasks},
         "num_classes": {t: int(n) for t, n in num_classes.items() if t in tasks},
+        # training-only tasks: their auxiliary heads are in the checkpoint, not in the count
+        "aux_tasks": list(cfg.data.get("aux_tasks") or []),
         "backbone": _name(model.get("backbone")),
         "adapter": _name(model.get("adapter")),
         "decoder": _name(model.get("decoder")),

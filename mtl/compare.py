@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from mtl.metrics.delta_m import delta_m, find_baselines, load_baselines, missing_main_metrics
-from mtl.tasks import TASKS, get_task
+from mtl.tasks import TASKS, get_task, reported
 
 #: Config keys that differ between runs of one setting (besides the seed): not compared.
 RUN_SPECIFIC = ("seed", "paths", "logger", "task_name", "tags", "hydra", "ckpt_path", "resume")
@@ -52,8 +52,8 @@ class Run:
     def tasks(self) -> list[str]:
         tasks = (self.config.get("data") or {}).get("tasks")
         if tasks:
-            return list(tasks)
-        return sorted({k.split("/")[0] for k in self.scores if k.split("/")[0] in TASKS})
+            return reported(tasks)
+        return reported(sorted({k.split("/")[0] for k in self.scores if k.split("/")[0] in TASKS}))
 
     def setting(self) -> dict[str, Any]:
         """The config without the run-specific keys, the run's own folder in its values (e.g.

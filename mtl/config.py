@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 import math
 import os
@@ -17,6 +18,7 @@ from mtl.balancers import available_modes
 from mtl.balancers.full_jacobian import JacobianMethod
 from mtl.balancers.full_jacobian import config_problems as jacobian_problems
 from mtl.metrics.delta_m import baselines_problems
+from mtl.slim.config import slim_problems
 from mtl.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
     for task in tasks:
         if task not in TASKS:
             problems.append(f"data.tasks: unknown task '{task}'; registered tasks: {sorted(TASKS)}")
+        elif TASKS[task].training_only:
+            continue  # reported by `aux_task_problems`
         elif task not in available:
             problems.append(
                 f"data.tasks: task '{task}' is not provided by dataset '{data.name}'; "
@@ -59,10 +63,13 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"data.tasks: '{task}' is listed twice; each task once")
     if not data.tasks:
         problems.append("data.tasks: empty; choose at least one of " + str(available))
+    problems += aux_task_problems(cfg)
     problems += data_root_problems(data)
+    aux_tasks = data.get("aux_tasks") or []
     for task in data.get("loss_weights") or {}:
-        if task not in available:
+        if task not in available and (isinstance(aux_tasks, str) or task not in aux_tasks):
             problems.append(f"data.loss_weights.{task}: '{task}' is not a task of '{data.name}'")
+    problems += _loss_option_problems(data, available)
     if not _integer(data.batch_size) or data.batch_size <= 0:
         problems.append(f"data.batch_size: {data.batch_size!r}; expected a positive integer")
     else:
@@ -85,6 +92,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     problems += trainer_argument_problems(cfg.get("trainer"))
     problems += ckpt_path_problems(cfg)
     problems += optimized_metric_problems(cfg)
+    problems += _edge_option_problems(data)
 
     import timm  # imported here: timm's import is slow and the task checks do not need it
 
@@ -98,6 +106,60 @@ def config_problems(cfg: DictConfig) -> list[str]:
     else:
         problems += _adapter_problems(cfg)
         problems += weights_problems(cfg)
+        problems += slim_problems(cfg)
+    return problems
+
+
+def training_tasks(data: DictConfig) -> list[str]:
+    """The tasks a run trains (losses, balancer weights): ``data.tasks``, then the
+    training-only ``data.aux_tasks``."""
+    aux = data.get("aux_tasks") or []
+    return [*data.tasks, *([] if isinstance(aux, str) else aux)]
+
+
+def aux_task_problems(cfg: DictConfig) -> list[str]:
+    """``data.aux_tasks``: training-only tasks only, each once, whose source task the dataset
+    provides, with a shared representation and augmentation in the loader workers; and no
+    training-only task in ``data.tasks``."""
+    data = cfg.data
+    aux = data.get("aux_tasks") or []
+    only = sorted(name for name, task in TASKS.items() if task.training_only)
+    problems = [
+        f"data.tasks: '{task}' is a training-only task (a loss, no scores); train it with "
+        f"data.aux_tasks=[{task}]"
+        for task in ([] if isinstance(data.tasks, str) else data.tasks)
+        if task in only
+    ]
+    if isinstance(aux, str):
+        expected = f"expected a list: data.aux_tasks=[{aux}]"
+        return [*problems, f"data.aux_tasks: {aux!r} is a single name; {expected}"]
+    available = list(data.get("available_tasks") or [])
+    for task in dict.fromkeys(aux):
+        if task not in only:
+            what = "a reported task: list it in data.tasks" if task in TASKS else "unknown"
+            problems.append(f"data.aux_tasks: '{task}' is {what}; training-only tasks: {only}")
+            continue
+        source = TASKS[task].derived_from
+        if source and source not in available:
+            problems.append(
+                f"data.aux_tasks: '{task}' is computed from the {source} labels, which dataset "
+                f"'{data.name}' does not provide (its tasks: {available})"
+            )
+        elif source and source not in (data.get("num_classes") or {}):
+            problems.append(f"data.num_classes.{source}: missing; '{task}' needs a class count")
+        if list(aux).count(task) > 1:
+            problems.append(f"data.aux_tasks: '{task}' is listed twice; each task once")
+    if aux and data.get("gpu_augment", False):
+        problems.append(
+            f"data.aux_tasks: the targets of {list(aux)} are computed in the loader workers after "
+            "the augmentation, but data.gpu_augment=true augments later on the device; set "
+            "data.gpu_augment=false"
+        )
+    if aux and (cfg.model.get("adapter") or {}).get("task_aware", False):
+        problems.append(
+            f"data.aux_tasks: the auxiliary heads of {list(aux)} read one shared representation, "
+            "but the adapter is task-aware (per-task features); use model/adapter=none or lora"
+        )
     return problems
 
 
@@ -248,6 +310,16 @@ def trainer_argument_problems(trainer: DictConfig | None) -> list[str]:
     return problems
 
 
+def _edge_option_problems(data: DictConfig) -> list[str]:
+    """Bad edge metric options (``data.metric_options.edge``), before training starts."""
+    from mtl.metrics.edge import edge_option_problems
+
+    options = (data.get("metric_options") or {}).get("edge")
+    if not isinstance(options, DictConfig):
+        return []
+    return edge_option_problems(OmegaConf.to_container(options, resolve=True))
+
+
 def _adapter_problems(cfg: DictConfig) -> list[str]:
     """Adapter options out of range, or an adapter the backbone does not support."""
     adapter = cfg.model.get("adapter")
@@ -285,12 +357,13 @@ def _balancer_problems(cfg: DictConfig) -> list[str]:
             else None
         )
         problems += jacobian_problems(
-            method, OmegaConf.to_container(balancer), len(cfg.data.tasks), per_process, flat
+            method, OmegaConf.to_container(balancer), len(training_tasks(cfg.data)), per_process,
+            flat,
         )
     if mode not in ("param", "rep"):
         problems.append(f"balancer.mode: {mode!r}; expected 'param' or 'rep'")
     else:
-        problems += _option_problems(balancer, cfg.data.tasks, cfg.get("smoothing"))
+        problems += _option_problems(balancer, training_tasks(cfg.data), cfg.get("smoothing"))
     if mode == "rep" and not method.needs_task_gradients:
         problems.append(
             f"balancer.mode: 'rep' is for gradient methods; {name} only weights losses "
@@ -378,6 +451,23 @@ def _option_problems(balancer: DictConfig, tasks: Any, smoothing: DictConfig | N
     return []
 
 
+def _loss_option_problems(data: DictConfig, available: list) -> list[str]:
+    """``data.loss_options.<task>.<name>``: keyword arguments of the task's loss function."""
+    problems = []
+    for task, options in (data.get("loss_options") or {}).items():
+        if task not in available or task not in TASKS:
+            problems.append(f"data.loss_options.{task}: '{task}' is not a task of '{data.name}'")
+            continue
+        accepted = list(inspect.signature(TASKS[task].loss).parameters)[2:]
+        for name in options or {}:
+            if name not in accepted:
+                problems.append(
+                    f"data.loss_options.{task}.{name}: not an option of the {task} loss; "
+                    f"its options: {accepted}"
+                )
+    return problems
+
+
 def _decoder_problems(cfg: DictConfig) -> list[str]:
     """Every task needs a head: the decoder node must name a class."""
     decoder = cfg.model.get("decoder")
@@ -390,17 +480,15 @@ def _decoder_problems(cfg: DictConfig) -> list[str]:
         cls = get_class(decoder._target_)
     except Exception as error:  # hydra wraps import errors in several types
         return [f"model.decoder._target_: cannot import '{decoder._target_}' ({error})"]
-    problems = []
-    if callable(getattr(cls, "config_problems", None)):  # the decoder's own option checks
-        problems += cls.config_problems(OmegaConf.to_container(decoder, resolve=True))
     mode = (cfg.get("balancer") or {}).get("mode")
     if mode == "rep" and getattr(cls, "shares_parameters", False):
-        return problems + [
+        return [
             f"balancer.mode: 'rep' balances gradients at the backbone features, but the decoder "
             f"{cls.__name__} shares parameters between tasks after them, which rep mode would "
             "leave untrained; use balancer.mode=param"
         ]
-    return problems
+    checks = getattr(cls, "config_problems", None)  # a decoder's own checks of its node
+    return checks(cfg) if checks is not None else []
 
 
 def _show(value: Any) -> str:
@@ -480,6 +568,12 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.check_files", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: no check)"),
     ("data.skip_bad", lambda v: isinstance(v, bool), "true or false"),
     ("data.gpu_augment", lambda v: isinstance(v, bool), "true or false"),
+    (
+        "data.val_fraction",
+        lambda v: _number(v) and 0 <= v < 1,
+        "a number in [0, 1) (0: no held-out split)",
+    ),
+    ("data.val_seed", _integer, "an integer"),
     (
         "data.image_size",
         lambda v: len(v) == 2 and all(_integer(x) and x > 0 for x in v),

@@ -37,7 +37,7 @@ from mtl.metrics.boundary import threshold_set, to_uint8
 from mtl.metrics.subsets import evaluation_dataset, scored_ids
 from mtl.render import as_map, colour_range, decoded
 from mtl.render import picture as render_picture
-from mtl.tasks import get_task
+from mtl.tasks import get_task, training_only
 
 # --------------------------------------------------------------------------- file encodings
 
@@ -181,6 +181,7 @@ class PredictionWriter(L.Callback):
             raise ValueError("prediction export needs batch['meta']['id'] for every image")
         pad = meta.get("pad", (0, 0, 0, 0))
         images = crop_to_original(batch["image"], pad)
+        preds = {task: pred for task, pred in preds.items() if not training_only(task)}
         cropped = {task: crop_to_original(pred, pad) for task, pred in preds.items()}
         targets = {task: crop_to_original(batch[task], pad) for task in preds if task in batch}
         self.tasks.update(cropped)

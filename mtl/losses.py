@@ -57,3 +57,25 @@ def normals_l1(pred: Tensor, target: Tensor) -> Tensor:
     valid = (target.abs().sum(dim=1, keepdim=True) > 0).expand_as(target)
     pred = F.normalize(pred, dim=1)
     return _masked_mean((pred - target).abs(), valid)
+
+
+def multilabel_edge_bce(pred: Tensor, target: Tensor) -> Tensor:
+    """SBCB's semantic-boundary loss (DFF's class-balanced multi-label BCE) on the fused and
+    the last side output, summed: `pred` is [B, 2K, H, W] (fused logits, then last), `target`
+    the K-channel {0, 1} map. Per image, positives are weighted by
+    clamp(negatives / positives, 1, pixels x K); the BCE is averaged over pixels and classes,
+    then over the batch."""
+    pred = pred.float()  # sums over K x H x W pixels: not in half precision
+    target = target.float()
+    dims = tuple(range(1, target.ndim))
+    total = target[0].numel()
+    positives = target.sum(dims)
+    pos_weight = ((total - positives) / positives).clamp(1, total)  # no positive: total
+    pos_weight = pos_weight.view(-1, *([1] * (target.ndim - 1)))
+
+    def balanced(logits: Tensor) -> Tensor:
+        loss = pos_weight * target * F.softplus(-logits) + (1 - target) * F.softplus(logits)
+        return loss.mean()
+
+    fused, last = pred.chunk(2, dim=1)
+    return balanced(fused) + balanced(last)

@@ -27,6 +27,8 @@ from mtl.models.multitask import Decoded, MultiTaskModel
 from mtl.numerics import Buffers, StepGuard, agree, nonfinite_gradients, nonfinite_losses
 from mtl.optim import rebuild_schedule
 from mtl.regularizers.base import RepresentationRegularizer
+from mtl.slim.apply import Slimming
+from mtl.slim.training import SandwichStep
 from mtl.steps import logging_step
 from mtl.tasks import get_task
 
@@ -48,6 +50,8 @@ class MultiTaskModule(L.LightningModule):
         model: backbone + heads.
         balancer: the gradient-balancing method.
         loss_weights: static weight per task, applied before the balancer.
+        loss_options: keyword arguments of a task's loss (``data.loss_options``), e.g.
+            ``{"edge": {"pos_weight": 0.88}}``.
         num_classes: class count per classification task (for its metrics).
         optimizer: partial, called with the parameters.
         scheduler: partial, called as ``scheduler(optimizer, total_steps=N)``; stepped per step.
@@ -59,6 +63,8 @@ class MultiTaskModule(L.LightningModule):
             skipped, see ``mtl.numerics``) after which training stops.
         regularizer: a term on the shared representation whose gradient is added to the
             balancer's update (``mtl.regularizers``), or None.
+        slimming: a slimmable model's training rule (``mtl.slim``: the sandwich rule and
+            configuration-invariant distillation); None, or an exported sub-network: plain steps.
     """
 
     def __init__(
@@ -75,15 +81,20 @@ class MultiTaskModule(L.LightningModule):
         metrics: TaskMetrics | None = None,
         max_bad_steps: int = 3,
         regularizer: RepresentationRegularizer | None = None,
+        slimming: Slimming | None = None,
+        loss_options: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.model = model
         self.balancer = balancer
-        self.tasks: list[str] = list(model.tasks)
+        self.tasks: list[str] = list(model.tasks)  # the reported tasks (evaluated, scored)
+        # trained: the reported tasks and the training-only ones (auxiliary heads)
+        self.training_tasks: list[str] = [*model.tasks, *model.aux_tasks]
         self.loss_weights = {
-            t: float(loss_weights.get(t, get_task(t).loss_weight)) for t in self.tasks
+            t: float(loss_weights.get(t, get_task(t).loss_weight)) for t in self.training_tasks
         }
+        self.loss_options = {t: dict(o or {}) for t, o in (loss_options or {}).items()}
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.grad_clip_norm = grad_clip_norm
@@ -92,6 +103,7 @@ class MultiTaskModule(L.LightningModule):
         self.metrics = metrics if metrics is not None else TaskMetrics(self.tasks, num_classes)
         self.guard = StepGuard(max_bad_steps)
         self.regularizer = regularizer
+        self.slimming = slimming if slimming is not None and slimming.fixed is None else None
         # restored when a step is skipped: BatchNorm statistics, the balancer's loss statistics
         self.step_buffers = Buffers({"model": self.model, "balancer": self.balancer})
         self._evaluation_fault: str | None = None  # a bad sample met in this evaluation epoch
@@ -106,8 +118,11 @@ class MultiTaskModule(L.LightningModule):
         batch: Mapping[str, Tensor],
         tasks: Sequence[str] | None = None,
     ) -> dict[str, Tensor]:
-        """Unweighted loss of each task (default: all)."""
-        return {t: get_task(t).loss(preds[t], batch[t]) for t in tasks or self.tasks}
+        """Unweighted loss of each task (default: the reported tasks)."""
+        return {
+            t: get_task(t).loss(preds[t], batch[t], **self.loss_options.get(t, {}))
+            for t in tasks or self.tasks
+        }
 
     def weighted(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {t: self.loss_weights[t] * loss for t, loss in losses.items()}
@@ -122,14 +137,20 @@ class MultiTaskModule(L.LightningModule):
         images = batch["image"]
         self.step_buffers.save()
         decoded: list[Decoded] = []
+        sandwich = (
+            SandwichStep(self.slimming, self.model, self.seed * 1_000_003 + self.global_step)
+            if self.slimming is not None
+            else None
+        )
 
         def compute_losses(
             tasks: Sequence[str] | None = None, part: Mapping[str, Any] | None = None
         ) -> dict[str, Tensor]:
             rows = batch if part is None else part
+            tasks = tasks or self.training_tasks
             out = self.model.decode(
                 rows["image"],
-                tasks or self.tasks,
+                tasks,
                 detach_features=self.balancer.uses_representation,
                 probe_features=self.regularizer is not None,
             )
@@ -138,6 +159,15 @@ class MultiTaskModule(L.LightningModule):
             losses = self.weighted(self.task_losses(out.preds, rows, tasks))
             for task, extra in self.model.auxiliary_losses().items():  # e.g. MoE load balancing
                 losses[task] = losses[task] + extra
+            if sandwich is not None:  # the same sub-networks at every evaluation of the step
+                losses = sandwich.add_subnetworks(
+                    self.model,
+                    losses,
+                    out.features,
+                    rows,
+                    tasks or self.tasks,
+                    lambda preds, rows, tasks: self.weighted(self.task_losses(preds, rows, tasks)),
+                )
             return losses
 
         def part_losses(parts: int) -> list[dict[str, Tensor]]:
@@ -174,6 +204,8 @@ class MultiTaskModule(L.LightningModule):
             part_losses=part_losses,
         )
         regularizer_grads = self._regularizer_gradients(losses, decoded[0], context)
+        if sandwich is not None:  # distillation: weight 1, outside the balancer, like a regulariser
+            distill_grads = sandwich.distill_gradients(self._regularized_params())
         diagnose = bool(self.diagnostics_every) and self.global_step % self.diagnostics_every == 0
         gram = None
         if diagnose and not self.balancer.needs_task_gradients:
@@ -182,6 +214,10 @@ class MultiTaskModule(L.LightningModule):
         result = self.balancer.backward(losses, context)
         if regularizer_grads is not None:  # weight 1, no part of the balancer's surgery
             for p, g in zip(self._regularized_params(), regularizer_grads, strict=True):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
+        if sandwich is not None:
+            for p, g in zip(self._regularized_params(), distill_grads, strict=True):
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad + g
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -205,6 +241,8 @@ class MultiTaskModule(L.LightningModule):
         total = torch.stack(list(losses.values())).sum().detach()
         batch_size = images.shape[0]
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        if sandwich is not None and sandwich.distill is not None:
+            self.log("train/slim/distill", sandwich.distill.detach(), batch_size=batch_size)
         if self._loggers_write_this_step():
             for task, loss in losses.items():
                 self.log(

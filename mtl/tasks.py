@@ -4,11 +4,17 @@ A task entry says how many channels its head predicts, its loss and default loss
 raw prediction is decoded, how its target is resized and flipped, which metrics score it
 (with each metric's direction, which the multi-task gain needs) and what kind of map it predicts
 (how pictures show it and how exported files store it).
+
+A *training-only* task (``training_only=True``, e.g. ``sem_boundary``) has a loss, a loss weight
+and a balancer weight but no scores: runs list it in ``data.aux_tasks``, never in ``data.tasks``,
+its targets are computed from another task's (``derived_from``) after augmentation, its head is
+an auxiliary one (``aux_head``) that inference models drop, and it appears in no report (Δm,
+metric tables, validation/test logs, exported predictions, images).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +23,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from mtl import losses
+from mtl.data.boundaries import boundary_targets
 from mtl.metrics.factories import (
     depth_metrics,
     edge_metrics,
@@ -52,14 +59,23 @@ class Task:
     flip_negates_channel: int | None = None  # channel whose sign a horizontal flip changes
     ignore_value: float = 255  # target value of invalid pixels, also used for padding
     kind: str = "raw"  # what the decoded prediction is: one of KINDS
+    training_only: bool = False  # a loss and balancer weight, no scores (see the module doc)
+    # the task whose (augmented) target this task's target is computed from, with `derive`
+    # (source target, class count) -> target; its class count is this task's
+    derived_from: str | None = None
+    derive: Callable[[Tensor, int], Tensor] | None = None
+    # the auxiliary head's class (dotted path, as a Hydra ``_target_``) of a training-only
+    # task; called as ``head(in_channels=, in_strides=, out_channels=)``
+    aux_head: str | None = None
 
     def channels(self, num_classes: Mapping[str, int]) -> int:
         """Output channels of this task's head, taking class counts from the dataset."""
         if self.out_channels is not None:
             return self.out_channels
-        if self.name not in num_classes:
-            raise ValueError(f"task '{self.name}' needs data.num_classes.{self.name} to be set")
-        return int(num_classes[self.name])
+        name = self.derived_from or self.name
+        if name not in num_classes:
+            raise ValueError(f"task '{self.name}' needs data.num_classes.{name} to be set")
+        return int(num_classes[name])
 
 
 TASKS: dict[str, Task] = {}
@@ -74,8 +90,23 @@ def register(task: Task) -> Task:
             f"task '{task.name}': kind '{task.kind}'; expected one of {KINDS}, 'labels' exactly "
             "for classification tasks"
         )
+    if task.training_only and (task.higher_is_better or task.aux_head is None):
+        raise ValueError(
+            f"task '{task.name}': a training-only task has no scores and needs an aux_head"
+        )
     TASKS[task.name] = task
     return task
+
+
+def training_only(name: str) -> bool:
+    """Whether `name` is a registered training-only task (no scores, in no report)."""
+    return name in TASKS and TASKS[name].training_only
+
+
+def reported(tasks: Iterable[str]) -> list[str]:
+    """`tasks` without the training-only ones: the tasks a report (scores, Δm, tables,
+    exported predictions, images) covers."""
+    return [t for t in tasks if not training_only(t)]
 
 
 def get_task(name: str) -> Task:
@@ -178,5 +209,20 @@ register(
         main_metric="mIoU",
         classification=True,
         kind="labels",
+    )
+)
+register(
+    Task(
+        name="sem_boundary",  # SBCB (Ishikawa & Aoki, Sensors 2023): K-class semantic boundaries
+        loss=losses.multilabel_edge_bce,  # on the fused and the last side output
+        loss_weight=5.0,
+        decode=lambda pred: torch.sigmoid(pred[:, : pred.shape[1] // 2]),  # the fused map
+        metrics=lambda _, **options: {},
+        higher_is_better={},
+        main_metric="",
+        training_only=True,
+        derived_from="semseg",
+        derive=boundary_targets,
+        aux_head="mtl.models.aux_heads.CASENetHead",
     )
 )

@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
@@ -37,15 +38,17 @@ from mtl.checkpoint import (
     step_checkpoint,
 )
 from mtl.compile import compile_backbone
-from mtl.config import ConfigError, validate_config
+from mtl.config import ConfigError, training_tasks, validate_config
 from mtl.console import quiet_console
 from mtl.data.datamodule import MultiTaskDataModule
+from mtl.data.derived import DerivedTargets
 from mtl.data.gpu_augment import gpu_augment_pipeline
 from mtl.data.skip import SkippedSamples
 from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mtl.eval_config import evaluation_config, section_overrides
 from mtl.export import PredictionWriter
 from mtl.loggers import build_loggers, finish_loggers, logger_callbacks
+from mtl.merging.initial import load_initial_weights
 from mtl.metrics.callback import MetricsCallback
 from mtl.metrics.collection import TaskMetrics
 from mtl.metrics.delta_m import find_baselines, load_baselines
@@ -56,6 +59,7 @@ from mtl.module import MultiTaskModule
 from mtl.redact import resolved_config
 from mtl.regularizers import build_regularizer
 from mtl.resume import ApplyOptimizerSettings, check_training
+from mtl.slim.config import build_slimming
 from mtl.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -63,35 +67,65 @@ log = logging.getLogger(__name__)
 
 def build_datamodule(data: DictConfig) -> MultiTaskDataModule:
     """The datamodule of `data` (a `conf/data/*.yaml` node). With ``data.gpu_augment`` the
-    workers only decode and pad; the train transform's augmentation runs on the device."""
+    workers only decode and pad; the train transform's augmentation runs on the device. The
+    targets of training-only tasks (``data.aux_tasks``) are computed in the workers after the
+    train transform, from their source task's target (loaded for that if not a task)."""
     train_transform, gpu_augment = None, None
     if data.get("gpu_augment", False):
         node = OmegaConf.to_container(data.train_transform, resolve=True)
         train_transform, gpu_augment = gpu_augment_pipeline(node)
+    train_transform = train_transform or instantiate(data.train_transform)
+    val_transform = instantiate(data.val_transform)
+    tasks = list(data.tasks)
+    aux_tasks = list(data.get("aux_tasks") or [])
+    if aux_tasks:
+        num_classes = _plain(data.get("num_classes"))
+        derived = {
+            task: (spec.derived_from, partial(spec.derive, num_classes=spec.channels(num_classes)))
+            for task in aux_tasks
+            for spec in [get_task(task)]
+        }
+        sources = [source for source, _ in derived.values() if source not in tasks]
+        train_transform = DerivedTargets(train_transform, derived, drop=sources)
+        if sources:
+            val_transform = DerivedTargets(val_transform, {}, drop=sources)
+        tasks += list(dict.fromkeys(sources))
     return MultiTaskDataModule(
         dataset=instantiate(data.dataset),
-        tasks=list(data.tasks),
+        tasks=tasks,
         batch_size=data.batch_size,
-        train_transform=train_transform or instantiate(data.train_transform),
-        val_transform=instantiate(data.val_transform),
+        train_transform=train_transform,
+        val_transform=val_transform,
         prepare=instantiate(data.prepare) if data.get("prepare") else None,
         num_workers=data.num_workers,
         pin_memory=data.pin_memory,
         check_files=data.get("check_files", 8),
         skip_bad=data.get("skip_bad", False),
         gpu_augment=gpu_augment,
+        val_fraction=data.get("val_fraction") or 0.0,
+        val_seed=data.get("val_seed") or 0,
     )
 
 
-def build_model(cfg: DictConfig) -> MultiTaskModel:
-    """Backbone and one head per task, with output channels from the task registry."""
+def build_model(cfg: DictConfig, aux_heads: bool = True) -> MultiTaskModel:
+    """Backbone and one head per task, with output channels from the task registry; with
+    `aux_heads`, the auxiliary heads of the training-only tasks (``data.aux_tasks``) too."""
     num_classes = _plain(cfg.data.get("num_classes"))
     channels = {task: get_task(task).channels(num_classes) for task in cfg.data.tasks}
+    aux_tasks = list(cfg.data.get("aux_tasks") or []) if aux_heads else []
+    heads = {
+        task: partial(get_class(get_task(task).aux_head), out_channels=classes)
+        for task in aux_tasks
+        for classes in [get_task(task).channels(num_classes)]
+    }
     node = cfg.model.copy()
     with open_dict(node):
         compile_value = node.pop("compile", False)  # model.compile: see mtl/compile.py
+        init_from = node.pop("init_from", None)  # model.init_from: see mtl/merging/initial.py
+        slimming = build_slimming(node.pop("slim", None))  # model/slim=on: see mtl/slim
     try:
-        model = instantiate(node, task_channels=channels, _convert_="all")
+        extra = {"aux_heads": heads} if heads else {}  # other model classes need not take it
+        model = instantiate(node, task_channels=channels, _convert_="all", **extra)
     except InstantiationException as error:  # hydra wraps the backbone's report on its weights
         cause = error.__cause__
         while isinstance(cause, InstantiationException):
@@ -99,6 +133,10 @@ def build_model(cfg: DictConfig) -> MultiTaskModel:
         if isinstance(cause, WeightsError):
             raise cause from None
         raise
+    if init_from and cfg.get("train", True):
+        load_initial_weights(model, init_from)
+    if slimming is not None:
+        slimming.apply(model)
     compile_backbone(model, compile_value)
     return model
 
@@ -124,7 +162,7 @@ def build_module(cfg: DictConfig) -> MultiTaskModule:
     return MultiTaskModule(
         model=build_model(cfg),
         balancer=build_balancer(
-            cfg.balancer, cfg.get("flat"), list(cfg.data.tasks), cfg.get("smoothing")
+            cfg.balancer, cfg.get("flat"), training_tasks(cfg.data), cfg.get("smoothing")
         ),
         loss_weights=_plain(cfg.data.get("loss_weights")),
         num_classes=_plain(cfg.data.get("num_classes")),
@@ -136,12 +174,16 @@ def build_module(cfg: DictConfig) -> MultiTaskModule:
         metrics=build_metrics(cfg),
         max_bad_steps=cfg.get("max_bad_steps", 3),
         regularizer=build_regularizer(cfg.get("regularizer")),
+        slimming=build_slimming(cfg.model.get("slim")),
+        loss_options=_plain(cfg.data.get("loss_options")),
     )
 
 
 def count_parameters(module: torch.nn.Module) -> dict[str, int]:
-    """Trainable (requires grad) and total parameter counts."""
-    params = list(module.parameters())
+    """Trainable (requires grad) and total parameter counts; of a `MultiTaskModel`, those of
+    the inference model (without the auxiliary heads of training-only tasks)."""
+    skip = {id(p) for p in module.aux_heads.parameters()} if hasattr(module, "aux_heads") else ()
+    params = [p for p in module.parameters() if id(p) not in skip]
     return {
         "params/trainable": sum(p.numel() for p in params if p.requires_grad),
         "params/total": sum(p.numel() for p in params),
@@ -238,6 +280,13 @@ def _fit_and_evaluate(cfg: DictConfig, given: GivenCheckpoint | None) -> dict[st
         f"{counts['params/trainable']:,}",
         f"{counts['params/total']:,}",
     )
+    if module.model.aux_tasks:
+        log.info(
+            "training-only tasks %s: %s parameters in auxiliary heads (not in the inference "
+            "model, not in the counts above)",
+            module.model.aux_tasks,
+            f"{sum(p.numel() for p in module.model.aux_heads.parameters()):,}",
+        )
 
     # stored in every checkpoint: loading refuses another model; the config as plain containers
     module.checkpoint_signature = model_signature(cfg, counts["params/total"])

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from mtl.render import colourise, prediction_and_target
 from mtl.steps import logging_step
-from mtl.tasks import get_task
+from mtl.tasks import get_task, training_only
 
 __all__ = ["PredictionImages", "class_labels", "colourise", "input_rgb", "segmentation_masks"]
 
@@ -116,7 +116,7 @@ class PredictionImages(L.Callback):
                     logger.experiment.add_image(tag, array, global_step=step, dataformats="HWC")
 
     def _tasks(self, preds: Mapping[str, Tensor], batch: Mapping[str, Any]) -> list[str]:
-        return [task for task in preds if task in batch]
+        return [task for task in preds if task in batch and not training_only(task)]
 
     @torch.no_grad()
     def images(self, preds: Mapping[str, Tensor], batch: Mapping[str, Any]) -> dict[str, list]:

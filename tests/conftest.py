@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,21 @@ from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+
+
+def _share_the_cores() -> None:
+    """Under pytest-xdist (``-n auto``), give each worker its share of the cores, for itself and
+    for the commands it starts, instead of every worker (and its subprocesses) using them all."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+_share_the_cores()
 
 # A dataset small enough for CPU tests; every config test reuses the same generated folder.
 TINY_DATA = ["data.generate.n_train=16", "data.generate.n_val=8", "data.image_size=[48,64]"]

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from bench import adapters, balancers, gpu, overhead
+from bench import adapters, balancers, decoders, gpu, overhead
 from bench.models import count_flops
 from bench.table import Table
 from bench.timing import (
@@ -65,7 +65,9 @@ def test_table_markdown():
 def test_adapter_tables():
     settings = adapters.Settings(arch="vit_tiny_4", size=(32, 32), batch_size=1, repeats=1)
     table = adapters.cost_table(settings)
-    assert table.column("adapter") == ["none", "lora", "mtlora", "moe"]
+    assert table.column("adapter") == [
+        *["none", "lora", "mtlora", "moe", "modsquad", "mhr", "polyhistor", "polyhistor_lite"]
+    ]
     for one, every in zip(
         table.column("GFLOPs semseg only"), table.column("GFLOPs all tasks"), strict=True
     ):
@@ -76,6 +78,10 @@ def test_adapter_tables():
     assert moe.column("E") == [2]
     for row in moe.rows:
         assert 0 < row[1] < row[2]  # top-2 costs more than top-1
+    extraction = adapters.extraction_table(settings)
+    assert extraction.column("experts kept") == ["all", "top-k", "half"] * 2
+    ratios = extraction.column("params / full")
+    assert ratios[1] < ratios[2] < 1 and ratios[4] < ratios[5] < 1  # fewer experts, fewer params
 
 
 def test_balancer_tables():
@@ -94,6 +100,36 @@ def test_overhead_table():
     assert len(table.rows) == 5
     assert table.rows[0][2] == 1.0
     assert all(r > 0 for r in table.column("ratio to plain"))
+
+
+def test_edge_table_scores_like_the_reference_and_faster():
+    """Seconds: two tiny sizes, one image each, 9 thresholds; the same scores as the seeded
+    whole-image reference (its random outlier edges lose nothing on graphs this small)."""
+    from bench import edge
+    from mtl.metrics.boundary import pyedgeeval_available
+
+    if not pyedgeeval_available():
+        pytest.skip("pyedgeeval not installed (pip install -e '.[edge]')")
+    table = edge.edge_table(edge.Settings.tiny())
+    assert table.column("size") == ["48x64", "60x80"]
+    for name in ("odsF ref / mtl", "oisF ref / mtl", "AP ref / mtl"):
+        for cell in table.column(name):
+            reference, ours = cell.split(" / ")
+            assert reference == ours and 0 < float(ours) <= 1
+    assert all(cell.startswith("0 of ") for cell in table.column("matched px lost by ref"))
+    assert all(r > 1 for r in table.column("speed-up"))
+
+
+def test_data_pipeline_table_gives_the_decode_only_rate():
+    """Two samples of NYUD-v2 (ATRC layout) and PASCAL_MT, one pass: both pipelines and the
+    decode-only rate (what a worker does with data.gpu_augment) measured for each."""
+    from bench import data
+
+    table = data.pipeline_table(data.Settings(samples=2, repeats=1, nyud_variants=("atrc",)))
+    assert len(table.rows) == 2 and "gpu_augment" in table.notes[0]
+    assert table.column("data")[0].startswith("NYUD-v2 ATRC")
+    for row in table.rows:
+        assert all(math.isfinite(r) and r > 0 for r in row[1:])
 
 
 def test_gpu_peaks_and_skip_without_cuda():
@@ -132,3 +168,68 @@ def test_the_balancer_benchmark_covers_every_config_and_each_steps():
     for _, overrides, _ in rows:
         step = balancers.make_step(overrides, balancers.ALL_TASKS, settings)
         step()  # raises for a configuration the benchmark cannot run
+
+
+def test_merging_benchmark_tiny_mode_prints_every_row(tmp_path, capsys):
+    from bench import merging
+
+    merging.main(["--tiny", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    rows = ["single-task models", "joint multi-task training", "initial encoder", "| ties |",
+            "ties + re-aligned heads (2 steps)", "| ties | "]  # fmt: skip
+    for row in rows:
+        assert row in printed, row
+    assert (tmp_path / "merged" / "ties" / "merged.ckpt").is_file()
+    single = [line for line in printed.splitlines() if line.startswith("| single-task models")]
+    assert single[0].endswith("| +0.00 |")
+
+
+def test_controllability_is_the_mean_rank_correlation_of_preference_and_kept_score():
+    from bench.controllable import controllability
+
+    follows = {"semseg": 0.9, "depth": 0.8, "normals": 0.7}
+    inverted = {"semseg": 0.7, "depth": 0.8, "normals": 0.9}
+    preference = {"semseg": 0.6, "depth": 0.3, "normals": 0.1}
+    rows = [(0.5, preference, follows), (0.7, preference, inverted), (1.0, preference, inverted)]
+    assert controllability(rows[:1]) == (1.0, 1)
+    assert controllability(rows) == (0.0, 2)  # budget 1 is left out
+
+
+def test_controllable_tiny(tmp_path):
+    from bench import controllable
+
+    tables = controllable.run(controllable.Settings.tiny(), tmp_path)
+    grid = tables[0]
+    assert len(grid.rows) == 4 and (tmp_path / "controllable.png").stat().st_size > 0
+    flops = grid.column("GFLOPs")
+    assert flops[0] < flops[-1] and grid.column("budget") == [0.6, 0.6, 1.0, 1.0]
+    first, second = ([float(w) for w in c.split("/")] for c in grid.column(grid.header[2])[:2])
+    assert first[1] >= first[2] >= first[3] and second[2] >= second[3] >= second[1]
+    assert first[1] > second[1]  # semseg preferred first, least preferred second
+    assert "Controllability" in grid.notes[-1]
+
+
+def test_decoder_table_covers_every_decoder_config():
+    table = decoders.cost_table(decoders.Settings.small())
+    names = decoders.decoder_names()
+    assert {"conv", "hrnet", "mlore"} <= set(names)
+    assert table.column("decoder") == names
+    for one, every in zip(
+        table.column("GFLOPs semseg only"), table.column("GFLOPs all tasks"), strict=True
+    ):
+        assert 0 < one < every
+    assert all(p > 0 for p in table.column("decoder params"))
+    assert f"{decoders.MLORE_PASCAL_VIT_LARGE:,} parameters implied" in table.notes[-1]
+
+
+def test_mlore_parameter_count_by_hand_matches_the_module():
+    from mtl.models.decoders import MLoRE
+
+    small = dict(in_channels=[24, 32, 32, 40], task_channels={"semseg": 5, "depth": 1},
+                 tokens=12, embed_dim=20, rank_list=[2, 3, 5], spe_rank=4)  # fmt: skip
+    module = MLoRE(small["in_channels"], [16] * 4, small["task_channels"], image_size=(48, 64),
+                   embed_dim=20, rank_list=[2, 3, 5], spe_rank=4, topk=2)  # fmt: skip
+    assert decoders.mlore_parameter_count(**small) == sum(p.numel() for p in module.parameters())
+    implied = decoders.mlore_parameter_count(**decoders.PASCAL_VIT_LARGE)
+    assert implied == decoders.MLORE_PASCAL_VIT_LARGE  # the docstring's hand computation
+    assert decoders.built_mlore_parameters(**decoders.PASCAL_VIT_LARGE) == implied

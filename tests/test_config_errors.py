@@ -27,6 +27,15 @@ CASES = [
     (["model.decoder=null"],
      ["model.decoder: None; every task in data.tasks needs a decoder (head)", "conv or hrnet"]),
     (["model/adapter=moe"], ["model.adapter: moe needs a plain ViT backbone"]),
+    (["model/decoder=mlore", "model.decoder.image_size=[64,64]"],
+     ["model.decoder.image_size: [64, 64] differs from data.image_size"]),
+    (["+data.loss_options={edge:{weight:0.9}}"],
+     ["data.loss_options.edge.weight: not an option of the edge loss; its options: "
+      "['pos_weight']"]),
+    ([VIT, "model/decoder=mlore", "data.image_size=[40,64]"],
+     ["data.image_size: [40, 64] is not a multiple of the ViT patch size 16"]),
+    (["model/decoder=mlore", "model.decoder.topk=16"],
+     ["model.decoder.topk: 16; expected an integer from 1 to 15"]),
     ([VIT, "model/adapter=lora", "model.adapter.rank=0"],
      ["model.adapter.rank: 0; expected a positive integer"]),
     ([VIT, "model/adapter=moe", "model.adapter.num_experts=4", "model.adapter.top_k=5"],
@@ -54,6 +63,8 @@ CASES = [
     (["data.image_size=[0,64]"], ["data.image_size: [0, 64]; expected [height, width]"]),
     (["data.loss_weights.depth=-1"], ["data.loss_weights.depth: -1; expected a number >= 0"]),
     (["data.skip_bad=maybe"], ["data.skip_bad: 'maybe'; expected true or false"]),
+    (["data.val_fraction=1"],
+     ["data.val_fraction: 1; expected a number in [0, 1) (0: no held-out split)"]),
     (["max_bad_steps=0"], ["max_bad_steps: 0; expected an integer >= 1"]),
     (["eval_ckpt=first"], ["eval_ckpt: 'first'; expected best or last"]),
     (["resume=sometimes"], ["resume: 'sometimes'; expected never or auto"]),
@@ -92,9 +103,30 @@ CASES = [
     (["data.tasks=[semseg,depth]", "optimized_metric=val/normals/mean_angle"],
      ["optimized_metric: 'val/normals/mean_angle' is not a score this run reports",
       "'val/depth/rmse'"]),
+    (["++data.metric_options.edge.online_thresholds=-1", "++data.metric_options.edge.workers=all"],
+     ["data.metric_options.edge.workers: 'all'; expected a count of processes >= 0",
+      "data.metric_options.edge.online_thresholds: -1; expected a count >= 0"]),
     (["optimized_metric=test/semseg/mIoU"],
      ["optimized_metric: 'test/semseg/mIoU' is not a score this run reports",
       "'val/semseg/mIoU'"]),
+    (["data.available_tasks=[depth,normals]", "data.tasks=[depth]",
+      "data.aux_tasks=[sem_boundary]"],
+     ["data.aux_tasks: 'sem_boundary' is computed from the semseg labels, which dataset "
+      "'synthetic' does not provide (its tasks: ['depth', 'normals'])"]),
+    (["data.tasks=[semseg,sem_boundary]"],
+     ["data.tasks: 'sem_boundary' is a training-only task (a loss, no scores); train it with "
+      "data.aux_tasks=[sem_boundary]"]),
+    (["data.aux_tasks=[depth]"],
+     ["data.aux_tasks: 'depth' is a reported task: list it in data.tasks; training-only tasks: "
+      "['sem_boundary']"]),
+    (["data.aux_tasks=[sem_boundary]", "data.gpu_augment=true"],
+     ["data.aux_tasks: the targets of ['sem_boundary'] are computed in the loader workers after "
+      "the augmentation, but data.gpu_augment=true"]),
+    ([VIT, "model/adapter=mtlora", "data.aux_tasks=[sem_boundary]"],
+     ["data.aux_tasks: the auxiliary heads of ['sem_boundary'] read one shared representation, "
+      "but the adapter is task-aware"]),
+    (["optimized_metric=val/sem_boundary/loss", "data.aux_tasks=[sem_boundary]"],
+     ["optimized_metric: 'val/sem_boundary/loss' is not a score this run reports"]),
 ]  # fmt: skip
 
 

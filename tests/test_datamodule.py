@@ -68,6 +68,12 @@ def test_real_data_experiment_runs_one_batch(
     ]
     if dataset == "pascal_context":
         overrides.append(f"data.cache_dir={tmp_path / 'cache'}")  # not under the repository
+    if "mlore" in experiment:  # a narrow decoder with few experts; ViT-Tiny's 12 blocks
+        overrides += ["model.backbone.out_indices=[2,5,8,11]", "model.decoder.embed_dim=16",
+                      "model.decoder.rank_list=[2,3,4]", "model.decoder.spe_rank=2",
+                      "model.decoder.topk=2"]  # fmt: skip
+    if "taskexpert" in experiment:  # a narrow decoder; ViT-Tiny's 12 blocks
+        overrides += ["model.backbone.out_indices=[2,5,8,11]", "model.decoder.hidden_channels=16"]
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose(config_name="train", overrides=overrides)
     assert cfg.data.name == dataset
@@ -127,3 +133,27 @@ def test_eval_batches_pad_and_record_the_padding(folders) -> None:
     assert batch["image"].shape == (2, 3, 32, 48)
     assert [int(v[0]) for v in batch["meta"]["pad"]] == [0, 2, 0, 4]
     assert (batch["semseg"][:, 30:] == 255).all() and (batch["depth"][..., 44:] == 0).all()
+
+
+
+def _carved_ids(make_cfg, *overrides: str) -> tuple[list[str], list[str], list[str]]:
+    """The ids the training loader serves (one epoch), those of the held-out loader, and all
+    of the training split."""
+    from mtl.train import build_datamodule
+
+    dm = build_datamodule(make_cfg("data.tasks=[semseg]", "data.batch_size=1", *overrides).data)
+    dm.prepare_data()
+    dm.setup("fit")
+    train = [i for batch in dm.train_dataloader() for i in batch["meta"]["id"]]
+    held = [i for batch in dm.holdout_dataloader() for i in batch["meta"]["id"]]
+    return train, held, list(dm.dataset_factory(split="train", tasks=["semseg"]).ids)
+
+
+def test_val_fraction_holds_out_training_samples_by_seed(make_cfg):
+    """data.val_fraction carves a seeded part of the training split: training never sees it,
+    the same seed carves the same samples, another seed others."""
+    train, held, every = _carved_ids(make_cfg, "data.val_fraction=0.25")
+    assert len(held) == 4 and len(train) == 12 and not set(train) & set(held)
+    assert sorted(train + held) == sorted(every)
+    assert _carved_ids(make_cfg, "data.val_fraction=0.25")[1] == held
+    assert _carved_ids(make_cfg, "data.val_fraction=0.25", "data.val_seed=1")[1] != held

@@ -52,3 +52,15 @@ def test_normals_l1_normalises_prediction_and_skips_invalid():
     target = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]).T.reshape(1, 3, 1, 2)
     # valid pixel: |(1,0,0) - (0,1,0)|_1 = 2 over its 3 channels
     assert torch.isclose(losses.normals_l1(pred, target), torch.tensor(2 / 3))
+
+
+def test_loss_options_from_the_data_config_reach_the_task_loss(make_cfg):
+    from mtl.train import build_module
+
+    cfg = make_cfg("data.tasks=[semseg,edge]", "+data.loss_options={edge:{pos_weight:0.88}}")
+    module = build_module(cfg)
+    pred = torch.tensor([_logit(0.8), _logit(0.3), 0.0]).view(1, 1, 1, 3)
+    target = torch.tensor([1.0, 0.0, 255.0]).view(1, 1, 1, 3)
+    expected = (0.88 * -math.log(0.8) + 0.12 * -math.log(0.7)) / 2
+    loss = module.task_losses({"edge": pred}, {"edge": target}, tasks=["edge"])["edge"]
+    assert torch.isclose(loss, torch.tensor(expected), atol=1e-6)

@@ -28,6 +28,33 @@ def test_backbone_returns_nchw_maps_matching_its_description(name):
         assert feature.shape[-2:] == (images.shape[-2] // stride, images.shape[-1] // stride)
 
 
+@pytest.mark.parametrize("norm_last", [False, True])
+def test_vit_taps_are_the_chosen_blocks_outputs_and_only_the_last_may_be_normed(norm_last):
+    tiny = dict(img_size=(32, 48), patch_size=8, depth=4, embed_dim=32, num_heads=2)
+    backbone = Backbone("vit_tiny_patch16_224", out_indices=(1, 3), norm_last=norm_last, **tiny)
+    vit = backbone.model.model
+    outputs = {}
+    for i in (1, 3):
+        vit.blocks[i].register_forward_hook(lambda _, __, out, i=i: outputs.__setitem__(i, out))
+    features = backbone(torch.randn(2, 3, 32, 48))
+    assert [tuple(f.shape) for f in features] == [(2, 32, 4, 6)] * 2  # NCHW at stride 8
+
+    def grid(tokens):  # the hooked blocks see the class token first
+        return tokens[:, 1:].reshape(2, 4, 6, 32).permute(0, 3, 1, 2)
+
+    torch.testing.assert_close(features[0], grid(outputs[1]))
+    last = grid(vit.norm(outputs[3])) if norm_last else grid(outputs[3])
+    torch.testing.assert_close(features[1], last)
+    assert isinstance(vit.norm, torch.nn.LayerNorm) == norm_last  # timm prunes an unused norm
+    if norm_last:  # the norm changes the map (the comparison above can tell them apart)
+        assert not torch.allclose(features[1], grid(outputs[3]))
+
+
+def test_norm_last_needs_a_model_with_a_final_norm():
+    with pytest.raises(ValueError, match="model.backbone.norm_last"):
+        Backbone("resnet18", out_indices=(1, 2), norm_last=True)
+
+
 def test_backbone_rejects_unknown_model_and_missing_weights(tmp_path):
     with pytest.raises(ValueError, match="not a timm model"):
         Backbone("resnet_does_not_exist")

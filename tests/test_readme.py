@@ -41,9 +41,15 @@ TINY_REAL = ("data.image_size=[48,64]", "data.batch_size=2", "data.num_workers=0
 SHORT_FIT = ("debug=limit",)
 
 #: Modules that read what earlier commands wrote and run as they are.
-READ_ONLY_MODULES = ("bench.trivial_baselines", "mtl.metrics.baselines", "mtl.compare")
-#: Words of a training command that needs the checkpoints a real fit writes.
-NEEDS_CHECKPOINTS = ("resume=", "ckpt_path=", "ckpt_every", "output_dir")
+READ_ONLY_MODULES = (
+    "bench.trivial_baselines",
+    "mtl.metrics.baselines",
+    "mtl.compare",
+    "mtl.control",
+)
+#: Words of a training command that needs the checkpoints a real fit writes (``outputs/merging``:
+#: the single-task runs ``python -m mtl.merge`` reads).
+NEEDS_CHECKPOINTS = ("resume=", "ckpt_path=", "ckpt_every", "output_dir", "outputs/merging")
 GPU_ONLY = "needs a CUDA GPU: its first job is composed and resolved (--cfg job) instead"
 CLUSTER_ONLY = "needs a SLURM cluster: its first job is composed and resolved (--cfg job) instead"
 NOT_RUN = {
@@ -171,6 +177,8 @@ def plan(command: Command) -> Command:
             command.skip = BENCHMARK
         elif module == "mtl.data.synthetic":
             command.extra = ["--n-train", "16", "--n-val", "8", "--size", "48", "64"]
+        elif module == "mtl.merge":  # merges the tiny runs of an earlier command
+            command.extra = ["realign.steps=2"]
         elif module == "mtl.data.verify":
             command.extra = ["--allow-subset"]  # the generated copies hold a few ids per split
         else:

@@ -187,5 +187,6 @@ def test_vit_large_experiments_compose_with_the_recipe_and_validate(dataset, lr,
     assert cfg.trainer.max_steps == 40000 and cfg.data.batch_size == 2
     assert list(cfg.data.image_size) == size and cfg.data.protocol == "pad"
     assert cfg.data.loss_weights.edge == 50 and cfg.data.loss_weights.normals == 10
+    assert cfg.data.loss_options.edge.pos_weight == 0.95
     validate_config(_compose(f"experiment={dataset}_vit_large_taskexpert",
                              "model.backbone.pretrained=false"))  # fmt: skip

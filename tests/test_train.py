@@ -14,8 +14,11 @@ from mtl.train import build_datamodule, build_module, train
 
 # Experiments on the built-in scenes; real-dataset experiments run in tests/test_datamodule.py
 # on small folders written in their official formats.
+# (ScaLearn's stage 2 needs a stage-1 checkpoint: tests/test_adapters_skills.py runs it.)
 EXPERIMENTS = sorted(
-    p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("synthetic_*.yaml")
+    p.stem
+    for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("synthetic_*.yaml")
+    if "scalearn" not in p.stem
 )
 
 

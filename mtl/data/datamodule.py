@@ -15,10 +15,10 @@ import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.trainer.states import TrainerFn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from mtl.data.base import DatasetError
-from mtl.data.sampling import ResumableSampler, SeededSamples, sample_seed
+from mtl.data.sampling import ResumableSampler, SeededSamples, carve, sample_seed
 from mtl.data.skip import DeferBad, SkipBad, collate_deferring, collate_skipping
 
 DatasetFactory = Callable[..., Dataset]
@@ -45,6 +45,9 @@ class MultiTaskDataModule(L.LightningDataModule):
         gpu_augment: optional batch augmentation run on the device on training batches
             (``mtl.data.gpu_augment.BatchAugment``), seeded per (seed, epoch, batch, rank);
             ``train_transform`` then only decodes and pads.
+        val_fraction: hold out this fraction of the training split (0: none), drawn with
+            `val_seed`: training never sees it, ``holdout_dataloader`` serves it (evaluation
+            transform) for choosing hyper-parameters without the reported val split.
     """
 
     def __init__(
@@ -63,6 +66,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         skip_bad: bool = False,
         seed: int | None = None,
         gpu_augment: Callable[..., dict] | None = None,
+        val_fraction: float = 0.0,
+        val_seed: int = 0,
     ) -> None:
         super().__init__()
         self.dataset_factory = dataset
@@ -79,6 +84,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         self.seed = seed
         self.gpu_augment = gpu_augment
+        self.val_fraction, self.val_seed = float(val_fraction), int(val_seed)
         # (epoch, batches already trained in it) of the checkpoint being resumed, if any
         self._resume_position: tuple[int, int] | None = None
 
@@ -110,7 +116,20 @@ class MultiTaskDataModule(L.LightningDataModule):
                         if not self.skip_bad:
                             raise
                         log.warning("%s\n(data.skip_bad=true: bad samples are skipped)", error)
+                if name == "train" and self.val_fraction > 0:
+                    dataset = self._carve(dataset, split)
                 self.datasets[name] = dataset
+
+    def _carve(self, dataset: Dataset, split: str) -> Dataset:
+        """`dataset` without the held-out samples, which become ``datasets["holdout"]``."""
+        try:
+            kept, held = carve(len(dataset), self.val_fraction, self.val_seed)
+        except ValueError as error:
+            raise DatasetError(f"data.val_fraction: {error}") from None
+        whole = self.dataset_factory(split=split, tasks=self.tasks, transform=self.val_transform)
+        self.datasets["holdout"] = Subset(whole, held)
+        log.info("data.val_fraction=%s: %d training samples held out", self.val_fraction, len(held))
+        return Subset(dataset, kept)
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         if self.num_workers > 0:
@@ -222,6 +241,12 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
+
+    def holdout_dataloader(self) -> DataLoader:
+        """The samples `val_fraction` held out of the training split (after ``setup("fit")``)."""
+        if "holdout" not in self.datasets:
+            raise RuntimeError("no held-out split: set val_fraction > 0 and call setup('fit')")
+        return self._loader("holdout", shuffle=False)
 
 
 def init_worker(worker_id: int, rank: int = 0) -> None:

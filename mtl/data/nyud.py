@@ -40,7 +40,7 @@ from mtl.data.checks import (
     require_values,
 )
 from mtl.data.io import DecodeError, read_label_png, read_npy, read_rgb, read_rgb_png
-from mtl.data.transforms import ENCODED_NORMAL_MIN_NORM, IGNORE_INDEX
+from mtl.data.transforms import ENCODED_NORMAL_MIN_NORM, IGNORE_INDEX, lookup
 
 NUM_CLASSES = 40
 #: Length under which a float normal counts as "no normal".
@@ -83,7 +83,7 @@ def read_semseg(path: Path, num_classes: int = NUM_CLASSES) -> np.ndarray:
         raise _unsupported(path)
     allowed = _semseg_allowed(num_classes)
     raw = require_values(read_label_png(path), allowed, path, "segmentation label")
-    return _SEMSEG_LUT[raw]
+    return lookup(_SEMSEG_LUT, raw)
 
 
 def _plane(raw: np.ndarray, path: Path, what: str) -> np.ndarray:
@@ -123,7 +123,7 @@ _SQUARED_CODES = (np.arange(256, dtype=np.float32) * np.float32(2 / 255) - np.fl
 
 def encoded_normal_lengths(raw: np.ndarray) -> np.ndarray:
     """Length of each uint8-encoded normal, by table lookup (no float image is formed)."""
-    squared = np.take(_SQUARED_CODES, raw)
+    squared = lookup(_SQUARED_CODES, raw)
     return np.sqrt(squared[..., 0] + squared[..., 1] + squared[..., 2])
 
 

@@ -84,7 +84,9 @@ class SeededSamples(Dataset):
 
     def __getattr__(self, name: str):
         # Reached only for attributes this wrapper lacks: expose the wrapped dataset's.
-        if name == "dataset":
+        # never a protocol method: a wrapped Subset's ``__getitems__`` would let the loader
+        # fetch past this wrapper's ``__getitem__``
+        if name == "dataset" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
@@ -95,3 +97,14 @@ class SeededSamples(Dataset):
                 torch.manual_seed(sample_seed(self.seed, epoch, index))
                 return self.dataset[index]
         return self.dataset[key]
+
+
+def carve(size: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split indices ``0..size-1`` into (kept, held out): ``round(fraction * size)`` (at least
+    one) drawn with a generator seeded by `seed` alone, so every run of one seed holds out the
+    same samples; both lists in increasing order."""
+    held = max(1, round(fraction * size))
+    if not 0 < fraction < 1 or held >= size:
+        raise ValueError(f"cannot hold out {fraction} of {size} samples and keep some to train")
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(int(seed))).tolist()
+    return sorted(order[held:]), sorted(order[:held])

@@ -54,7 +54,9 @@ class SkipBad(Dataset):
             return None
 
     def __getattr__(self, name: str) -> Any:  # e.g. ``ids``, ``tasks`` of the wrapped dataset
-        if name == "dataset":
+        # never a protocol method: a wrapped Subset's ``__getitems__`` would let the loader
+        # fetch past this wrapper's ``__getitem__``
+        if name == "dataset" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 

@@ -1,8 +1,9 @@
-"""Boundary precision/recall with the benchmark's one-to-one pixel matching (NumPy only).
+"""Boundary precision/recall with the benchmark's one-to-one pixel matching (NumPy, SciPy).
 
-This module runs in worker processes, so it imports neither torch nor the rest of the package.
-The matching (``correspondPixels`` of the BSDS benchmark), the morphological thinning and the
-optional NMS come from the ``pyedgeeval`` package (``pip install -e ".[edge]"``).
+This module runs in worker processes, so it imports neither torch nor the rest of the package
+(only its NumPy modules `mtl.metrics.thinning` and `mtl.metrics.matching`). The thinning tables,
+the optional NMS and the reference matcher (``correspondPixels`` of the BSDS benchmark) come
+from the ``pyedgeeval`` package (``pip install -e ".[edge]"``).
 
 Per image and threshold t the edge probability map, quantised to uint8 as in the exported PNGs,
 is binarised as ``q / 255 > t`` (SEISM's ``read_one_cont_png``), thinned, and matched to the
@@ -63,20 +64,83 @@ class MatchSettings:
 def image_counts(edge_uint8: np.ndarray, target: np.ndarray, settings: MatchSettings) -> np.ndarray:
     """Counts [K, 4] (cntR, sumR, cntP, sumP) of one image at every threshold.
 
+    The thresholds are visited in increasing order: a threshold whose binary map equals the
+    previous one's reuses its counts, the thinning re-examines only pixels next to a deletion
+    (`mtl.metrics.thinning`), and the matching is solved exactly per independent component,
+    re-solving only large components whose pixels changed (`mtl.metrics.matching`). The same
+    counts as `reference_image_counts`, up to the random losses of its matcher.
+
     Args:
         edge_uint8: HxW uint8 edge probability × 255 (the exported PNG).
         target: HxW ground truth, 1 = boundary, 0 = none, 255 = ignore (counted as no boundary;
             predictions on ignored pixels are removed).
     """
-    from pyEdgeEval._lib import correspond_pixels
-    from pyEdgeEval.preprocess import binary_thin, fast_nms
+    from mtl.metrics.matching import matched_count, tolerance
+    from mtl.metrics.thinning import thin
 
+    gt, strength = _prepared(edge_uint8, target, settings)
+    tol = tolerance(*gt.shape, settings.max_dist)
+    gt_total = int(gt.sum())
+    counts = np.zeros((len(settings.thresholds), 4), dtype=np.int64)
+    solved: dict[bytes, int] = {}
+    previous: tuple[np.ndarray, np.ndarray] | None = None  # (binary map, its counts)
+    for k in np.argsort(settings.thresholds, kind="stable"):
+        predicted = strength > settings.thresholds[k]
+        if previous is not None and np.array_equal(previous[0], predicted):
+            counts[k] = previous[1]
+            continue
+        thinned = thin(predicted) if settings.thin else predicted
+        matched = matched_count(thinned, gt, tol, solved) if gt_total and thinned.any() else 0
+        counts[k] = (matched, gt_total, matched, int(thinned.sum()))
+        previous = (predicted, counts[k])
+    return counts
+
+
+def _prepared(
+    edge_uint8: np.ndarray, target: np.ndarray, settings: MatchSettings
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ground-truth boundary map and edge strength with ignored pixels removed (and NMS)."""
     ignore = target == IGNORE_INDEX
     gt = (target == 1) & ~ignore
     strength = edge_uint8.astype(np.float64) / 255.0
     if settings.nms:
+        from pyEdgeEval.preprocess import fast_nms
+
         strength = fast_nms(strength)
     strength[ignore] = 0.0
+    return gt, strength
+
+
+def seed_matcher(seed: int) -> None:
+    """Seed the random outlier edges of pyedgeeval's ``correspond_pixels`` (normally seeded from
+    the clock when the library loads): the same seed before a call gives the same result."""
+    import ctypes
+    import importlib
+
+    if seed <= 0:
+        raise ValueError("the matcher's seed must be positive (0 seeds it from the clock)")
+    library = ctypes.CDLL(importlib.import_module("pyEdgeEval._lib.correspond_pixels").__file__)
+    stream = ctypes.c_char.in_dll(library, "_ZN6Random4randE")  # the global Random::rand
+    reseed = library._ZN6Random6reseedEm  # Random::reseed(u_int64_t)
+    reseed.argtypes, reseed.restype = [ctypes.c_void_p, ctypes.c_uint64], None
+    reseed(ctypes.addressof(stream), seed)
+
+
+def reference_image_counts(
+    edge_uint8: np.ndarray, target: np.ndarray, settings: MatchSettings, seed: int | None = None
+) -> np.ndarray:
+    """`image_counts` the straightforward way, as SEISM does: every threshold thinned with
+    pyedgeeval and matched with its ``correspond_pixels`` on the whole image. Kept as the
+    reference of tests and ``python -m bench.edge``.
+
+    Args:
+        seed: seed the matcher's random outlier edges with it before every call (None: the
+            clock-seeded stream, as SEISM).
+    """
+    from pyEdgeEval._lib import correspond_pixels
+    from pyEdgeEval.preprocess import binary_thin
+
+    gt, strength = _prepared(edge_uint8, target, settings)
     counts = np.zeros((len(settings.thresholds), 4), dtype=np.int64)
     previous: tuple[bytes, np.ndarray] | None = None
     for k, threshold in enumerate(settings.thresholds):
@@ -88,6 +152,8 @@ def image_counts(edge_uint8: np.ndarray, target: np.ndarray, settings: MatchSett
         if settings.thin:
             predicted = binary_thin(predicted)
         if gt.any() and predicted.any():
+            if seed is not None:
+                seed_matcher(seed)
             match_pred, match_gt, _, _ = correspond_pixels(predicted, gt, settings.max_dist)
             counts[k] = ((match_gt > 0).sum(), gt.sum(), (match_pred > 0).sum(), predicted.sum())
         else:  # nothing to match: no correspondences

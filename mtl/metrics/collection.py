@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
 from mtl.metrics.delta_m import Baselines, delta_m, task_gains
-from mtl.tasks import get_task
+from mtl.tasks import get_task, reported
 
 
 def _wants_meta(metric: Metric) -> bool:
@@ -42,6 +42,7 @@ class TaskMetrics(nn.Module):
     ) -> None:
         super().__init__()
         options = options or {}
+        tasks = reported(tasks)  # training-only tasks have no scores
         self.metrics = nn.ModuleDict(
             {
                 t: nn.ModuleDict(get_task(t).metrics(num_classes.get(t), **options.get(t, {})))

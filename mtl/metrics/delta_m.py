@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from mtl.metrics.boundary import pyedgeeval_available
-from mtl.tasks import TASKS, get_task
+from mtl.tasks import TASKS, get_task, reported
 
 #: The shipped baselines files, found by name (``delta_m_baselines=synthetic``).
 BASELINES_DIR = Path(__file__).resolve().parents[2] / "baselines"
@@ -41,9 +41,9 @@ def task_gains(
     scores: Mapping[str, float], baselines: Baselines, tasks: Sequence[str], prefix: str = ""
 ) -> dict[str, float]:
     """Relative gain of every task whose main metric is in ``scores`` (keys
-    ``<prefix><task>/<metric>``) and in ``baselines``."""
+    ``<prefix><task>/<metric>``) and in ``baselines`` (training-only tasks have none)."""
     gains = {}
-    for task in tasks:
+    for task in reported(tasks):
         metric = get_task(task).main_metric
         key = f"{prefix}{task}/{metric}"
         if key in scores and metric in baselines.get(task, {}):
@@ -54,7 +54,9 @@ def task_gains(
 def delta_m(
     scores: Mapping[str, float], baselines: Baselines, tasks: Sequence[str], prefix: str = ""
 ) -> float | None:
-    """Δm in percent over ``tasks``; None if a task's main metric or baseline is missing."""
+    """Δm in percent over ``tasks`` (training-only ones left out); None if a task's main
+    metric or baseline is missing."""
+    tasks = reported(tasks)
     gains = task_gains(scores, baselines, tasks, prefix)
     if not tasks or len(gains) < len(tasks):
         return None
@@ -79,7 +81,7 @@ def find_baselines(spec: str | Path) -> Path:
 def missing_main_metrics(baselines: Baselines, tasks: Sequence[str]) -> list[str]:
     """``<task>/<main metric>`` of every task in ``tasks`` that ``baselines`` lacks."""
     missing = []
-    for task in tasks:
+    for task in reported(tasks):
         metric = get_task(task).main_metric
         if metric not in baselines.get(task, {}):
             missing.append(f"{task}/{metric}")

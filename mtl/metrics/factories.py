@@ -53,6 +53,7 @@ def edge_metrics(
     nms: bool = False,
     every_n_epochs: int = 0,
     workers: int | None = None,
+    online_thresholds: int = 0,
 ) -> dict[str, Metric]:
     """odsF, oisF, AP with the benchmark's matching (needs ``pyedgeeval``; else none: the online
     loss proxy ``<stage>/edge/loss`` remains)."""
@@ -70,5 +71,6 @@ def edge_metrics(
             nms=nms,
             every_n_epochs=every_n_epochs,
             workers=workers,
+            online_thresholds=online_thresholds,
         )
     }

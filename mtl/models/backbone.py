@@ -32,6 +32,9 @@ class Backbone(nn.Module):
         pretrained_strict: False loads weights that fit in part (with a warning) instead of
             raising `WeightsError` (see `mtl.models.pretrained.checked_state`).
         out_indices: which feature levels to return (timm's indexing); None: timm's default.
+            ViT levels are the chosen blocks' outputs, before any norm.
+        norm_last: pass the last level through the model's final norm (ViT, Swin: models timm
+            reads through ``forward_intermediates``), as MLoRE and TaskExpert tap a ViT.
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``img_size``, ``patch_size``).
     """
 
@@ -42,6 +45,7 @@ class Backbone(nn.Module):
         pretrained: bool = False,
         pretrained_strict: bool = True,
         out_indices: Sequence[int] | None = None,
+        norm_last: bool = False,
         **timm_kwargs,
     ) -> None:
         super().__init__()
@@ -57,9 +61,14 @@ class Backbone(nn.Module):
             state = checked_state(name, path, pretrained_strict, key, features, **timm_kwargs)
             kwargs["pretrained_cfg_overlay"] = dict(state_dict=state)
         self.name = name
-        self.model = timm.create_model(
-            name, pretrained=path is not None, features_only=True, **kwargs
-        )
+        if norm_last:
+            self.model = _getter_keeping_norm(name, path is not None, kwargs)
+        else:
+            self.model = timm.create_model(
+                name, pretrained=path is not None, features_only=True, **kwargs
+            )
+        #: The final norm applied to the last level (`norm_last`), else None.
+        self.last_norm: nn.Module | None = self.model.model.norm if norm_last else None
         for module in self.model.modules():  # timm keeps the overlay (a copy of the weights)
             cfg = getattr(module, "pretrained_cfg", None)
             if isinstance(cfg, dict):
@@ -102,7 +111,11 @@ class Backbone(nn.Module):
                 features = [batch.expand(f) for f in self._token_batch_features(images)]
         if self.channels_last_output:
             features = [f.permute(0, 3, 1, 2).contiguous() for f in features]
-        return list(features)
+        features = list(features)
+        if self.last_norm is not None:  # a per-token norm over channels
+            last = self.last_norm(features[-1].permute(0, 2, 3, 1))
+            features[-1] = last.permute(0, 3, 1, 2).contiguous()
+        return features
 
     def _token_batch_features(self, images: Tensor) -> list[Tensor]:
         """Features whose batch size may grow inside the network (timm's ViT reshape assumes
@@ -113,9 +126,30 @@ class Backbone(nn.Module):
         tokens = vit.forward_intermediates(
             images,
             indices=self.model.out_indices,
-            norm=self.model.norm,
+            norm=self.model.norm,  # False (never pruned with `norm_last`: applied in forward)
             output_fmt="NLC",
             intermediates_only=True,
         )
         h, w = vit.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
         return [t.reshape(t.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous() for t in tokens]
+
+
+def _getter_keeping_norm(name: str, pretrained: bool, kwargs: dict) -> FeatureGetterNet:
+    """timm's intermediate-feature extractor of `name` that keeps the final norm (timm prunes
+    it unless every level is normed) while returning un-normed levels.
+
+    ``create_model(features_only=True)`` offers no such option, so wrap the built model here."""
+    kwargs = dict(kwargs)
+    out_indices = kwargs.pop("out_indices", None)
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    if not hasattr(model, "forward_intermediates") or not isinstance(
+        getattr(model, "norm", None), nn.Module
+    ):
+        raise ValueError(
+            f"model.backbone.norm_last: '{name}' has no final norm over its intermediate "
+            "features (a ViT or Swin has); set model.backbone.norm_last=false"
+        )
+    indices = 3 if out_indices is None else out_indices  # timm's ViT default
+    getter = FeatureGetterNet(model, out_indices=indices, norm=True)
+    getter.norm = False
+    return getter

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtl.models.adapters import Adapter, MoEMlp
+from mtl.models.adapters import Adapter
 from mtl.models.backbone import Backbone
 from mtl.models.decoders.base import build_decoder
 
@@ -26,6 +26,10 @@ class MultiTaskModel(nn.Module):
             for all tasks (``mtl.models.decoders.base``).
         task_channels: output channels per task, in task order.
         adapter: modifies the backbone (LoRA, MTLoRA, MoE); None: the backbone as built.
+        aux_heads: per training-only task, a factory of its auxiliary head, called as
+            ``head(in_channels=, in_strides=)`` (its output channels already bound) and run
+            on the shared features only when the task is requested (training). The
+            inference model is built without them (``mtl.load``).
     """
 
     def __init__(
@@ -34,15 +38,28 @@ class MultiTaskModel(nn.Module):
         decoder: DecoderFactory,
         task_channels: Mapping[str, int],
         adapter: Adapter | None = None,
+        aux_heads: Mapping[str, DecoderFactory] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.tasks = list(task_channels)
+        self.aux_tasks = list(aux_heads or {})
         if adapter is not None:
             backbone.adapt(adapter, self.tasks)
         self.task_aware_backbone = backbone.task_batch is not None
         self.decoders = build_decoder(
             decoder, backbone.out_channels, backbone.out_strides, task_channels
+        )
+        if self.aux_tasks and self.task_aware_backbone:
+            raise ValueError(
+                f"auxiliary heads ({self.aux_tasks}) read one shared representation, but the "
+                "adapter is task-aware (per-task features)"
+            )
+        self.aux_heads = nn.ModuleDict(
+            {
+                task: head(in_channels=backbone.out_channels, in_strides=backbone.out_strides)
+                for task, head in (aux_heads or {}).items()
+            }
         )
 
     def _backbone_task_parameters(self) -> dict[str, list[nn.Parameter]]:
@@ -62,17 +79,23 @@ class MultiTaskModel(nn.Module):
         return backbone + self.decoders.shared_parameters()
 
     def task_parameters(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters that only one task's loss depends on: its head and its adapter layers."""
+        """Parameters that only one task's loss depends on: its head and its adapter layers
+        (a training-only task: its auxiliary head)."""
         own = self._backbone_task_parameters()
-        return {task: own[task] + self.decoders.task_parameters(task) for task in self.tasks}
+        params = {task: own[task] + self.decoders.task_parameters(task) for task in self.tasks}
+        for task, head in self.aux_heads.items():
+            params[task] = [p for p in head.parameters() if p.requires_grad]
+        return params
 
     #: Whether the backbone computes differently per task (task-conditioned adapters); the
     #: shared features then differ per task and `rep`-mode balancing does not apply. Set per
     #: instance from the adapter.
     task_aware_backbone: bool = False
 
-    def _moe_layers(self) -> list[MoEMlp]:
-        return [m for m in self.backbone.modules() if isinstance(m, MoEMlp)]
+    def _moe_layers(self) -> list[nn.Module]:
+        """Backbone modules with a routing loss (``balance_loss``, ``balance_weight``) and
+        ``load`` (MoE MLPs, Mod-Squad gates)."""
+        return [m for m in self.backbone.modules() if hasattr(m, "balance_loss")]
 
     def auxiliary_losses(self) -> dict[str, Tensor]:
         """Weighted auxiliary losses of the last forward, per task (MoE load balancing in the
@@ -144,9 +167,12 @@ class MultiTaskModel(nn.Module):
         as probes.
         """
         tasks = self.tasks if tasks is None else list(tasks)
-        unknown = set(tasks) - set(self.tasks)
+        unknown = set(tasks) - set(self.tasks) - set(self.aux_tasks)
         if unknown:
-            raise KeyError(f"model has no head for {sorted(unknown)}; heads: {self.tasks}")
+            heads = self.tasks + self.aux_tasks
+            raise KeyError(f"model has no head for {sorted(unknown)}; heads: {heads}")
+        aux = [t for t in tasks if t in self.aux_heads]
+        tasks = [t for t in tasks if t not in self.aux_heads]
         size = images.shape[-2:]
         features = (
             self.backbone(images, tasks) if self.task_aware_backbone else self.backbone(images)
@@ -165,10 +191,12 @@ class MultiTaskModel(nn.Module):
             inputs = {task: [chunks[i] for chunks in per_task] for i, task in enumerate(tasks)}
         else:
             inputs = dict.fromkeys(tasks, head_inputs)
+        decoded = self.decoders({task: inputs[task] for task in tasks}) if tasks else {}
         preds = {
             task: F.interpolate(pred, size=size, mode="bilinear", align_corners=False)
-            for task, pred in self.decoders({task: inputs[task] for task in tasks}).items()
+            for task, pred in decoded.items()
         }
+        preds.update({task: self.aux_heads[task](head_inputs, size) for task in aux})
         return Decoded(preds, list(features), list(head_inputs), probes)
 
 

@@ -23,7 +23,22 @@ def _pair(in_features: int, out_features: int, rank: int) -> tuple[nn.Parameter,
     return nn.Parameter(a), nn.Parameter(torch.zeros(out_features, rank))
 
 
-class LoRALinear(nn.Module):
+class WrappedLinear(nn.Module):
+    """A layer that adds to a wrapped linear ``self.base`` and keeps its shape attributes, so
+    code that reads ``in_features``/``out_features`` (timm, other adapters) sees a linear."""
+
+    base: nn.Module
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+
+class LoRALinear(WrappedLinear):
     """``base(x) + scale * B A dropout(x)`` with scale = alpha / rank; `base` stays as given.
 
     `merge` folds ``scale * B A`` into the base weight (inference without the extra matmuls);
@@ -39,14 +54,6 @@ class LoRALinear(nn.Module):
         self.lora_A, self.lora_B = _pair(base.in_features, base.out_features, rank)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def delta_weight(self) -> Tensor:
         return self.scale * self.lora_B @ self.lora_A
@@ -70,7 +77,7 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
-class TaskLoRALinear(nn.Module):
+class TaskLoRALinear(WrappedLinear):
     """``base(x)`` plus, for each row of the task batch, the LoRA pair of that row's task.
 
     Only the requested tasks' pairs are stacked and used, so a task that is not computed gets
@@ -95,14 +102,6 @@ class TaskLoRALinear(nn.Module):
         self.lora_A = nn.ParameterDict({t: a for t, (a, _) in pairs.items()})
         self.lora_B = nn.ParameterDict({t: b for t, (_, b) in pairs.items()})
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         return [self.lora_A[task], self.lora_B[task]]

@@ -22,6 +22,12 @@ from torch.special import ndtr
 
 from mtl.models.adapters.base import Adapter
 from mtl.models.adapters.lora import freeze_base
+from mtl.models.adapters.routing import (
+    KeptExperts,
+    all_reduce_sum,
+    keep_usage_optional,
+    update_usage,
+)
 from mtl.models.adapters.task_batch import TaskBatch, block_names, first_task_block
 
 
@@ -131,7 +137,9 @@ class MoEMlp(nn.Module):
 
     After each forward, `balance_loss` holds the per-task load-balancing losses (unweighted; the
     model multiplies them by `balance_weight`) and `load` the routed-token count per task
-    (`load_tasks`) and expert (T x E).
+    (`load_tasks`) and expert (T x E). While training, `expert_usage` (tasks x E) keeps an EMA
+    of the selections (`usage_momentum`); `kept` lists the experts held (all unless pruned by
+    `mtl.extract`).
     """
 
     def __init__(
@@ -147,6 +155,8 @@ class MoEMlp(nn.Module):
         task_embed_dim: int = 64,
         noise_std: float = 1.0,
         balance_weight: float = 0.01,
+        kept: Sequence[int] | None = None,
+        usage_momentum: float = 0.95,
     ) -> None:
         super().__init__()
         if not 0 < top_k <= num_experts:
@@ -154,8 +164,12 @@ class MoEMlp(nn.Module):
         self.num_experts, self.top_k, self.noise_std = num_experts, top_k, noise_std
         self.balance_weight = balance_weight
         self.task_batch = task_batch
-        self.experts = ExpertMLPs(num_experts, dim, hidden, act)
+        self.selection = KeptExperts(num_experts, kept)
+        self.experts = ExpertMLPs(len(self.selection.kept), dim, hidden, act)
         self.router = TaskRouter(dim, num_experts, tasks, shared_router, task_embed_dim)
+        self.tasks, self.usage_momentum = list(tasks), usage_momentum
+        self.register_buffer("expert_usage", torch.zeros(len(self.tasks), num_experts))
+        keep_usage_optional(self)
         self.balance_loss: dict[str, Tensor] = {}
         self.load: Tensor | None = None
         self.load_tasks: list[str] = []
@@ -167,11 +181,15 @@ class MoEMlp(nn.Module):
         std = self.noise_std / E if self.training else 0.0
         noisy = clean + torch.randn_like(clean) * std if std > 0 else clean
         probs = noisy.softmax(dim=-1)
-        top_vals, top_idx = probs.topk(min(k + 1, E), dim=-1)
+        top_vals, top_idx = self.selection.choose(probs, min(k + 1, len(self.selection.kept)))
         gates, experts = top_vals[..., :k], top_idx[..., :k]
         full = torch.zeros_like(probs).scatter(-1, experts, gates)
         counts = (full > 0).sum(dim=1)  # T x E
         self.load, self.load_tasks = counts.detach(), list(tasks)
+        if self.training:  # the usage of the global batch: every process keeps the same EMA
+            rows = [self.tasks.index(task) for task in tasks]
+            global_counts = all_reduce_sum(counts.detach().float())
+            update_usage(self.expert_usage, rows, global_counts, self.usage_momentum)
         self.balance_loss = {}
         for t, task in enumerate(tasks):
             if std > 0 and k < E:
@@ -182,9 +200,17 @@ class MoEMlp(nn.Module):
             self.balance_loss[task] = cv_squared(full[t].sum(0)) + cv_squared(load)
         return experts, gates
 
+    @property
+    def kept(self) -> list[int]:
+        return self.selection.kept
+
+    def expert_parameters(self) -> list[str]:
+        return ["experts.moe_w1", "experts.moe_b1", "experts.moe_w2", "experts.moe_b2"]
+
     def forward(self, x: Tensor) -> Tensor:
         rows = self.task_batch.by_task(x)  # T x n x C
         experts, gates = self.route(rows)
+        experts = self.selection.local[experts]
         flat = rows.reshape(-1, rows.shape[-1])
         out = self.experts(flat, experts.reshape(-1, self.top_k), gates.reshape(-1, self.top_k))
         return out.reshape(x.shape)
@@ -205,6 +231,8 @@ class MoE(Adapter):
         init_from_mlp: initialise the experts from the block's (pretrained) MLP.
         freeze_backbone: freeze the non-MoE backbone parameters except `trainable`.
         trainable: regexes of base parameter names kept trainable when `freeze_backbone`.
+        kept_experts: {block index: kept expert ids} (written by `mtl.extract`); None: all.
+        usage_momentum: EMA momentum of the expert usage that `mtl.extract` prunes by.
     """
 
     task_aware = True
@@ -222,9 +250,13 @@ class MoE(Adapter):
         init_from_mlp: bool = True,
         freeze_backbone: bool = False,
         trainable: Sequence[str] = (),
+        kept_experts: dict[int, Sequence[int]] | None = None,
+        usage_momentum: float = 0.95,
         task_aware: bool = True,
     ) -> None:
         super().__init__(task_aware)
+        self.kept_experts = {int(b): list(e) for b, e in (kept_experts or {}).items()}
+        self.usage_momentum = usage_momentum
         self.num_experts, self.top_k, self.hidden = num_experts, top_k, hidden
         self.blocks = blocks if isinstance(blocks, str) else list(blocks)
         self.router, self.task_embed_dim, self.noise_std = router, task_embed_dim, noise_std
@@ -267,12 +299,19 @@ class MoE(Adapter):
                 f"model.adapter.blocks: {self.blocks}; this ViT has blocks 0.."
                 f"{len(block_names(model)) - 1}"
             )
+        for index, kept in self.kept_experts.items():
+            if len(set(kept)) < self.top_k or not all(0 <= e < self.num_experts for e in kept):
+                problems.append(
+                    f"model.adapter.kept_experts: block {index}: {list(kept)}; expected at "
+                    f"least top_k ({self.top_k}) distinct ids in 0..{self.num_experts - 1}"
+                )
         return problems
 
     def apply(self, model: nn.Module, taps: Sequence[str], tasks: Sequence[str]) -> TaskBatch:
         self._check(model, taps)
         task_batch = TaskBatch(tasks)
         names = self.chosen(model)
+        index = {name: i for i, name in enumerate(block_names(model))}
         for name in names:
             block = model.get_submodule(name)
             mlp = block.mlp
@@ -289,8 +328,10 @@ class MoE(Adapter):
                 self.task_embed_dim,
                 self.noise_std,
                 self.balance_weight,
+                self.kept_experts.get(index[name]),
+                self.usage_momentum,
             )
-            if self.init_from_mlp:
+            if self.init_from_mlp:  # (an extracted model's weights come from its checkpoint)
                 layer.experts.init_from(mlp.fc1, mlp.fc2)
             block.mlp = layer
         if self.freeze_backbone:

@@ -15,6 +15,7 @@ from mtl.models.decoders.base import (
 from mtl.models.decoders.conv import ConvDecoder
 from mtl.models.decoders.hrnet import HRNetDecoder
 from mtl.models.decoders.layers import NORMS, conv_bn_act, normalisation, upsample_and_concat
+from mtl.models.decoders.mlore import MLoRE
 from mtl.models.decoders.taskexpert import TaskExpertDecoder
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "ASPPDecoder",
     "ConvDecoder",
     "HRNetDecoder",
+    "MLoRE",
     "MultiTaskDecoder",
     "PerTaskDecoders",
     "TaskExpertDecoder",

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from mtl.models.decoders.layers import conv_bn_act, normalisation
@@ -71,7 +72,7 @@ class ASPPDecoder(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        problems = self.config_problems(
+        problems = self.option_problems(
             dict(rates=rates, rates_stride=rates_stride, dropout=dropout)
         )
         if problems:
@@ -102,8 +103,13 @@ class ASPPDecoder(nn.Module):
         self.block = conv_bn_act(hidden_channels, hidden_channels, 3, norm)
         self.classifier = nn.Conv2d(hidden_channels, out_channels, 1)
 
+    @classmethod
+    def config_problems(cls, cfg: Any) -> list[str]:
+        """The decoder node's problems, found before training (``mtl.config``)."""
+        return cls.option_problems(OmegaConf.to_container(cfg.model.decoder, resolve=True))
+
     @staticmethod
-    def config_problems(options: dict[str, Any]) -> list[str]:
+    def option_problems(options: dict[str, Any]) -> list[str]:
         """Problems of the ``model.decoder`` options, one line each naming the key."""
         problems = []
         rates, stride = options.get("rates", (12, 24, 36)), options.get("rates_stride", 16)

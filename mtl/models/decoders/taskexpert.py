@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from mtl.models.decoders.base import MultiTaskDecoder, TaskInputs
@@ -174,7 +175,7 @@ class TaskExpertDecoder(MultiTaskDecoder):
         norm: str = "batch",
     ) -> None:
         super().__init__()
-        problems = self.config_problems(
+        problems = self.option_problems(
             dict(
                 hidden_channels=hidden_channels,
                 num_experts=num_experts,
@@ -205,8 +206,13 @@ class TaskExpertDecoder(MultiTaskDecoder):
         self.last_gates: dict[str, list[Tensor]] = {}
         self._auxiliary: dict[str, Tensor] = {}
 
+    @classmethod
+    def config_problems(cls, cfg: Any) -> list[str]:
+        """The decoder node's problems, found before training (``mtl.config``)."""
+        return cls.option_problems(OmegaConf.to_container(cfg.model.decoder, resolve=True))
+
     @staticmethod
-    def config_problems(options: dict[str, Any]) -> list[str]:
+    def option_problems(options: dict[str, Any]) -> list[str]:
         """Problems of the ``model.decoder`` options, one line each naming the key."""
 
         def integer(value: Any) -> bool:
