@@ -75,7 +75,9 @@ class ZeroMemory(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.bias.expand(x.shape[0], -1, *x.shape[-2:])
+        # a new tensor, not a view of the parameter (a view made under no_grad would claim
+        # requires_grad without a grad_fn, which module hooks reject)
+        return torch.zeros_like(x) + self.bias
 
 
 class ExpertMemory(Experts):
