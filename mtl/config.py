@@ -468,13 +468,19 @@ def _loss_option_problems(data: DictConfig, available: list) -> list[str]:
     return problems
 
 
+def _decoder_configs() -> list[str]:
+    """The names of the shipped decoder configs (``conf/model/decoder/*.yaml``)."""
+    folder = Path(__file__).resolve().parents[1] / "conf" / "model" / "decoder"
+    return sorted(path.stem for path in folder.glob("*.yaml"))
+
+
 def _decoder_problems(cfg: DictConfig) -> list[str]:
     """Every task needs a head: the decoder node must name a class."""
     decoder = cfg.model.get("decoder")
     if not decoder or not decoder.get("_target_"):
         return [
             f"model.decoder: {_show(decoder)}; every task in data.tasks needs a decoder (head): "
-            "choose model/decoder=conv or hrnet"
+            f"choose model/decoder= one of {', '.join(_decoder_configs())}"
         ]
     try:
         cls = get_class(decoder._target_)
