@@ -255,6 +255,12 @@ def config_problems(
             f"{' or '.join(repr(m) for m in method.modes)}: its state or cross-matrix would pair "
             "the features of different samples (use balancer.mode=param)"
         )
+    if options.get("jacobian", "stored") == "streamed":
+        problems.append(
+            f"balancer.jacobian: 'streamed' never holds the T x P Jacobian, but {name} needs all "
+            "of it (its update is not a function of the task gradients' Gramian); use "
+            "balancer.jacobian=stored"
+        )
     if flat and method.stateful:
         problems.append(
             f"flat: {name} keeps a state that advances once per step (or needs several "

@@ -53,6 +53,8 @@ class GramianMethod(Balancer):
     jacobian: str = "stored"
     #: streamed mode met an operator without a batching rule: stored mode from then on
     _batching_failed: bool = False
+    #: operators without a batching rule already named in the log
+    _looped_logged: frozenset[str] = frozenset()
 
     def __init__(self, mode: str = "param") -> None:
         super().__init__()
@@ -106,7 +108,7 @@ class GramianMethod(Balancer):
         """``param`` mode without the T x P Jacobian: G from one batched backward, then one
         backward of Σ w_i L_i; None (logged once) where the backward cannot be batched."""
         try:
-            gram, heads = streamed_gramian(losses, context)
+            gram, heads, looped = streamed_gramian(losses, context)
         except BatchedBackwardError as error:
             if not self._batching_failed:
                 log.warning(
@@ -117,6 +119,13 @@ class GramianMethod(Balancer):
                 )
             self._batching_failed = True
             return None
+        if looped - self._looped_logged:
+            log.warning(
+                "balancer.jacobian=streamed: no batching rule for %s; the batched backward runs "
+                "it once per task (as many passes as balancer.jacobian=stored needs for it)",
+                ", ".join(sorted(looped - self._looped_logged)),
+            )
+            self._looped_logged = self._looped_logged | looped
         weights = self.weights(gram, context)
         total = sum(w * loss for w, loss in zip(weights.tolist(), losses.values(), strict=True))
         context.backward(total)

@@ -18,15 +18,15 @@ the exact one of the global batch.
 
 from __future__ import annotations
 
-import logging
+import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from mtl.balancers.base import BalanceContext
-
-log = logging.getLogger(__name__)
 
 #: Elements of the shared parameters per all-reduced bucket under DDP (T rows each).
 BUCKET_ELEMENTS = 1 << 22
@@ -35,7 +35,21 @@ BLOCK = 4096
 
 
 class BatchedBackwardError(RuntimeError):
-    """The batched backward failed (an operator without a batching rule)."""
+    """The batched backward failed (an operator that cannot run under ``vmap``)."""
+
+
+class StreamedGradients(NamedTuple):
+    """What the batched backward leaves: the Gramian, each head's own gradient, and the
+    operators that had no batching rule (``vmap`` ran them once per task: correct, as fast as
+    the stored mode's per-task passes for that operator)."""
+
+    gramian: Tensor  # T x T, float64, CPU, of the global batch
+    heads: dict[str, list[Tensor]]  # task -> gradient of each of its own parameters
+    per_task_operators: frozenset[str]
+
+
+#: functorch's warning for an operator it runs in a loop over the batched dimension
+_FALLBACK = re.compile(r"batching rule for ([\w:.]+)")
 
 
 class _Rows(torch.autograd.Function):
@@ -139,7 +153,7 @@ class _Accumulator:
 
 def streamed_gramian(
     losses: Mapping[str, Tensor], context: BalanceContext
-) -> tuple[Tensor, dict[str, list[Tensor]]]:
+) -> StreamedGradients:
     """(G, each head's own gradient) from one batched backward over the T losses, never
     holding the T x P Jacobian of the shared parameters. The graph is kept for the backward
     of Σ w_i L_i. Heads' gradients are averaged over processes (zeros where its task does not
@@ -177,14 +191,17 @@ def streamed_gramian(
 
     handles = [p.register_hook(hook_of(p)) for p in params]
     values = torch.stack(list(losses.values()))
+
+    def backward(unit: Tensor) -> tuple[Tensor, ...]:
+        return torch.autograd.grad(
+            values, params, unit, retain_graph=True, allow_unused=True, materialize_grads=True
+        )
+
     try:
-
-        def backward(unit: Tensor) -> tuple[Tensor, ...]:
-            return torch.autograd.grad(
-                values, params, unit, retain_graph=True, allow_unused=True, materialize_grads=True
-            )
-
-        torch.func.vmap(backward)(torch.eye(len(tasks), dtype=values.dtype, device=values.device))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            units = torch.eye(len(tasks), dtype=values.dtype, device=values.device)
+            torch.func.vmap(backward)(units)
     except RuntimeError as error:
         raise BatchedBackwardError(str(error).splitlines()[0]) from error
     finally:
@@ -198,7 +215,12 @@ def streamed_gramian(
         ]
         for t, grads in heads.items()
     }
-    return gram, _averaged(own, context) if context.world_size > 1 else own
+    looped = {m.group(1).rstrip(".") for w in caught if (m := _FALLBACK.search(str(w.message)))}
+    for other in caught:  # anything else is shown as it would have been
+        if not _FALLBACK.search(str(other.message)):
+            warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
+    heads = _averaged(own, context) if context.world_size > 1 else own
+    return StreamedGradients(gram, heads, frozenset(looped))
 
 
 def _averaged(heads: dict[str, list[Tensor]], context: BalanceContext) -> dict[str, list[Tensor]]:
