@@ -132,3 +132,17 @@ def test_the_balancer_benchmark_covers_every_config_and_each_steps():
     for _, overrides, _ in rows:
         step = balancers.make_step(overrides, balancers.ALL_TASKS, settings)
         step()  # raises for a configuration the benchmark cannot run
+
+
+def test_peers_table_runs_every_entry_and_streamed_holds_no_jacobian():
+    from bench import peers
+
+    table = peers.peers_table(peers.Settings.tiny())
+    names = table.column("entry")
+    assert names[:4] == ["plain sum of losses", "mtl param stored", "mtl param streamed", "mtl rep"]
+    assert names[4:] == ["TorchJD autojac", "TorchJD autogram"]  # the dev extra installs it
+    assert all(r > 0 for r in table.column("step time / plain"))
+    memory = dict(zip(names, table.column("peak over step start (MiB)"), strict=True))
+    if not math.isnan(memory["mtl param stored"]):
+        # the stored T x P Jacobian (5 x 1.9M floats) is what streamed never holds
+        assert memory["mtl param streamed"] < memory["mtl param stored"] / 4
