@@ -151,9 +151,10 @@ def autogram_step(settings: Settings) -> Callable[[], None]:
 
 def _called_modules(root: torch.nn.Module, forward: Callable[[], object]) -> list:
     """The largest submodules of `root` with parameters of their own that the forward pass
-    calls (autogram sees a module's parameters through its forward hook; a ViT backbone calls ``forward_intermediates`` of the
-    timm model, not the model itself, so its blocks are taken, and the few parameters the
-    model holds directly, position embedding and class token, are left out of the Gramian)."""
+    calls. Autogram sees a module's parameters through its forward hook; a ViT backbone calls
+    ``forward_intermediates`` of the timm model, not the model itself, so its blocks are taken
+    and the few parameters the model holds directly (position embedding, class token) are left
+    out of autogram's Gramian."""
     called: set[int] = set()
     hooks = [
         m.register_forward_hook(lambda module, *_: called.add(id(module))) for m in root.modules()
@@ -247,7 +248,9 @@ def _torchjd_version() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="seconds: 32x32, batch 2, 1 round")
-    parser.add_argument("--model", choices=sorted(MODELS), help="default vit_tiny (--tiny: 4 blocks)")
+    parser.add_argument(
+        "--model", choices=sorted(MODELS), help="default vit_tiny (--tiny: vit_tiny_4)"
+    )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args(argv)
