@@ -230,7 +230,8 @@ def peers_table(settings: Settings) -> Table:
             f"Plain step: {statistics.median(plain_times) * 1000:.0f} ms; median over "
             f"{settings.rounds} interleaved rounds, {torch.get_num_threads()} thread(s), torch "
             f"{torch.__version__}{_torchjd_version()}. Memory: resident-set growth during one "
-            "step after a warm-up.",
+            "step after a warm-up. TorchJD autogram hooks the backbone's submodules that the "
+            "forward calls: a ViT's position embedding and class token stay out of its Gramian.",
             *notes,
         ],
     )
