@@ -14,6 +14,7 @@ from torch import nn
 from bench.timing import exact_rss_accounting, peak_rss_growth_mib
 from mtl.balancers import build_balancer
 from mtl.balancers.base import BalanceContext
+from mtl.balancers.streamed import ends_at_features
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "balancer"
 TASKS = ["semseg", "depth", "normals"]
@@ -33,32 +34,41 @@ class TinyMultiTask(nn.Module):
         )
         self.heads = nn.ModuleList(nn.Conv2d(width, 1, 1) for _ in range(tasks))
 
-    def losses(self, images: torch.Tensor, trunk: nn.Module | None = None) -> dict:
+    def losses(self, images: torch.Tensor, trunk: nn.Module | None = None, around=False):
+        """(features, losses); `around`: one loss also reaches the trunk around the features."""
         features = (trunk or self.trunk)(images)
         # losses of different kinds and scales, so that the tasks conflict and weights differ
         preds = [head(features) for head in self.heads]
-        return {
+        losses = {
             TASKS[0]: (preds[0] - 1).square().mean(),
             TASKS[1]: 3 * (preds[1] + images[:, :1]).abs().mean(),
             TASKS[2]: torch.nn.functional.softplus(-preds[2] * features[:, :1]).mean(),
         }
+        if around:  # like an auxiliary loss of the backbone (MoE balancing)
+            losses[TASKS[1]] = losses[TASKS[1]] + self.trunk[0].weight.square().sum()
+        return features, losses
 
-    def context(self) -> BalanceContext:
+    def context(self, features: torch.Tensor | None) -> BalanceContext:
         return BalanceContext.local(
             shared_params=list(self.trunk.parameters()),
             task_params={t: list(h.parameters()) for t, h in zip(TASKS, self.heads, strict=True)},
+            features=None if features is None else [features],
         )
 
 
-def _step(name: str, jacobian: str, trunk_wrapper=None) -> tuple[dict, list[torch.Tensor]]:
-    """Weights and every parameter's gradient after one balancer backward."""
+def _step(
+    name: str, jacobian: str, trunk_wrapper=None, features=True, around=False
+) -> tuple[dict, list[torch.Tensor]]:
+    """Weights and every parameter's gradient after one balancer backward (`features`: the
+    context names the trunk's output as the shared features)."""
     model = TinyMultiTask()
     config = OmegaConf.load(CONF / f"{name}.yaml")
     config.jacobian = jacobian
     balancer = build_balancer(config, None, TASKS)
     images = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(1))
     trunk = trunk_wrapper(model.trunk) if trunk_wrapper else None
-    result = balancer.backward(model.losses(images, trunk), model.context())
+    shared, losses = model.losses(images, trunk, around)
+    result = balancer.backward(losses, model.context(shared if features else None))
     return result.weights, [p.grad.clone() for p in model.parameters()]
 
 
@@ -70,14 +80,37 @@ def _assert_same_step(first, second) -> None:
     assert (update - update2).abs().max() <= 1e-6 * update.abs().max()
 
 
-@pytest.mark.parametrize("name", ["upgrad", "mgda", "nash", "pcgrad", "imtl_full"])
-def test_streamed_gives_the_weights_and_update_of_the_stored_jacobian(name):
+@pytest.mark.parametrize(
+    "name,features,around",
+    [
+        ("upgrad", True, False),
+        ("mgda", True, False),
+        ("nash", True, False),
+        ("pcgrad", True, False),
+        ("imtl_full", True, False),
+        ("upgrad", False, False),  # no features named: the batched backward starts at the losses
+        ("upgrad", True, True),  # a loss reaches the trunk around the features: the same
+    ],
+)
+def test_streamed_gives_the_weights_and_update_of_the_stored_jacobian(name, features, around):
     """Same weights (to 1e-6) and same gradients of the shared and head parameters (to 1e-6 of
     the largest), through the config key `build_balancer` reads (imtl_full: the Gramian
-    method inside a composite)."""
-    stored = _step(name, "stored")
-    _assert_same_step(stored, _step(name, "streamed"))
+    method inside a composite); heads backpropagated once each when the losses reach the trunk
+    only through the features, through the whole batched backward otherwise."""
+    stored = _step(name, "stored", features=features, around=around)
+    _assert_same_step(stored, _step(name, "streamed", features=features, around=around))
     assert len(set(stored[0].values())) > 1  # the tasks got different weights
+
+
+def test_the_head_passes_are_used_only_when_the_losses_reach_the_trunk_through_the_features():
+    model = TinyMultiTask()
+    images = torch.randn(2, 3, 6, 6)
+    shared = list(model.trunk.parameters())
+    features, losses = model.losses(images)
+    assert ends_at_features(losses, [features], shared)
+    features, losses = model.losses(images, around=True)
+    assert not ends_at_features(losses, [features], shared)
+    assert not ends_at_features(losses, [], shared)
 
 
 class _Wide(nn.Module):

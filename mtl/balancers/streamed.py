@@ -155,9 +155,12 @@ def streamed_gramian(
     losses: Mapping[str, Tensor], context: BalanceContext
 ) -> StreamedGradients:
     """(G, each head's own gradient) from one batched backward over the T losses, never
-    holding the T x P Jacobian of the shared parameters. The graph is kept for the backward
-    of Σ w_i L_i. Heads' gradients are averaged over processes (zeros where its task does not
-    use a parameter).
+    holding the T x P Jacobian of the shared parameters. Where every path from the losses to
+    the shared parameters passes through ``context.features``, each task's head is
+    backpropagated once on its own and the batched backward starts at the features (T x the
+    features' size held meanwhile); otherwise it starts at the losses. The graph is kept for the
+    backward of Σ w_i L_i. Heads' gradients are averaged over processes (zeros where its task
+    does not use a parameter).
 
     Raises:
         BatchedBackwardError: an operator of the backward has no batching rule.
@@ -189,24 +192,36 @@ def streamed_gramian(
 
         return hook
 
-    handles = [p.register_hook(hook_of(p)) for p in params]
-    values = torch.stack(list(losses.values()))
+    features = list(context.features or ())
+    if ends_at_features(losses, features, shared):
+        # Each task's own backward covers its head only and stops at the features; the batched
+        # one starts there, so no head is run T times.
+        rows, own_grads = _head_passes(losses, features, context)
+        units, heads_done = tuple(rows), True
+        outputs, inputs = features, shared
+    else:
+        values = torch.stack(list(losses.values()))
+        units = (torch.eye(len(tasks), dtype=values.dtype, device=values.device),)
+        outputs, inputs, heads_done = values, params, False
+    handles = [p.register_hook(hook_of(p)) for p in inputs]
 
-    def backward(unit: Tensor) -> tuple[Tensor, ...]:
+    def backward(*unit: Tensor) -> tuple[Tensor, ...]:
         return torch.autograd.grad(
-            values, params, unit, retain_graph=True, allow_unused=True, materialize_grads=True
+            outputs, inputs, unit, retain_graph=True, allow_unused=True, materialize_grads=True
         )
 
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            units = torch.eye(len(tasks), dtype=values.dtype, device=values.device)
-            torch.func.vmap(backward)(units)
+            torch.func.vmap(backward)(*units)
     except RuntimeError as error:
         raise BatchedBackwardError(str(error).splitlines()[0]) from error
     finally:
         for handle in handles:
             handle.remove()
+    units = rows = None  # the feature rows are no longer needed
+    if heads_done:
+        heads = own_grads
     gram = accumulator.finish()
     own = {
         t: [
@@ -221,6 +236,45 @@ def streamed_gramian(
             warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
     heads = _averaged(own, context) if context.world_size > 1 else own
     return StreamedGradients(gram, heads, frozenset(looped))
+
+
+def ends_at_features(
+    losses: Mapping[str, Tensor], features: Sequence[Tensor], shared: Sequence[Tensor]
+) -> bool:
+    """Whether every path from the losses back to the shared parameters passes through the
+    `features` (no auxiliary loss or other tensor reaches the backbone around them): a walk
+    of the losses' graph that stops at the features' nodes meets no shared parameter."""
+    if not features or any(f.grad_fn is None for f in features):
+        return False
+    stops, shared_ids = {f.grad_fn for f in features}, {id(p) for p in shared}
+    seen, stack = set(), [loss.grad_fn for loss in losses.values()]
+    while stack:
+        node = stack.pop()
+        if node is None or node in stops or node in seen:
+            continue
+        seen.add(node)
+        if id(getattr(node, "variable", None)) in shared_ids:  # AccumulateGrad of a shared one
+            return False
+        stack.extend(child for child, _ in node.next_functions)
+    return True
+
+
+def _head_passes(
+    losses: Mapping[str, Tensor], features: Sequence[Tensor], context: BalanceContext
+) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+    """One backward per task through its head to the features: each feature level's T rows
+    (T x its shape) and each head's own gradient."""
+    rows = [f.new_empty(len(losses), *f.shape) for f in features]
+    heads = {}
+    for i, (task, loss) in enumerate(losses.items()):
+        own = list(context.task_params.get(task, ()))
+        grads = torch.autograd.grad(
+            loss, [*features, *own], retain_graph=True, allow_unused=True, materialize_grads=True
+        )
+        for level, grad in zip(rows, grads, strict=False):
+            level[i] = grad
+        heads[task] = list(grads[len(features) :])
+    return rows, heads
 
 
 def _averaged(heads: dict[str, list[Tensor]], context: BalanceContext) -> dict[str, list[Tensor]]:
