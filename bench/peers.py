@@ -116,11 +116,16 @@ def autojac_step(settings: Settings) -> Callable[[], None]:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     shared, heads = model.shared_parameters(), list(model.task_parameters().values())
     aggregator = UPGrad()
+    # A CNN's feature levels are successive stages: the backward from all of them crosses
+    # each stage more than once, which needs the graph kept (a ViT's levels do not).
+    chained = not settings.model.startswith("vit")
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         features, values = losses()
-        mtl_backward(values, features, tasks_params=heads, shared_params=shared)
+        mtl_backward(
+            values, features, tasks_params=heads, shared_params=shared, retain_graph=chained
+        )
         jac_to_grad(shared, aggregator)
         optimizer.step()
 
