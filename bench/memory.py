@@ -1,4 +1,5 @@
-"""Peak memory of one training step per balancer and per adapter, as a ratio to the plain one.
+"""Peak memory of one training step per balancer and per adapter, as a ratio to the plain one;
+peak memory and step time of a Gramian method with the stored and the streamed Jacobian.
 
     python -m bench.memory [--quick]
 
@@ -26,7 +27,7 @@ import torch
 from bench import adapters, balancers
 from bench.models import train_step, vit_model
 from bench.table import Table
-from bench.timing import exact_rss_accounting, peak_rss_growth_mib
+from bench.timing import exact_rss_accounting, median_paired_ratio, peak_rss_growth_mib
 
 
 def step_growth_mib(step: Callable[[], None]) -> float:
@@ -55,6 +56,62 @@ def balancer_table(settings: balancers.Settings) -> Table:
     return table
 
 
+#: The Gramian method of the stored/streamed comparison (UPGrad: the TorchJD default).
+JACOBIAN_METHOD = "upgrad"
+
+
+def jacobian_table(
+    settings: balancers.Settings, model: list[str] | None = None, label: str = "ResNet-18"
+) -> Table:
+    """``balancer.jacobian=stored`` against ``streamed`` (and equal weighting): peak step
+    memory, and step time as medians of paired steps (each pair run back to back).
+
+    Args:
+        settings: batch, input size and repetitions.
+        model: config overrides of the model (default: the default model).
+        label: the model's name in the table.
+    """
+    exact_rss_accounting()
+    tasks, model = balancers.ALL_TASKS, list(model or [])
+    method = [f"balancer={JACOBIAN_METHOD}"]
+    equal = balancers.make_step(["balancer=equal", *model], tasks, settings)
+    stored = balancers.make_step([*method, "balancer.jacobian=stored", *model], tasks, settings)
+    streamed = balancers.make_step([*method, "balancer.jacobian=streamed", *model], tasks, settings)
+    base = step_growth_mib(equal)
+    rows = [["equal", base, 1.0, 1.0, ""]]
+    for name, step in (
+        (f"{JACOBIAN_METHOD} stored", stored),
+        (f"{JACOBIAN_METHOD} streamed", streamed),
+    ):
+        mib = step_growth_mib(step)
+        rows.append([name, mib, mib / base, median_paired_ratio(step, equal, settings.repeats), ""])
+    rows[1][4] = 1.0
+    rows[2][4] = median_paired_ratio(streamed, stored, settings.repeats)
+    return Table(
+        f"Memory and time: the stored and the streamed Jacobian ({label}, T={len(tasks)}, "
+        f"batch {settings.batch_size}, {settings.size[0]}x{settings.size[1]})",
+        ["method", "peak over step start (MiB)", "memory / equal", "time / equal", "time / stored"],
+        rows,
+        [
+            "Resident-set growth during the step; times are medians over "
+            f"{settings.repeats} pairs of steps run back to back, {torch.get_num_threads()} "
+            "thread(s). Stored: T backward passes into the T x P Jacobian. Streamed: one batched "
+            "backward adds each parameter's T rows to the Gramian and frees them, then one "
+            "backward of the weighted sum."
+        ],
+    )
+
+
+def jacobian_tables(quick: bool) -> list[Table]:
+    """The stored/streamed comparison on the default model, and on ViT-B/16 at 224x224 batch 4
+    (full settings only)."""
+    tables = [jacobian_table(balancers.Settings.quick() if quick else balancers.Settings())]
+    if not quick:
+        vit = balancers.Settings(batch_size=4, size=(224, 224), repeats=3)
+        tables.append(jacobian_table(vit, ["model/backbone=vit_base"], "ViT-B/16"))
+    return tables
+
+
 def adapter_table(settings: adapters.Settings) -> Table:
     """Peak step memory of every adapter against no adapter."""
     exact_rss_accounting()
@@ -75,10 +132,11 @@ def adapter_table(settings: adapters.Settings) -> Table:
 
 
 def tables(quick: bool) -> list[Table]:
-    """The balancer and adapter memory tables, measured in this process."""
+    """The balancer, adapter and stored/streamed memory tables, measured in this process."""
     return [
         balancer_table(balancers.Settings.quick() if quick else balancers.Settings()),
         adapter_table(adapters.Settings.quick() if quick else adapters.Settings()),
+        *jacobian_tables(quick),
     ]
 
 
@@ -101,10 +159,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller inputs")
     parser.add_argument("--json", action="store_true", help="one JSON line of the tables")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument(
+        "--only-jacobian", action="store_true", help="only the stored/streamed comparison"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    measured = tables(args.quick)
+    measured = jacobian_tables(args.quick) if args.only_jacobian else tables(args.quick)
     if args.json:
         print(json.dumps([dataclasses.asdict(t) for t in measured]))
     else:

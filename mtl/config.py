@@ -17,6 +17,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from mtl.balancers import available_modes
 from mtl.balancers.full_jacobian import JacobianMethod
 from mtl.balancers.full_jacobian import config_problems as jacobian_problems
+from mtl.balancers.gramian import JACOBIANS, GramianMethod
+from mtl.balancers.imtl_full import ScaledLosses
 from mtl.metrics.delta_m import baselines_problems
 from mtl.slim.config import slim_problems
 from mtl.tasks import TASKS
@@ -364,6 +366,7 @@ def _balancer_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"balancer.mode: {mode!r}; expected 'param' or 'rep'")
     else:
         problems += _option_problems(balancer, training_tasks(cfg.data), cfg.get("smoothing"))
+    problems += _jacobian_problems(balancer, method, flat)
     if mode == "rep" and not method.needs_task_gradients:
         problems.append(
             f"balancer.mode: 'rep' is for gradient methods; {name} only weights losses "
@@ -405,6 +408,29 @@ def _balancer_problems(cfg: DictConfig) -> list[str]:
             "balancer (equal, uncertainty, dwa, rlw, famo)"
         )
     return problems
+
+
+def _jacobian_problems(balancer: DictConfig, method: type, flat: bool) -> list[str]:
+    """``balancer.jacobian``: a known value, on a method that forms weights from the Gramian
+    (full-Jacobian methods refuse ``streamed`` in their own check)."""
+    value = balancer.get("jacobian", "stored")
+    if value not in JACOBIANS:
+        return [f"balancer.jacobian: {value!r}; expected 'stored' or 'streamed'"]
+    if value != "streamed" or issubclass(method, JacobianMethod):
+        return []
+    name = method.__name__
+    if not issubclass(method, GramianMethod | ScaledLosses):
+        return [
+            f"balancer.jacobian: 'streamed' streams the task gradients of a gradient method; "
+            f"{name} only weights losses and forms none (remove balancer.jacobian)"
+        ]
+    if flat:
+        return [
+            "balancer.jacobian: 'streamed' cannot be combined with flat=sam|asam, which "
+            "aggregates the task gradients at two points from stored Jacobians; use "
+            "balancer.jacobian=stored"
+        ]
+    return []
 
 
 def _regularizer_problems(cfg: DictConfig) -> list[str]:

@@ -233,3 +233,17 @@ def test_mlore_parameter_count_by_hand_matches_the_module():
     implied = decoders.mlore_parameter_count(**decoders.PASCAL_VIT_LARGE)
     assert implied == decoders.MLORE_PASCAL_VIT_LARGE  # the docstring's hand computation
     assert decoders.built_mlore_parameters(**decoders.PASCAL_VIT_LARGE) == implied
+
+
+def test_peers_table_runs_every_entry_and_streamed_holds_no_jacobian():
+    from bench import peers
+
+    table = peers.peers_table(peers.Settings.tiny())
+    names = table.column("entry")
+    assert names[:4] == ["plain sum of losses", "mtl param stored", "mtl param streamed", "mtl rep"]
+    assert names[4:] == ["TorchJD autojac", "TorchJD autogram"]  # the dev extra installs it
+    assert all(r > 0 for r in table.column("step time / plain"))
+    memory = dict(zip(names, table.column("peak over step start (MiB)"), strict=True))
+    if not math.isnan(memory["mtl param stored"]):
+        # the stored T x P Jacobian (5 x 1.9M floats) is what streamed never holds
+        assert memory["mtl param streamed"] < memory["mtl param stored"] / 4

@@ -60,6 +60,7 @@ def _fit(cfg, devices: int) -> dict[str, torch.Tensor]:
         ["balancer=cagrad"],
         ["balancer=mgda"],
         ["balancer=mgda", "balancer.mode=rep"],
+        ["balancer=upgrad", "balancer.jacobian=streamed"],  # rows all-reduced bucket by bucket
         ["balancer=nash", "balancer.mode=rep"],  # update capped after the averaged backward
         ["balancer=dbmtl"],  # a T x P state from the all-reduced Jacobian and losses
         ["balancer=pcgrad", "flat=sam", "flat.rho=0.5"],

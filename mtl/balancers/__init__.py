@@ -23,8 +23,9 @@ def build_balancer(
     its weights smoothed when ``smoothing`` names a method, wrapped in the flat-region method
     when ``flat`` names one."""
     balancer = balancer.copy()
-    with open_dict(balancer):  # an option of every Gramian method, not a constructor argument
+    with open_dict(balancer):  # options of every Gramian method, not constructor arguments
         equalize_levels = bool(balancer.pop("equalize_levels", False))
+        jacobian = balancer.pop("jacobian", "stored")
     extra, parameters = {}, inspect.signature(get_class(balancer._target_)).parameters
     if "num_tasks" in parameters:
         extra["num_tasks"] = len(tasks)
@@ -33,6 +34,11 @@ def build_balancer(
     method = instantiate(balancer, **extra)
     if equalize_levels:
         method.equalize_levels = True
+    from mtl.balancers.gramian import GramianMethod  # here: gramian imports this package
+
+    for module in method.modules():  # the Gramian method, also inside a composite (imtl_full)
+        if isinstance(module, GramianMethod):
+            module.jacobian = jacobian
     if smoothing is not None and smoothing.get("_target_"):
         method = instantiate(smoothing, num_tasks=len(tasks))(method)
     if flat is not None and flat.get("_target_"):

@@ -5,7 +5,10 @@ Per task i: g_i = ∇L_i(θ); perturb the shared and task-i parameters by ε_i =
 is h_i = g_i^SAM − g_i. The shared update is Agg(g_1..g_T) + Agg(h_1..h_T), the wrapped method
 applied to each set separately; each head gets its plain SAM gradient. BatchNorm running
 statistics are restored after the perturbed passes and the weights are restored bit for bit.
-Cost: (1 + T) forwards and 2T backwards per step.
+Cost: (1 + T) forwards and 2T backwards per step. Memory: the plain Jacobian (the plain part's
+aggregation and each task's perturbation) and the flat one, T x P each: the flat rows are
+computed at T different perturbed points, so even a method that needs only their Gramian must
+hold them all (``balancer.jacobian=streamed`` does not apply).
 """
 
 from __future__ import annotations
@@ -66,7 +69,10 @@ class FlatRegions(Balancer):
         scale = flatten([p.detach().abs() + self.eta for p in params], params)
         return self.rho * scale**2 * grad / (scale * grad).norm().clamp_min(1e-12)
 
-    def _sam_gradients(self, plain: TaskGradients, context: BalanceContext) -> TaskGradients:
+    def _flat_gradients(self, plain: TaskGradients, context: BalanceContext) -> TaskGradients:
+        """The flat parts h_i = g_i^SAM − g_i of the shared parameters, each written over its
+        SAM row as soon as it exists (no second T x P buffer for the difference), and each
+        head's SAM gradient."""
         shared = list(context.shared_params)
         jacobian, heads = empty_jacobian(len(plain.heads), shared), {}
         for i, task in enumerate(plain.heads):
@@ -87,18 +93,21 @@ class FlatRegions(Balancer):
                     for p, saved in zip(params, backup, strict=True):
                         p.copy_(saved)
             flatten(grads[: len(shared)], shared, out=jacobian[i])
+            # plain rows are averaged over processes already: the mean of the processes'
+            # differences is the difference of the means
+            jacobian[i] -= plain.jacobian[i]
             heads[task] = flatten(grads[len(shared) :], own)
-        sam = TaskGradients(jacobian, heads)
-        return sam.all_reduced(context) if context.world_size > 1 else sam
+        flat = TaskGradients(jacobian, heads)
+        return flat.all_reduced(context) if context.world_size > 1 else flat
 
     def backward(self, losses: Mapping[str, Tensor], context: BalanceContext) -> BalanceResult:
         self.balancer.observe(losses, context)
         plain = TaskGradients.compute(losses, context)
         with running_stats_frozen(context.model):
-            sam = self._sam_gradients(plain, context)
+            flat = self._flat_gradients(plain, context)
         update, weights = self.balancer.combine(plain.jacobian, losses, context)
-        flat_update, _ = self.balancer.combine(sam.jacobian - plain.jacobian, losses, context)
-        sam.write(update + flat_update, context)
+        flat_update, _ = self.balancer.combine(flat.jacobian, losses, context)
+        flat.write(update + flat_update, context)  # each head: its SAM gradient
         self.balancer.write_own_gradients(losses, context)
         weights = dict(zip(losses, weights.tolist(), strict=True))
         return BalanceResult(weights, gramian(plain.jacobian))

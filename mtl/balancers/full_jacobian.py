@@ -18,7 +18,12 @@ import torch
 from torch import Tensor
 
 from mtl.balancers.base import BalanceContext, Balancer, BalanceResult
-from mtl.balancers.jacobian import TaskGradients, empty_jacobian, flatten, gramian
+from mtl.balancers.jacobian import (
+    TaskGradients,
+    backward_through_features,
+    feature_gradients,
+    gramian,
+)
 
 
 class JacobianMethod(Balancer):
@@ -99,32 +104,13 @@ class JacobianMethod(Balancer):
         )
 
     def _backward_rep(self, losses: Mapping[str, Tensor], context: BalanceContext) -> BalanceResult:
-        if context.features is None or context.head_inputs is None:
-            raise ValueError(
-                "balancer.mode=rep needs the shared features and the detached copies the heads "
-                "decoded from (MultiTaskModel.decode(..., detach_features=True))"
-            )
-        features, leaves = list(context.features), list(context.head_inputs)
-        # Each task's backward stops at the leaves: it covers that task's head only.
-        local, heads = empty_jacobian(len(losses), leaves), {}
-        for i, (task, loss) in enumerate(losses.items()):
-            own = list(context.task_params.get(task, ()))
-            grads = torch.autograd.grad(loss, leaves + own, retain_graph=True, allow_unused=True)
-            flatten(grads[: len(leaves)], leaves, out=local[i])
-            heads[task] = [
-                torch.zeros_like(p) if g is None else g
-                for g, p in zip(grads[len(leaves) :], own, strict=True)
-            ]
-        values = global_losses(losses, context).to(local)
-        feature_grad, weights = self.aggregate_features(local, leaves, values, context)
-        # One backward through the backbone of a surrogate whose gradient is the chosen feature
-        # gradient (and each head's own gradient), so that DDP averages it as usual.
-        pieces = feature_grad.split([leaf.numel() for leaf in leaves])
-        surrogate = sum((f * g.view_as(f)).sum() for f, g in zip(features, pieces, strict=True))
-        for task, grads in heads.items():
-            own = context.task_params.get(task, ())
-            surrogate = surrogate + sum((p * g).sum() for p, g in zip(own, grads, strict=True))
-        context.backward(surrogate)
+        grads = feature_gradients(losses, context)
+        values = global_losses(losses, context).to(grads.jacobian)
+        feature_grad, weights = self.aggregate_features(
+            grads.jacobian, grads.leaves, values, context
+        )
+        parts = feature_grad.split([leaf.numel() for leaf in grads.leaves])
+        backward_through_features(grads, parts, context)
         return BalanceResult(dict(zip(losses, weights.tolist(), strict=True)), None)
 
     def combine(
@@ -268,6 +254,12 @@ def config_problems(
             f"balancer.mode: {mode!r}; {name} supports only "
             f"{' or '.join(repr(m) for m in method.modes)}: its state or cross-matrix would pair "
             "the features of different samples (use balancer.mode=param)"
+        )
+    if options.get("jacobian", "stored") == "streamed":
+        problems.append(
+            f"balancer.jacobian: 'streamed' never holds the T x P Jacobian, but {name} needs all "
+            "of it (its update is not a function of the task gradients' Gramian); use "
+            "balancer.jacobian=stored"
         )
     if flat and method.stateful:
         problems.append(

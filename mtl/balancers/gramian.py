@@ -17,12 +17,20 @@ from scipy.optimize import minimize, nnls
 from torch import Tensor
 
 from mtl.balancers.base import BalanceContext, Balancer, BalanceResult
-from mtl.balancers.jacobian import TaskGradients, empty_jacobian, flatten, gramian
+from mtl.balancers.jacobian import (
+    TaskGradients,
+    backward_through_features,
+    feature_gradients,
+    gramian,
+)
 from mtl.balancers.nash import NashSolveError, nash_weights
+from mtl.balancers.streamed import BatchedBackwardError, streamed_gramian
 
 log = logging.getLogger(__name__)
 
 MODES = ("param", "rep")
+#: Values of ``balancer.jacobian`` (how ``param`` mode forms the Gramian).
+JACOBIANS = ("stored", "streamed")
 
 
 class GramianMethod(Balancer):
@@ -39,6 +47,14 @@ class GramianMethod(Balancer):
     #: mean norm before the backbone backward (FULLER's calibration; ``balancer.equalize_levels``,
     #: set by ``build_balancer`` for every Gramian method)
     equalize_levels: bool = False
+    #: ``param`` mode: ``stored`` (T backward passes into one T x P Jacobian) or ``streamed``
+    #: (one batched backward adds each parameter's T rows to G and frees them, then one backward
+    #: of Σ w_i L_i: `mtl.balancers.streamed`); ``balancer.jacobian``, set by ``build_balancer``
+    jacobian: str = "stored"
+    #: streamed mode met an operator without a batching rule: stored mode from then on
+    _batching_failed: bool = False
+    #: operators without a batching rule already named in the log
+    _looped_logged: frozenset[str] = frozenset()
 
     def __init__(self, mode: str = "param") -> None:
         super().__init__()
@@ -63,6 +79,10 @@ class GramianMethod(Balancer):
     def backward(self, losses: Mapping[str, Tensor], context: BalanceContext) -> BalanceResult:
         if self.mode == "rep":
             return self._backward_rep(losses, context)
+        if self.jacobian == "streamed" and not self._batching_failed:
+            result = self._backward_streamed(losses, context)
+            if result is not None:
+                return result
         grads = TaskGradients.compute(losses, context)
         gram = gramian(grads.jacobian)
         weights = self.weights(gram, context)
@@ -70,38 +90,49 @@ class GramianMethod(Balancer):
         return BalanceResult(dict(zip(losses, weights.tolist(), strict=True)), gram)
 
     def _backward_rep(self, losses: Mapping[str, Tensor], context: BalanceContext) -> BalanceResult:
-        if context.features is None or context.head_inputs is None:
-            raise ValueError(
-                "balancer.mode=rep needs the shared features and the detached copies the heads "
-                "decoded from (MultiTaskModel.decode(..., detach_features=True))"
-            )
-        features, leaves = list(context.features), list(context.head_inputs)
-        # Each task's backward stops at the leaves: it covers that task's head only.
-        local, heads = empty_jacobian(len(losses), leaves), {}  # T x (local feature size)
-        for i, (task, loss) in enumerate(losses.items()):
-            own = list(context.task_params.get(task, ()))
-            grads = torch.autograd.grad(loss, leaves + own, retain_graph=True, allow_unused=True)
-            flatten(grads[: len(leaves)], leaves, out=local[i])
-            heads[task] = [
-                g if g is not None else torch.zeros_like(p)
-                for g, p in zip(grads[len(leaves) :], own, strict=True)
-            ]
+        grads = feature_gradients(losses, context)
+        local = grads.jacobian  # T x (this process's feature elements)
         # The global loss is the mean of the processes' losses, so its feature gradients are the
         # local ones divided by the world size: G = mean over processes of Z Zᵀ / world size.
         gram = context.all_reduce_mean(gramian(local).to(local.device)).cpu() / context.world_size
         weights = self.weights(gram, context)
-        feature_grad = weights.to(local) @ local
-        parts = _split_like(feature_grad, leaves)
+        parts = _split_like(weights.to(local) @ local, grads.leaves)
         if self.equalize_levels:
             parts = equalized_levels(parts, context)
-        # One backward through the backbone: a surrogate whose gradient is the chosen feature
-        # gradient (and each head's own gradient), so DDP averages all of it as usual.
-        surrogate = sum((f * g.view_as(f)).sum() for f, g in zip(features, parts, strict=True))
-        for task, grads in heads.items():
-            own = context.task_params.get(task, ())
-            surrogate = surrogate + sum((p * g).sum() for p, g in zip(own, grads, strict=True))
-        context.backward(surrogate)
+        backward_through_features(grads, parts, context)
         return BalanceResult(dict(zip(losses, weights.tolist(), strict=True)), None)
+
+    def _backward_streamed(
+        self, losses: Mapping[str, Tensor], context: BalanceContext
+    ) -> BalanceResult | None:
+        """``param`` mode without the T x P Jacobian: G from one batched backward, then one
+        backward of Σ w_i L_i; None (logged once) where the backward cannot be batched."""
+        try:
+            gram, heads, looped = streamed_gramian(losses, context)
+        except BatchedBackwardError as error:
+            if not self._batching_failed:
+                log.warning(
+                    "balancer.jacobian=streamed: the batched backward failed (%s); falling back "
+                    "to per-task backward passes with the stored Jacobian (balancer.jacobian="
+                    "stored) for every step of this run",
+                    error,
+                )
+            self._batching_failed = True
+            return None
+        if looped - self._looped_logged:
+            log.warning(
+                "balancer.jacobian=streamed: no batching rule for %s; the batched backward runs "
+                "it once per task (as many passes as balancer.jacobian=stored needs for it)",
+                ", ".join(sorted(looped - self._looped_logged)),
+            )
+            self._looped_logged = self._looped_logged | looped
+        weights = self.weights(gram, context)
+        total = sum(w * loss for w, loss in zip(weights.tolist(), losses.values(), strict=True))
+        context.backward(total)
+        for task, grads in heads.items():  # each head: its own task's gradient, unweighted
+            for p, g in zip(context.task_params.get(task, ()), grads, strict=True):
+                p.grad = g.to(p.dtype)
+        return BalanceResult(dict(zip(losses, weights.tolist(), strict=True)), gram)
 
 
 def equalized_levels(parts: list[Tensor], context: BalanceContext) -> list[Tensor]:

@@ -8,6 +8,7 @@ runs the same deterministic aggregation on the same numbers and writes ``.grad``
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +65,52 @@ def gramian(jacobian: Tensor) -> Tensor:
     rest = j[:, whole:]
     total = torch.bmm(blocks, blocks.transpose(1, 2)).double().sum(0)
     return (total + (rest @ rest.T).double()).cpu()
+
+
+class FeatureGradients(NamedTuple):
+    """``rep`` mode's per-task gradients: with respect to the features the heads decoded from,
+    and each head's own gradient."""
+
+    features: list[Tensor]  # the shared features (part of the backbone's graph)
+    leaves: list[Tensor]  # their detached copies the heads decoded from
+    jacobian: Tensor  # T x (elements of the leaves on this process), rows in task order
+    heads: dict[str, list[Tensor]]  # task -> gradient of each of its own parameters
+
+
+def feature_gradients(losses: Mapping[str, Tensor], context: BalanceContext) -> FeatureGradients:
+    """T backward passes that stop at the heads' inputs (each covers its task's head only),
+    the graph kept for the one backward through the backbone that follows."""
+    if context.features is None or context.head_inputs is None:
+        raise ValueError(
+            "balancer.mode=rep needs the shared features and the detached copies the heads "
+            "decoded from (MultiTaskModel.decode(..., detach_features=True))"
+        )
+    features, leaves = list(context.features), list(context.head_inputs)
+    local, heads = empty_jacobian(len(losses), leaves), {}
+    for i, (task, loss) in enumerate(losses.items()):
+        own = list(context.task_params.get(task, ()))
+        grads = torch.autograd.grad(loss, leaves + own, retain_graph=True, allow_unused=True)
+        flatten(grads[: len(leaves)], leaves, out=local[i])
+        heads[task] = [
+            torch.zeros_like(p) if g is None else g
+            for g, p in zip(grads[len(leaves) :], own, strict=True)
+        ]
+    return FeatureGradients(features, leaves, local, heads)
+
+
+def backward_through_features(
+    grads: FeatureGradients, parts: Sequence[Tensor], context: BalanceContext
+) -> None:
+    """One framework backward whose gradients are the chosen feature gradient (`parts`, one
+    per feature level) through the backbone and each head's own gradient, so that DDP averages
+    all of it as usual: the backward of a surrogate linear in the features and the heads."""
+    surrogate = sum(
+        (f * g.view_as(f)).sum() for f, g in zip(grads.features, parts, strict=True)
+    )
+    for task, own_grads in grads.heads.items():
+        own = context.task_params.get(task, ())
+        surrogate = surrogate + sum((p * g).sum() for p, g in zip(own, own_grads, strict=True))
+    context.backward(surrogate)
 
 
 class TaskGradients:
