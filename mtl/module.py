@@ -165,7 +165,7 @@ class MultiTaskModule(L.LightningModule):
                     losses,
                     out.features,
                     rows,
-                    tasks or self.tasks,
+                    tasks,
                     lambda preds, rows, tasks: self.weighted(self.task_losses(preds, rows, tasks)),
                 )
             return losses
@@ -213,13 +213,9 @@ class MultiTaskModule(L.LightningModule):
             gram = gramian(TaskGradients.compute(losses, context, retain_graph=True).jacobian)
         result = self.balancer.backward(losses, context)
         if regularizer_grads is not None:  # weight 1, no part of the balancer's surgery
-            for p, g in zip(self._regularized_params(), regularizer_grads, strict=True):
-                if g is not None:
-                    p.grad = g if p.grad is None else p.grad + g
+            self._add_gradients(regularizer_grads)
         if sandwich is not None:
-            for p, g in zip(self._regularized_params(), distill_grads, strict=True):
-                if g is not None:
-                    p.grad = g if p.grad is None else p.grad + g
+            self._add_gradients(distill_grads)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         gradients = nonfinite_gradients(params, context.task_params, result.gramian)
         buffers = self.step_buffers.nonfinite()
@@ -259,6 +255,12 @@ class MultiTaskModule(L.LightningModule):
 
     def _regularized_params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _add_gradients(self, grads: Sequence[Tensor | None]) -> None:
+        """Add gradients of a term outside the balancer, one per `_regularized_params` entry."""
+        for p, g in zip(self._regularized_params(), grads, strict=True):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
 
     def _regularizer_gradients(
         self, losses: Mapping[str, Tensor], decoded: Decoded, context: BalanceContext
