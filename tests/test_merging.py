@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -305,6 +307,52 @@ def test_concrete_mask_learns_which_entries_to_keep():
     merged = method.learn(base, tv, toy, _batches(2.0, inputs=2), torch.device("cpu"))
     first, second = merged["backbone.weight"].flatten().tolist()
     assert first > 1.5 and second < 0.5
+
+
+def test_concrete_adamerging_learns_coefficients_and_one_shared_mask():
+    from mtl.merging.concrete import ConcreteAdaMerging
+
+    # depth = (λ₁ + λ₂/2)(m₀ x₀ + m₁ x₁) against 2·x₀, λ from 0 clamped to [0, 1]: the optimum
+    # is the mask m / mean(m) = (2, 0) with λ₁ + λ₂/2 = 1, so both λ rise and the mask keeps x₀
+    toy = _Toy(["depth"], 1, inputs=2)
+    base = {"backbone.weight": torch.zeros(1, 2, 1, 1)}
+    tv = [{"backbone.weight": torch.ones(1, 2, 1, 1)},
+          {"backbone.weight": torch.full((1, 2, 1, 1), 0.5)}]  # fmt: skip
+    method = ConcreteAdaMerging(
+        granularity="task", init=0.0, objective="supervised", steps=150, adamerging_steps=50,
+        lr=0.05,
+    )  # fmt: skip
+    merged = method.learn(base, tv, toy, _batches(2.0, inputs=2), torch.device("cpu"))
+    lam = method.coefficients.flatten()
+    assert method.coefficients.shape == (2, 1) and float(lam.min()) > 0.3
+    mask = method.mask["backbone.weight"]
+    assert mask.shape == base["backbone.weight"].shape  # one mask, no task dimension
+    m0, m1 = mask.flatten().tolist()
+    assert m0 > 1.5 and m1 < 0.5
+    close(merged, {"backbone.weight": mask * (lam[0] * tv[0]["backbone.weight"]
+                                              + lam[1] * tv[1]["backbone.weight"])})  # fmt: skip
+    first, second = merged["backbone.weight"].flatten().tolist()
+    assert first == pytest.approx(2.0, abs=0.2) and abs(second) < 0.2
+
+
+def test_concrete_adamerging_with_an_all_ones_mask_is_adamerging():
+    from mtl.merging.adamerging import LearnedCoefficients
+    from mtl.merging.concrete import ConcreteAdaMerging
+
+    toy = _Toy(["depth"], 1, inputs=2)
+    base = {"backbone.weight": torch.zeros(1, 2, 1, 1)}
+    tv = [{"backbone.weight": T([1.0, 0.5]).reshape(1, 2, 1, 1)},
+          {"backbone.weight": T([0.2, 1.0]).reshape(1, 2, 1, 1)}]  # fmt: skip
+    keys = dict(granularity="tensor", init=0.3, objective="supervised", lr=0.05)
+    batch = next(_batches(2.0, inputs=2))  # one batch for both, drawn once
+    concrete = ConcreteAdaMerging(**keys, steps=20, adamerging_steps=10, mask_init=1e4)
+    merged = concrete.learn(base, tv, toy, itertools.repeat(batch), torch.device("cpu"))
+    ada = LearnedCoefficients(**keys, steps=30)
+    expected = ada.learn(base, tv, toy, itertools.repeat(batch), torch.device("cpu"))
+    assert torch.equal(concrete.mask["backbone.weight"], torch.ones(1, 2, 1, 1))
+    torch.testing.assert_close(concrete.coefficients, ada.coefficients)
+    assert not torch.equal(ada.coefficients, torch.full((2, 1), 0.3))  # it did learn
+    close(merged, expected)
 
 
 def _lora_run() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
