@@ -150,8 +150,9 @@ def test_streamed_never_holds_the_task_jacobian():
         return peak_rss_growth_mib(run)
 
     stored, streamed = step("stored"), step("streamed")
-    assert stored > 64
-    assert streamed < 40 and streamed < stored / 2, (stored, streamed)
+    # peaks over the step's start: stored holds the 64 MiB Jacobian on top of the rest, streamed
+    # stays below the Jacobian alone (the rest varies with the allocator and the machine's load)
+    assert stored > 64 > streamed and streamed < stored / 2, (stored, streamed)
 
 
 class _NoBatchingRule(torch.autograd.Function):

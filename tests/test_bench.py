@@ -245,5 +245,7 @@ def test_peers_table_runs_every_entry_and_streamed_holds_no_jacobian():
     assert all(r > 0 for r in table.column("step time / plain"))
     memory = dict(zip(names, table.column("peak over step start (MiB)"), strict=True))
     if not math.isnan(memory["mtl param stored"]):
-        # the stored T x P Jacobian (5 x 1.9M floats) is what streamed never holds
-        assert memory["mtl param streamed"] < memory["mtl param stored"] / 4
+        # the stored T x P Jacobian (5 x 1.9M floats, 36 MiB) is what streamed never holds;
+        # the rest of a step's peak (allocator, activations) varies with the machine's load
+        jacobian_mib = 5 * 1.9e6 * 4 / 2**20
+        assert memory["mtl param stored"] > jacobian_mib > memory["mtl param streamed"], memory
