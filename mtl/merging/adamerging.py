@@ -44,6 +44,14 @@ def prediction_entropy(pred: Tensor, kind: str) -> Tensor:
     raise MergeError(f"entropy is not defined for a '{kind}' task")
 
 
+
+def on_device(
+    base: Mapping[str, Tensor], vectors: Sequence[Mapping[str, Tensor]], device: torch.device
+) -> tuple[StateDict, list[StateDict]]:
+    """θ₀ and the task vectors moved to `device` (where the coefficients are learned)."""
+    moved = [{k: v.to(device) for k, v in state.items()} for state in (base, *vectors)]
+    return moved[0], moved[1:]
+
 class LearnedCoefficients:
     """Args:
     granularity: ``task`` (one λ per task) or ``tensor`` (one per task and parameter tensor).
@@ -127,8 +135,7 @@ class LearnedCoefficients:
                       or get_task(t).kind not in ("labels", "probability")]  # fmt: skip
         if self.objective == "entropy" and supervised:
             log.info("entropy is undefined for %s: their labelled loss is used instead", supervised)
-        base = {k: v.to(device) for k, v in base.items()}
-        vectors = [{k: v.to(device) for k, v in vector.items()} for vector in vectors]
+        base, vectors = on_device(base, vectors, device)
         columns = len(base) if self.granularity == "tensor" else 1
         coefficients = torch.full((len(vectors), columns), self.init, device=device)
         coefficients.requires_grad_(True)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.distributions import RelaxedBernoulli
 
-from mtl.merging.adamerging import LearnedCoefficients
+from mtl.merging.adamerging import LearnedCoefficients, on_device
 from mtl.merging.task_vectors import StateDict
 
 
@@ -57,8 +57,7 @@ class ConcreteTaskArithmetic(LearnedCoefficients):
         batches: Iterator[Mapping[str, Tensor]],
         device: torch.device,
     ) -> StateDict:
-        base = {k: v.to(device) for k, v in base.items()}
-        vectors = [{k: v.to(device) for k, v in vector.items()} for vector in vectors]
+        base, vectors = on_device(base, vectors, device)
         logits = {k: torch.zeros_like(v, requires_grad=True) for k, v in base.items()}
         optimizer = torch.optim.Adam(list(logits.values()), lr=self.lr)
         generator_state = torch.random.get_rng_state()
@@ -137,8 +136,7 @@ class ConcreteAdaMerging(LearnedCoefficients):
         batches: Iterator[Mapping[str, Tensor]],
         device: torch.device,
     ) -> StateDict:
-        base = {k: v.to(device) for k, v in base.items()}
-        vectors = [{k: v.to(device) for k, v in vector.items()} for vector in vectors]
+        base, vectors = on_device(base, vectors, device)
         columns = len(base) if self.granularity == "tensor" else 1
         coefficients = torch.full((len(vectors), columns), self.init, device=device)
         coefficients.requires_grad_(True)

@@ -58,22 +58,13 @@ class Slimmable:
     width: float = 1.0
 
 
-def _select(weight: Tensor, dim: int, keep: Tensor | slice) -> Tensor:
-    if isinstance(keep, slice):
-        return weight.narrow(dim, 0, keep.stop) if keep.stop != weight.shape[dim] else weight
-    return weight.index_select(dim, keep.to(weight.device))
+class SlimWeighted(Slimmable):
+    """A slim layer with a weight whose dim 0 (outputs) and dim 1 (inputs) follow the width."""
 
-
-class SlimLinear(nn.Linear, Slimmable):
-    """`nn.Linear` whose input and/or output features follow the width (None: fixed)."""
-
-    def __init__(
-        self, base: nn.Linear, role: str, slim_in: SlimDim | None, slim_out: SlimDim | None
-    ) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
-        self.role, self.slim_in, self.slim_out = role, slim_in, slim_out
+    weight: Tensor
+    bias: Tensor | None
+    slim_in: SlimDim | None
+    slim_out: SlimDim | None
 
     def sliced(self) -> tuple[Tensor, Tensor | None]:
         """The weight and bias of the dense layer at the current width."""
@@ -85,6 +76,24 @@ class SlimLinear(nn.Linear, Slimmable):
         if self.width < 1 and self.slim_in is not None:
             weight = _select(weight, 1, self.slim_in.index(self.width))
         return weight, bias
+
+
+def _select(weight: Tensor, dim: int, keep: Tensor | slice) -> Tensor:
+    if isinstance(keep, slice):
+        return weight.narrow(dim, 0, keep.stop) if keep.stop != weight.shape[dim] else weight
+    return weight.index_select(dim, keep.to(weight.device))
+
+
+class SlimLinear(nn.Linear, SlimWeighted):
+    """`nn.Linear` whose input and/or output features follow the width (None: fixed)."""
+
+    def __init__(
+        self, base: nn.Linear, role: str, slim_in: SlimDim | None, slim_out: SlimDim | None
+    ) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.role, self.slim_in, self.slim_out = role, slim_in, slim_out
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, *self.sliced())
@@ -99,7 +108,7 @@ class SlimLinear(nn.Linear, Slimmable):
         return layer
 
 
-class SlimConv2d(nn.Conv2d, Slimmable):
+class SlimConv2d(nn.Conv2d, SlimWeighted):
     """`nn.Conv2d` (no channel groups) whose input and/or output channels follow the width."""
 
     def __init__(
@@ -116,16 +125,6 @@ class SlimConv2d(nn.Conv2d, Slimmable):
         self._reversed_padding_repeated_twice = base._reversed_padding_repeated_twice
         self.weight, self.bias = base.weight, base.bias
         self.role, self.slim_in, self.slim_out = role, slim_in, slim_out
-
-    def sliced(self) -> tuple[Tensor, Tensor | None]:
-        weight, bias = self.weight, self.bias
-        if self.width < 1 and self.slim_out is not None:
-            keep = self.slim_out.index(self.width)
-            weight = _select(weight, 0, keep)
-            bias = _select(bias, 0, keep) if bias is not None else None
-        if self.width < 1 and self.slim_in is not None:
-            weight = _select(weight, 1, self.slim_in.index(self.width))
-        return weight, bias
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, *self.sliced())
