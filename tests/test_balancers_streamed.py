@@ -114,21 +114,22 @@ def test_the_head_passes_are_used_only_when_the_losses_reach_the_trunk_through_t
 
 
 class _Wide(nn.Module):
-    """A shared trunk of four 1024 x 1024 layers: its Jacobian dominates the step's memory."""
+    """A shared trunk of sixteen 512 x 512 layers: its Jacobian dominates the step's memory, and
+    one layer's rows (what streamed holds at a time) are small next to it."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.layers = nn.Sequential(*(nn.Linear(1024, 1024) for _ in range(4)))
-        self.heads = nn.ModuleList(nn.Linear(1024, 1) for _ in range(4))
+        self.layers = nn.Sequential(*(nn.Linear(512, 512) for _ in range(16)))
+        self.heads = nn.ModuleList(nn.Linear(512, 1) for _ in range(4))
 
 
 def test_streamed_never_holds_the_task_jacobian():
     """T = 4 tasks on 4M shared parameters: the stored Jacobian alone is 64 MiB; streamed
-    needs the update's gradients (16 MiB) and a few rows at a time."""
+    needs the update's gradients (16 MiB) and one layer's rows at a time."""
     if not exact_rss_accounting():
         pytest.skip("peak memory is measured with glibc's allocator")
-    model, x = _Wide(), torch.randn(2, 1024, generator=torch.Generator().manual_seed(0))
+    model, x = _Wide(), torch.randn(2, 512, generator=torch.Generator().manual_seed(0))
     tasks = [f"t{i}" for i in range(4)]
     context = BalanceContext.local(
         shared_params=list(model.layers.parameters()),
@@ -140,19 +141,22 @@ def test_streamed_never_holds_the_task_jacobian():
                                                    "jacobian": jacobian}), None, tasks)
 
         def run() -> None:
-            model.zero_grad(set_to_none=True)
             features = model.layers(x)
             balancer.backward({t: h(features).square().mean() for t, h in
                                zip(tasks, model.heads, strict=True)}, context)
 
+        def peak() -> float:
+            model.zero_grad(set_to_none=True)
+            return peak_rss_growth_mib(run)
+
         run()
-        model.zero_grad(set_to_none=True)
-        return peak_rss_growth_mib(run)
+        # the smallest of three peaks: other threads' allocations only ever add to one
+        return min(peak() for _ in range(3))
 
     stored, streamed = step("stored"), step("streamed")
     # peaks over the step's start: stored holds the 64 MiB Jacobian on top of the rest, streamed
-    # stays below the Jacobian alone (the rest varies with the allocator and the machine's load)
-    assert stored > 64 > streamed and streamed < stored / 2, (stored, streamed)
+    # the update's 16 MiB and one layer's rows (4 MiB), far below the Jacobian alone
+    assert stored > 64 > 2 * streamed, (stored, streamed)
 
 
 class _NoBatchingRule(torch.autograd.Function):
