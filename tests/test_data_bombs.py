@@ -109,7 +109,7 @@ def _matrix_head(rows: int, cols: int, name: bytes = b"LabelMap") -> bytes:
 def _assert_refused(result: dict, path: Path, what: str) -> None:
     assert result["error"] is not None and str(path) in result["error"], result
     assert what in result["error"], result
-    assert result["seconds"] < 3.0, result
+    assert result["seconds"] < 10.0, result  # a hang guard; the memory bound tells a decode apart
     assert result["grown_mb"] < 100, result
 
 
