@@ -7,8 +7,9 @@ in their real formats to a temporary directory, then times one process with one 
 loader worker runs) turning files into training tensors with random scale 0.5-2.0, crop
 (448x576 NYUD, 512x512 PASCAL), flip, photometric distortion, normalisation:
 
-- straightforward: Pillow/NumPy decoding to float32 arrays, every map rescaled whole with
-  NumPy index arithmetic, then cropped, flipped, jittered in float, normalised;
+- InvPT/ATRC: the training pipeline of InvPT and the methods built on it (Pillow decoding to
+  float32, OpenCV rescaling of every map whole, crop, flip, mmseg's photometric distortion,
+  normalisation and padding in float; `bench.invpt_pipeline`);
 - mtl: this package's loaders and transforms (OpenCV decoding, uint8 until the last step, the
   crop window chosen before resampling so only the window is resampled).
 
@@ -28,141 +29,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from bench import invpt_pipeline as invpt
 from bench.models import NYUD_HEADS, PASCAL_HEADS, train_step, vit_model
 from bench.table import Table
 from bench.timing import median_seconds
-from mtl.data.edges import label_edges
 from mtl.data.formats import write_nyud, write_pascal
 from mtl.data.gpu_augment import BatchAugment, decode_transforms
 from mtl.data.nyud import NYUDDataset
-from mtl.data.pascal_context import PASCALContextDataset, read_context_labels, read_parts
-from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transforms
+from mtl.data.pascal_context import PASCALContextDataset
+from mtl.data.transforms import train_transforms
 
 NYUD_TASKS = ("semseg", "depth", "normals", "edge")
 PASCAL_TASKS = ("semseg", "parts", "sal", "normals", "edge")
-
-
-# --------------------------------------------------------------------------- straightforward
-
-
-def _pil(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image)
-
-
-def _nearest(n_out: int, n_in: int) -> np.ndarray:
-    return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.intp), n_in - 1)
-
-
-def _bilinear(array: np.ndarray, height: int, width: int) -> np.ndarray:
-    def axis(n_out: int, n_in: int):
-        pos = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
-        low = np.floor(pos).astype(np.intp)
-        return low, np.minimum(low + 1, n_in - 1), (pos - low).astype(np.float32)
-
-    y0, y1, wy = axis(height, array.shape[0])
-    x0, x1, wx = axis(width, array.shape[1])
-    wy, wx = wy[:, None, None], wx[None, :, None]
-    top = array[y0][:, x0] * (1 - wx) + array[y0][:, x1] * wx
-    bottom = array[y1][:, x0] * (1 - wx) + array[y1][:, x1] * wx
-    return (top * (1 - wy) + bottom * wy).astype(np.float32)
-
-
-def _jitter(image: np.ndarray) -> np.ndarray:
-    """Brightness, contrast, saturation, hue (YIQ rotation) in float, each with p = 0.5."""
-    gray = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    if torch.rand(()) < 0.5:
-        image = np.clip(image + float(torch.empty(()).uniform_(-32 / 255, 32 / 255)), 0, 1)
-    if torch.rand(()) < 0.5:
-        mean = float((image @ gray).mean())
-        image = np.clip(mean + float(torch.empty(()).uniform_(0.5, 1.5)) * (image - mean), 0, 1)
-    if torch.rand(()) < 0.5:
-        luma = (image @ gray)[..., None]
-        image = np.clip(luma + float(torch.empty(()).uniform_(0.5, 1.5)) * (image - luma), 0, 1)
-    if torch.rand(()) < 0.5:
-        angle = float(torch.empty(()).uniform_(-0.6, 0.6))
-        yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-        rot = np.array(
-            [[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]]
-        )
-        image = np.clip(image @ (np.linalg.inv(yiq) @ rot @ yiq).T.astype(np.float32), 0, 1)
-    return image.astype(np.float32)
-
-
-def straightforward(sample: dict, crop: tuple[int, int]) -> dict:
-    """Scale, crop (padding if small), flip, jitter, normalise a float sample; tensors out."""
-    scale = float(torch.empty(()).uniform_(0.5, 2.0))
-    height, width = sample["image"].shape[:2]
-    new_h, new_w = round(height * scale), round(width * scale)
-    out = {}
-    for key, array in sample.items():
-        if key == "image":
-            out[key] = _bilinear(array, new_h, new_w)
-        else:
-            out[key] = array[_nearest(new_h, height)[:, None], _nearest(new_w, width)[None, :]]
-    if "depth" in out:
-        out["depth"] = out["depth"] / scale
-    ch, cw = crop
-    pad_h, pad_w = max(0, ch - new_h), max(0, cw - new_w)
-    for key, array in out.items():
-        fill = 0 if key in ("image", "depth", "normals") else 255
-        widths = [(0, pad_h), (0, pad_w)] + [(0, 0)] * (array.ndim - 2)
-        out[key] = np.pad(array, widths, constant_values=fill)
-    top = int(torch.randint(out["image"].shape[0] - ch + 1, ()))
-    left = int(torch.randint(out["image"].shape[1] - cw + 1, ()))
-    out = {key: array[top : top + ch, left : left + cw] for key, array in out.items()}
-    if torch.rand(()) < 0.5:
-        out = {key: np.ascontiguousarray(array[:, ::-1]) for key, array in out.items()}
-        if "normals" in out:
-            out["normals"][..., 0] *= -1
-    out["image"] = (_jitter(out["image"]) - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
-    tensors = {}
-    for key, array in out.items():
-        chw = array.transpose(2, 0, 1) if array.ndim == 3 else array[None]
-        tensors[key] = torch.from_numpy(np.ascontiguousarray(chw))
-    return tensors
-
-
-def nyud_float_sample(dataset: NYUDDataset, sample_id: str) -> dict:
-    files = dataset.files(sample_id)
-    seg = _pil(files["semseg"]).astype(np.int64) - 1
-    seg[seg < 0] = 255
-    if files["normals"].suffix == ".png":
-        normals = 2 * _pil(files["normals"]).astype(np.float32) / 255 - 1
-    else:
-        normals = np.load(files["normals"]).astype(np.float32)
-    edge_path = files["edge"]
-    edge = np.load(edge_path) if edge_path.suffix == ".npy" else _pil(edge_path) / 255
-    return {
-        "image": np.asarray(Image.open(files["image"]).convert("RGB"), np.float32) / 255,
-        "semseg": seg,
-        "depth": np.load(files["depth"]).astype(np.float32),
-        "normals": normals,
-        "edge": edge.astype(np.float32),
-    }
-
-
-def pascal_float_sample(dataset: PASCALContextDataset, sample_id: str) -> dict:
-    files = dataset.files(sample_id)
-    image = np.asarray(Image.open(files["image"]).convert("RGB"), np.float32) / 255
-    context = read_context_labels(files["context"])
-    parts = read_parts(files["parts"])
-    if parts is None:
-        parts = np.full(image.shape[:2], 255, np.uint8)
-    normals = 2 * _pil(files["normals"]).astype(np.float32) / 255 - 1
-    return {
-        "image": image,
-        "semseg": _pil(files["semseg"]).astype(np.int64),
-        "parts": parts.astype(np.int64),
-        "sal": (_pil(files["sal"]) / 255 > 0.5).astype(np.float32),
-        "normals": normals * (context != 0)[..., None],
-        "edge": label_edges(context).astype(np.float32),
-    }
 
 
 # --------------------------------------------------------------------------- benchmarks
@@ -187,11 +68,11 @@ class Settings:
 
 @dataclass
 class Setup:
-    """One written dataset, its float ("straightforward") reader, crop and model heads."""
+    """One written dataset, its InvPT-style reader (files -> float arrays), crop and heads."""
 
     label: str
     dataset: Dataset
-    float_sample: Callable
+    invpt_sample: Callable[[dict[str, Path]], dict]
     crop: tuple[int, int]
     heads: dict[str, int]
 
@@ -205,12 +86,12 @@ def write_datasets(tmp: Path, samples: int, variants: tuple[str, ...] = ("nyud_m
         root = tmp / variant
         write_nyud(root, {"train": ids}, variant=variant)
         ds = NYUDDataset(root, "train", NYUD_TASKS, train_transforms((448, 576)))
-        setups.append(Setup(labels[variant], ds, nyud_float_sample, (448, 576), NYUD_HEADS))
+        setups.append(Setup(labels[variant], ds, invpt.nyud_sample, (448, 576), NYUD_HEADS))
     root = tmp / "pascal"
     write_pascal(root, {"train": ids}, persons=ids[::3])
     ds = PASCALContextDataset(root, "train", PASCAL_TASKS, train_transforms((512, 512)))
     label = "PASCAL_MT .jpg/.png/.mat 375x500"
-    setups.append(Setup(label, ds, pascal_float_sample, (512, 512), PASCAL_HEADS))
+    setups.append(Setup(label, ds, invpt.pascal_sample, (512, 512), PASCAL_HEADS))
     return setups
 
 
@@ -221,13 +102,13 @@ def samples_per_second(step: Callable[[int], object], n: int, repeats: int) -> f
 
 
 def pipeline_table(settings: Settings) -> Table:
-    """One worker (one process, one thread): straightforward pipeline against this package's."""
+    """One worker (one process, one thread): InvPT/ATRC's pipeline against this package's."""
     cv2.setNumThreads(1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     table = Table(
         "Data: samples/s of one loader worker (one process, one thread)",
-        ["data", "straightforward", "mtl", "speed-up", "mtl decode only"],
+        ["data", "InvPT/ATRC", "mtl", "speed-up", "mtl decode only"],
         notes=[
             "Decode only: what a worker does with data.gpu_augment=true (decode, pad to the "
             "crop, tensors; the augmentation runs on the GPU). Workers needed to feed a GPU: "
@@ -237,11 +118,12 @@ def pipeline_table(settings: Settings) -> Table:
     with tempfile.TemporaryDirectory() as tmp:
         for s in write_datasets(Path(tmp), settings.samples, settings.nyud_variants):
             ds = s.dataset
-            plain = samples_per_second(
-                lambda i, s=s: straightforward(s.float_sample(s.dataset, s.dataset.ids[i]), s.crop),
-                len(ds),
-                settings.repeats,
-            )
+
+            def reference(i: int, s: Setup = s) -> dict:
+                files = s.dataset.files(s.dataset.ids[i])
+                return invpt.train_transform(s.invpt_sample(files), s.crop)
+
+            plain = samples_per_second(reference, len(ds), settings.repeats)
             ours = samples_per_second(lambda i, ds=ds: ds[i], len(ds), settings.repeats)
             augment, ds.transform = ds.transform, decode_transforms(s.crop)
             decode = samples_per_second(lambda i, ds=ds: ds[i], len(ds), settings.repeats)
