@@ -102,13 +102,17 @@ def jacobian_table(
     )
 
 
-def jacobian_tables(quick: bool) -> list[Table]:
-    """The stored/streamed comparison on the default model, and on ViT-B/16 at 224x224 batch 4
-    (full settings only)."""
+def jacobian_tables(quick: bool, vit_large: bool = False) -> list[Table]:
+    """The stored/streamed comparison on the default model, on ViT-B/16 at 224x224 batch 4
+    (full settings only) and, if asked, on ViT-L/16 at 224x224 batch 2 (its stored Jacobian
+    alone is 5 x 303M floats, 5.6 GiB)."""
     tables = [jacobian_table(balancers.Settings.quick() if quick else balancers.Settings())]
     if not quick:
         vit = balancers.Settings(batch_size=4, size=(224, 224), repeats=3)
         tables.append(jacobian_table(vit, ["model/backbone=vit_base"], "ViT-B/16"))
+    if vit_large:
+        large = balancers.Settings(batch_size=2, size=(224, 224), repeats=2)
+        tables.append(jacobian_table(large, ["model/backbone=vit_large"], "ViT-L/16"))
     return tables
 
 
@@ -162,10 +166,16 @@ def main() -> None:
     parser.add_argument(
         "--only-jacobian", action="store_true", help="only the stored/streamed comparison"
     )
+    parser.add_argument(
+        "--vit-large", action="store_true", help="with --only-jacobian: also ViT-L/16 (24 GB RAM)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    measured = jacobian_tables(args.quick) if args.only_jacobian else tables(args.quick)
+    if args.only_jacobian:
+        measured = jacobian_tables(args.quick, args.vit_large)
+    else:
+        measured = tables(args.quick)
     if args.json:
         print(json.dumps([dataclasses.asdict(t) for t in measured]))
     else:

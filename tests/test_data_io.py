@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mtl.data.io import DecodeError, read_label_png
+from mtl.data.io import DecodeError, read_label_png, read_rgb_png
 
 RNG = np.random.default_rng(0)
 
@@ -53,3 +53,21 @@ def test_a_cut_grey_label_png_is_refused_naming_it(tmp_path):
     with pytest.raises(DecodeError) as info:
         read_label_png(path)
     assert str(path) in str(info.value) and "truncated PNG" in str(info.value)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_rgb_maps_decode_to_pillows_rgb_values(tmp_path, mode):
+    path = tmp_path / "normals.png"
+    pixels = RNG.integers(0, 256, (13, 17, len(mode)), dtype=np.uint8)
+    Image.fromarray(pixels, mode).save(path)
+    got = read_rgb_png(path)
+    assert got.dtype == np.uint8 and np.array_equal(got, pixels[..., :3])
+
+
+@pytest.mark.parametrize("write", [_grey8, _grey16])
+def test_an_rgb_map_that_is_not_8_bit_rgb_is_refused_naming_it(tmp_path, write):
+    path = tmp_path / "normals.png"
+    write(path)
+    with pytest.raises(DecodeError) as info:
+        read_rgb_png(path)
+    assert str(path) in str(info.value) and "expected an 8-bit RGB PNG" in str(info.value)

@@ -96,9 +96,10 @@ def require_pixels(data: bytes | np.ndarray, path: Path) -> None:
         )
 
 
-def _decode(path: Path, flags: int, kind: str) -> np.ndarray:
-    """Decode an image file with OpenCV; a truncated or undecodable file is a `DecodeError`."""
-    data = _read_bytes(path)
+def _decode(path: Path, flags: int, kind: str, data: np.ndarray | None = None) -> np.ndarray:
+    """Decode an image file (its bytes ``data`` if already read) with OpenCV; a truncated or
+    undecodable file is a `DecodeError`."""
+    data = _read_bytes(path) if data is None else data
     require_pixels(data, path)
     image = cv2.imdecode(data, flags) if data.size else None
     if image is None:
@@ -114,24 +115,28 @@ def read_rgb(path: Path) -> np.ndarray:
     return image if _IMREAD_RGB is not None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def _png_header(data: np.ndarray) -> tuple[int, int] | None:
+    """(bit depth, colour type) from a PNG's IHDR, or None if ``data`` is not a PNG."""
+    if bytes(data[:8]).startswith(b"\x89PNG") and len(data) > 25 and bytes(data[12:16]) == b"IHDR":
+        return int(data[24]), int(data[25])
+    return None
+
+
 def read_rgb_png(path: Path) -> np.ndarray:
     """An RGB-encoded map (e.g. normals) as uint8 HxWx3, without colour conversion quirks."""
-    image = _decode(path, cv2.IMREAD_UNCHANGED, "PNG")
+    data = _read_bytes(path)
+    if _IMREAD_RGB is not None and _png_header(data) in ((8, 2), (8, 6)):  # 8-bit RGB(A)
+        return _decode(path, _IMREAD_RGB, "PNG", data)  # decoded straight to RGB, alpha dropped
+    image = _decode(path, cv2.IMREAD_UNCHANGED, "PNG", data)
     if image.ndim != 3 or image.shape[2] < 3 or image.dtype != np.uint8:
         raise DecodeError(f"expected an 8-bit RGB PNG, got {image.dtype} {image.shape}: {path}")
     return cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB)
 
 
 def _plain_grey_png(data: np.ndarray) -> bool:
-    """A grey PNG of 8 or 16 bits (IHDR bit depth and colour type 0), whose raw values OpenCV
-    returns as Pillow does (1-bit PNGs decode to 0/255 there and to booleans in Pillow)."""
-    return (
-        bytes(data[:8]).startswith(b"\x89PNG")
-        and len(data) > 25
-        and bytes(data[12:16]) == b"IHDR"
-        and int(data[24]) in (8, 16)
-        and int(data[25]) == 0
-    )
+    """A grey PNG of 8 or 16 bits, whose raw values OpenCV returns as Pillow does (1-bit PNGs
+    decode to 0/255 there and to booleans in Pillow)."""
+    return _png_header(data) in ((8, 0), (16, 0))
 
 
 def read_label_png(path: Path) -> np.ndarray:
