@@ -1,4 +1,5 @@
-"""The file decoders return what Pillow returns, whichever library decodes the file."""
+"""The file decoders return what Pillow returns, whichever library decodes the file (libspng
+where pyspng is installed, OpenCV otherwise)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mtl.data.io import DecodeError, read_label_png, read_rgb_png
+from mtl.data import io
+from mtl.data.io import DecodeError, read_label_png, read_rgb, read_rgb_png
 
 RNG = np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True, params=["libspng", "opencv"])
+def decoder(request, monkeypatch):
+    """Every test once with each PNG decoder."""
+    if request.param == "libspng":
+        pytest.importorskip("pyspng")
+    else:
+        monkeypatch.setattr(io, "_pyspng", None)
+    return request.param
 
 
 def _grey8(path: Path) -> None:
@@ -71,3 +83,22 @@ def test_an_rgb_map_that_is_not_8_bit_rgb_is_refused_naming_it(tmp_path, write):
     with pytest.raises(DecodeError) as info:
         read_rgb_png(path)
     assert str(path) in str(info.value) and "expected an 8-bit RGB PNG" in str(info.value)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+def test_png_images_decode_to_pillows_rgb_values(tmp_path, mode):
+    path = tmp_path / "image.png"
+    shape = (13, 17) if mode == "L" else (13, 17, len(mode))
+    Image.fromarray(RNG.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+    expected = np.array(Image.open(path).convert("RGB"))
+    got = read_rgb(path)
+    assert got.dtype == np.uint8 and np.array_equal(got, expected)
+
+
+def test_a_cut_png_image_is_refused_naming_it(tmp_path):
+    path = tmp_path / "image.png"
+    Image.fromarray(RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(DecodeError) as info:
+        read_rgb(path)
+    assert str(path) in str(info.value) and "truncated PNG" in str(info.value)
