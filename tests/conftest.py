@@ -57,6 +57,29 @@ def make_cfg(tiny_data_root: Path, tmp_path: Path) -> Callable[..., DictConfig]:
     return _make
 
 
+@pytest.fixture
+def quiet_trainer() -> Callable[..., object]:
+    """A Lightning ``Trainer`` from ``cfg.trainer`` on ``devices`` CPU processes (``ddp_spawn``
+    when more than one), without logger, checkpoints, progress bar or summary; keyword
+    arguments go to the Trainer. The two-process tests compare its runs with one process."""
+
+    def _make(cfg: DictConfig, devices: int, **kwargs: object):
+        from hydra.utils import instantiate
+
+        return instantiate(
+            cfg.trainer,
+            devices=devices,
+            strategy="ddp_spawn" if devices > 1 else "auto",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            **kwargs,
+        )
+
+    return _make
+
+
 #: The session's trained checkpoint: one short epoch with a non-default decoder, so that an
 #: evaluation that does not use the stored config builds another model.
 TRAINED = [

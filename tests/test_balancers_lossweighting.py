@@ -618,13 +618,16 @@ def test_gradnorm_weights_follow_the_norm_targets_in_training(make_cfg):
     ],
     ids=["stch", "gradnorm-rep"],
 )
-def test_two_processes_equal_one_process_with_the_same_balancer_state(make_cfg, overrides, epochs):
+def test_two_processes_equal_one_process_with_the_same_balancer_state(
+    make_cfg, quiet_trainer, overrides, epochs
+):
     """State from all-reduced losses and norms (STCH's nadir, GradNorm's initial losses and ξ)
     is that of one process on the global batch, and so is the model."""
     from test_ddp import DETERMINISTIC, EXACT_TASKS, _assert_same_training
 
     cfg = make_cfg(EXACT_TASKS, *DETERMINISTIC, *overrides, "trainer=ddp_cpu")
-    single, double = _fit_epochs(cfg, 1, epochs), _fit_epochs(cfg, 2, epochs)
+    single = _fit_epochs(quiet_trainer, cfg, 1, epochs)
+    double = _fit_epochs(quiet_trainer, cfg, 2, epochs)
     balancer = {k: v for k, v in single.items() if k.startswith("balancer.")}
     assert balancer
     for name, value in balancer.items():
@@ -641,27 +644,17 @@ def test_two_processes_equal_one_process_with_the_same_balancer_state(make_cfg, 
     )
 
 
-def _fit_epochs(cfg, devices: int, epochs: int) -> dict[str, torch.Tensor]:
+def _fit_epochs(quiet_trainer, cfg, devices: int, epochs: int) -> dict[str, torch.Tensor]:
     """The module's state after `epochs` epochs of the same 2 batches (sequential sampling)."""
     import lightning as L
-    from hydra.utils import instantiate
 
     from mtl.train import build_datamodule, build_module
 
     L.seed_everything(cfg.seed)
     datamodule, module = build_datamodule(cfg.data), build_module(cfg)
-    trainer = instantiate(
-        cfg.trainer,
-        devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
-        overfit_batches=2,
-        max_epochs=epochs,
-        num_sanity_val_steps=0,
+    trainer = quiet_trainer(
+        cfg, devices, overfit_batches=2, max_epochs=epochs, num_sanity_val_steps=0,
         limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    )  # fmt: skip
     trainer.fit(module, datamodule=datamodule)
     return {k: v.detach().clone() for k, v in module.state_dict().items()}

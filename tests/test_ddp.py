@@ -6,7 +6,6 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from mtl.train import build_datamodule, build_module
 
@@ -29,21 +28,16 @@ DETERMINISTIC = [
 ]
 
 
-def _fit(cfg, devices: int) -> dict[str, torch.Tensor]:
+def _fit(quiet_trainer, cfg, devices: int) -> dict[str, torch.Tensor]:
     L.seed_everything(cfg.seed)
     datamodule, module = build_datamodule(cfg.data), build_module(cfg)
-    trainer = instantiate(
-        cfg.trainer,
-        devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
+    trainer = quiet_trainer(
+        cfg,
+        devices,
         overfit_batches=STEPS,  # sequential sampling: rank r reads samples r, r+2, ...
         max_epochs=1,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(module, datamodule=datamodule)
     if devices == 1:
@@ -67,12 +61,12 @@ def _fit(cfg, devices: int) -> dict[str, torch.Tensor]:
     ],
     ids=lambda overrides: "+".join(o.split("=")[1] for o in overrides),
 )
-def test_two_processes_equal_one_process_on_the_global_batch(make_cfg, balancer):
+def test_two_processes_equal_one_process_on_the_global_batch(make_cfg, quiet_trainer, balancer):
     cfg = make_cfg(EXACT_TASKS, *DETERMINISTIC, *balancer, "trainer=ddp_cpu")
-    _assert_same_training(cfg, _fit(cfg, devices=1), _fit(cfg, devices=2))
+    _assert_same_training(cfg, _fit(quiet_trainer, cfg, 1), _fit(quiet_trainer, cfg, 2))
 
 
-def test_mixture_of_experts_under_ddp_equals_one_process(make_cfg):
+def test_mixture_of_experts_under_ddp_equals_one_process(make_cfg, quiet_trainer):
     """Plain DDP (no unused-parameter search) is exact for MoE with deterministic routing (no
     routing noise, no batch-dependent balance loss): the experts of a layer are slices of one
     parameter, so experts no token of a process reaches still get a (zero) gradient there."""
@@ -90,7 +84,7 @@ def test_mixture_of_experts_under_ddp_equals_one_process(make_cfg):
         "model.adapter.noise_std=0",
         "model.adapter.balance_weight=0",
     )
-    _assert_same_training(cfg, _fit(cfg, devices=1), _fit(cfg, devices=2))
+    _assert_same_training(cfg, _fit(quiet_trainer, cfg, 1), _fit(quiet_trainer, cfg, 2))
 
 
 def _assert_same_training(cfg, single: dict, double: dict) -> None:
