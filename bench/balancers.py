@@ -116,7 +116,10 @@ def make_step(overrides: list[str], tasks: list[str], settings: Settings) -> Cal
     def losses_of(subset=None, rows=None):
         rows = batch if rows is None else rows
         out = model.decode(
-            rows["image"], subset or tasks, detach_features=balancer.uses_representation
+            rows["image"],
+            subset or tasks,
+            detach_features=balancer.uses_representation,
+            keep_stem=balancer.uses_stem and rows is batch,
         )
         if rows is batch:
             decoded[:] = [out]
@@ -141,6 +144,8 @@ def make_step(overrides: list[str], tasks: list[str], settings: Settings) -> Cal
             features=decoded[0].features,
             head_inputs=decoded[0].head_inputs,
             model=model,
+            stem=decoded[0].stem,
+            stem_params=model.backbone.stem_parameters() if decoded[0].stem is not None else (),
         )
         balancer.backward(losses, context)
         optimizer.step()

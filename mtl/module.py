@@ -153,6 +153,7 @@ class MultiTaskModule(L.LightningModule):
                 tasks,
                 detach_features=self.balancer.uses_representation,
                 probe_features=self.regularizer is not None,
+                keep_stem=self.balancer.uses_stem and part is None,
             )
             if part is None:
                 decoded[:] = [out]
@@ -202,6 +203,8 @@ class MultiTaskModule(L.LightningModule):
             head_inputs=decoded[0].head_inputs,
             model=self.model,
             part_losses=part_losses,
+            stem=decoded[0].stem,
+            stem_params=() if decoded[0].stem is None else self.model.backbone.stem_parameters(),
         )
         regularizer_grads = self._regularizer_gradients(losses, decoded[0], context)
         if sandwich is not None:  # distillation: weight 1, outside the balancer, like a regulariser

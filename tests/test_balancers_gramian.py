@@ -798,7 +798,7 @@ def test_trains_through_train_py(make_cfg, tmp_path, overrides):
     ],
     ids=lambda o: " ".join(o),
 )
-def test_stateful_methods_under_ddp_equal_one_process(make_cfg, overrides):
+def test_stateful_methods_under_ddp_equal_one_process(make_cfg, quiet_trainer, overrides):
     """Two processes (gloo, spawned: the balancer is pickled) end with the parameters of one
     process on the global batch: GradVac's targets, PCD's averages and CR-MOGM's weights are
     computed from all-reduced Gramians and the (seed, step) generator, so every rank holds the
@@ -806,7 +806,7 @@ def test_stateful_methods_under_ddp_equal_one_process(make_cfg, overrides):
     from test_ddp import DETERMINISTIC, EXACT_TASKS, _assert_same_training, _fit
 
     cfg = make_cfg(EXACT_TASKS, *DETERMINISTIC, *overrides, "trainer=ddp_cpu")
-    _assert_same_training(cfg, _fit(cfg, devices=1), _fit(cfg, devices=2))
+    _assert_same_training(cfg, _fit(quiet_trainer, cfg, 1), _fit(quiet_trainer, cfg, 2))
 
 
 def test_cr_mogm_smooths_the_weights_a_training_run_uses(make_cfg, tmp_path):

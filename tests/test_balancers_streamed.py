@@ -61,18 +61,24 @@ class TinyMultiTask(nn.Module):
 
 
 def _step(
-    name: str, jacobian: str, trunk_wrapper=None, features=True, around=False
+    name: str, jacobian: str, trunk_wrapper=None, features=True, around=False, stem=False
 ) -> tuple[dict, list[torch.Tensor]]:
     """Weights and every parameter's gradient after one balancer backward (`features`: the
-    context names the trunk's output as the shared features)."""
+    context names the trunk's output as the shared features; `stem`: and the output of the
+    trunk's first convolution, BatchNorm and ReLU as the stem)."""
     model = TinyMultiTask()
     config = OmegaConf.load(CONF / f"{name}.yaml")
     config.jacobian = jacobian
     balancer = build_balancer(config, None, TASKS)
     images = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    kept: list[torch.Tensor] = []
+    model.trunk[2].register_forward_hook(lambda *args: kept.append(args[-1]))
     trunk = trunk_wrapper(model.trunk) if trunk_wrapper else None
     shared, losses = model.losses(images, trunk, around)
-    result = balancer.backward(losses, model.context(shared if features else None))
+    context = model.context(shared if features else None)
+    if stem:
+        context.stem, context.stem_params = kept[0], list(model.trunk[:3].parameters())
+    result = balancer.backward(losses, context)
     return result.weights, [p.grad.clone() for p in model.parameters()]
 
 
@@ -104,6 +110,15 @@ def test_streamed_gives_the_weights_and_update_of_the_stored_jacobian(name, feat
     stored = _step(name, "stored", features=features, around=around)
     _assert_same_step(stored, _step(name, "streamed", features=features, around=around))
     assert len(set(stored[0].values())) > 1  # the tasks got different weights
+
+
+@pytest.mark.parametrize("name", ["upgrad", "pcgrad"])
+def test_a_stem_backpropagated_per_task_gives_the_same_weights_and_update(name):
+    """The batched backward stops at the stem; its parameters' rows come from one plain
+    backward per task: the same Gramian, weights and update as the stored Jacobian."""
+    stored = _step(name, "stored", stem=True)
+    _assert_same_step(stored, _step(name, "streamed", stem=True))
+    assert len(set(stored[0].values())) > 1
 
 
 def test_the_head_passes_are_used_only_when_the_losses_reach_the_trunk_through_the_features():

@@ -97,6 +97,21 @@ def test_shared_and_task_parameters_partition_the_model():
     assert shared | per_task[0] | per_task[1] == {id(p) for p in model.parameters()}
 
 
+def test_the_kept_stem_is_what_a_cnns_first_stage_reads_and_vits_have_none():
+    model = MultiTaskModel(Backbone("resnet18", out_indices=(1, 2)), ConvDecoder, {"a": 2})
+    resnet = model.backbone.model
+    read = []
+    resnet.layer1.register_forward_pre_hook(lambda _, args: read.append(args[0]))
+    decoded = model.decode(torch.randn(2, 3, 64, 96), keep_stem=True)
+    assert decoded.stem is read[0] and decoded.stem.grad_fn is not None
+    stem = [resnet.conv1.weight, resnet.bn1.weight, resnet.bn1.bias]
+    assert [id(p) for p in model.backbone.stem_parameters()] == [id(p) for p in stem]
+    assert model.decode(torch.randn(2, 3, 64, 96)).stem is None  # kept only when asked
+    assert not resnet.maxpool._forward_hooks  # and the hook is gone
+    vit = Backbone("vit_tiny_patch16_224", **BACKBONES["vit_tiny_patch16_224"])
+    assert vit.stem() is None and vit.stem_parameters() == []
+
+
 class _SharedStemDecoder(MultiTaskDecoder):
     """A multi-task decoder with one conv every task reads, a head per task and a per-task
     auxiliary loss (the mean squared shared activation, times the task's index + 1)."""

@@ -43,6 +43,10 @@ class BalanceContext:
         head_inputs: the detached leaf copies of ``features`` the heads decoded from, when the
             balancer `uses_representation` (see ``MultiTaskModel.decode``).
         model: the model (for methods that must handle its normalisation statistics).
+        stem: the output of the backbone's high-resolution stem (a CNN's first convolutions
+            and pooling), through which every path from ``features`` to ``stem_params``
+            passes; None where the backbone has none or it was not kept.
+        stem_params: the shared parameters that act before ``stem``.
         part_losses: re-runs the forward pass on ``n`` consecutive parts of the batch (split
             along its first axis) and returns each part's losses, for methods that need
             independent mini-batches; raises ``ValueError`` naming ``data.batch_size`` when the
@@ -62,6 +66,8 @@ class BalanceContext:
     head_inputs: Sequence[Tensor] | None = None
     model: nn.Module | None = None
     part_losses: Callable[[int], list[dict[str, Tensor]]] | None = None
+    stem: Tensor | None = None
+    stem_params: Sequence[nn.Parameter] = ()
 
     @classmethod
     def local(cls, **fields) -> BalanceContext:
@@ -101,6 +107,12 @@ class Balancer(nn.Module):
     def uses_representation(self) -> bool:
         """Whether the balancer differentiates the losses with respect to the shared features
         (``rep`` mode): the heads must then decode from detached copies of them."""
+        return False
+
+    @property
+    def uses_stem(self) -> bool:
+        """Whether the balancer wants ``BalanceContext.stem`` (the streamed Gramian stops its
+        batched backward there)."""
         return False
 
     def write_own_gradients(self, losses: Mapping[str, Tensor], context: BalanceContext) -> None:

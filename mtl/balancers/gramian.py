@@ -66,6 +66,10 @@ class GramianMethod(Balancer):
     def uses_representation(self) -> bool:
         return self.mode == "rep"
 
+    @property
+    def uses_stem(self) -> bool:
+        return self.mode == "param" and self.jacobian == "streamed"
+
     def weights(self, gram: Tensor, context: BalanceContext) -> Tensor:
         """Weights (float64, length T) from the T x T Gramian (float64, CPU)."""
         raise NotImplementedError

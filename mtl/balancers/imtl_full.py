@@ -41,6 +41,10 @@ class ScaledLosses(Balancer):
     def uses_representation(self) -> bool:
         return self.method.uses_representation
 
+    @property
+    def uses_stem(self) -> bool:
+        return self.method.uses_stem
+
     def observe(self, losses: Mapping[str, Tensor], context: BalanceContext) -> None:
         self.scales.observe(losses, context)
         self.method.observe(losses, context)

@@ -65,6 +65,10 @@ class CRMOGM(Balancer):
     def uses_representation(self) -> bool:
         return self.balancer.uses_representation
 
+    @property
+    def uses_stem(self) -> bool:
+        return self.balancer.uses_stem
+
     def smooth(self, weights: Tensor, context: BalanceContext) -> Tensor:
         """λ_k from the wrapped method's λ̂_k; commits λ_k on the first call of a step."""
         first_call = int(self.updated_step) != context.step

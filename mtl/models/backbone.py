@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import timm
-from timm.models._features import FeatureGetterNet
+from timm.models._features import FeatureGetterNet, FeatureListNet
 from torch import Tensor, nn
 
 from mtl.models.adapters.base import Adapter
@@ -96,6 +96,27 @@ class Backbone(nn.Module):
             ]
             taps += feeding[-1:]
         return taps
+
+    def _stem_children(self) -> list[nn.Module]:
+        """The children a CNN runs ahead of its first feature stage (ResNet's conv1 ..
+        maxpool, ConvNeXt's stem); empty for transformers and task-aware or compiled
+        backbones, whose intermediate tensors are not separate autograd nodes."""
+        compiled = getattr(self, "_compiled_call_impl", None) is not None
+        if self.task_batch is not None or compiled or not isinstance(self.model, FeatureListNet):
+            return []
+        children = dict(self.model.named_children())
+        first = self.model.feature_info.module_name()[0].replace(".", "_")
+        names = list(children)
+        return [children[n] for n in names[: names.index(first)]] if first in names else []
+
+    def stem(self) -> nn.Module | None:
+        """The module whose output the first feature stage reads (see `_stem_children`)."""
+        children = self._stem_children()
+        return children[-1] if children else None
+
+    def stem_parameters(self) -> list[nn.Parameter]:
+        """The parameters that act before `stem`'s output."""
+        return [p for child in self._stem_children() for p in child.parameters()]
 
     def adapt(self, adapter: Adapter, tasks: Sequence[str]) -> None:
         """Apply `adapter` to the timm model in place (before moving or copying the module)."""

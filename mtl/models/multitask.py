@@ -150,6 +150,7 @@ class MultiTaskModel(nn.Module):
         tasks: Sequence[str] | None = None,
         detach_features: bool = False,
         probe_features: bool = False,
+        keep_stem: bool = False,
     ) -> Decoded:
         """Predictions for `tasks` (default: all) with the backbone features they came from.
 
@@ -165,6 +166,9 @@ class MultiTaskModel(nn.Module):
         gradient with respect to a probe is that of the heads alone, while the backbone
         receives its gradients as without probes. With `detach_features` the leaf copies serve
         as probes.
+
+        With `keep_stem`, ``Decoded.stem`` is the output of a CNN backbone's stem (None where
+        it has none): the streamed Gramian stops its batched backward there.
         """
         tasks = self.tasks if tasks is None else list(tasks)
         unknown = set(tasks) - set(self.tasks) - set(self.aux_tasks)
@@ -174,9 +178,16 @@ class MultiTaskModel(nn.Module):
         aux = [t for t in tasks if t in self.aux_heads]
         tasks = [t for t in tasks if t not in self.aux_heads]
         size = images.shape[-2:]
-        features = (
-            self.backbone(images, tasks) if self.task_aware_backbone else self.backbone(images)
-        )
+        stem = self.backbone.stem() if keep_stem and isinstance(self.backbone, Backbone) else None
+        kept: list[Tensor] = []
+        handle = stem.register_forward_hook(lambda *args: kept.append(args[-1])) if stem else None
+        try:
+            features = (
+                self.backbone(images, tasks) if self.task_aware_backbone else self.backbone(images)
+            )
+        finally:
+            if handle is not None:
+                handle.remove()
         probes: list[Tensor] | None = None
         if detach_features:
             head_inputs = [f.detach().requires_grad_() for f in features]
@@ -197,7 +208,7 @@ class MultiTaskModel(nn.Module):
             for task, pred in decoded.items()
         }
         preds.update({task: self.aux_heads[task](head_inputs, size) for task in aux})
-        return Decoded(preds, list(features), list(head_inputs), probes)
+        return Decoded(preds, list(features), list(head_inputs), probes, kept[0] if kept else None)
 
 
 class Decoded(NamedTuple):
@@ -208,3 +219,4 @@ class Decoded(NamedTuple):
     features: list[Tensor]
     head_inputs: list[Tensor]
     probes: list[Tensor] | None = None  # leaves whose gradient covers the heads alone
+    stem: Tensor | None = None  # the backbone stem's output, when kept
