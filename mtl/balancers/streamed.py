@@ -8,6 +8,10 @@ than the rows of the parameters being processed (one bucket of them under DDP). 
 task-specific parameter keeps its own task's row (the heads' update). The caller then solves
 the weights on the Gramian and runs one backward of Σ w_i L_i for the shared update.
 
+Where the context names a CNN's stem (``BalanceContext.stem``), the batched backward stops
+there and the stem's few parameters get their rows from one plain backward per task: T copies
+of its full-resolution activation gradients would outweigh everything else the step holds.
+
 Hooks see batched tensors inside ``vmap``; a custom autograd function with a ``vmap`` rule
 (`_Rows`) is PyTorch's public way to receive a batched tensor's T rows at once.
 
