@@ -249,3 +249,28 @@ def test_peers_table_runs_every_entry_and_streamed_holds_no_jacobian():
         # the rest of a step's peak (allocator, activations) varies with the machine's load
         jacobian_mib = 5 * 1.9e6 * 4 / 2**20
         assert memory["mtl param stored"] > jacobian_mib > memory["mtl param streamed"], memory
+
+
+def test_the_invpt_reference_pipeline_gives_crop_sized_training_tensors(tmp_path):
+    """The data benchmark's reference does InvPT's work: every map at the crop size, semseg
+    minus one with 255 for unlabelled and padded pixels, depth divided by the scale."""
+    from bench import invpt_pipeline
+    from mtl.data.formats import write_nyud
+    from mtl.data.nyud import NYUDDataset
+
+    written = write_nyud(tmp_path, {"train": ["a"]}, variant="atrc", size=(60, 80))
+    files = NYUDDataset(tmp_path, "train", ["semseg", "depth", "normals", "edge"]).files("a")
+    raw = invpt_pipeline.nyud_sample(files)
+    torch.manual_seed(0)
+    scale = 0.5 + 1.5 * float(torch.rand(()))  # the first draw, as the pipeline makes it
+    torch.manual_seed(0)
+    out = invpt_pipeline.train_transform(raw, (128, 192))  # larger than any rescaled 60x80
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "image": (3, 128, 192), "semseg": (1, 128, 192), "depth": (1, 128, 192),
+        "normals": (3, 128, 192), "edge": (1, 128, 192),
+    }  # fmt: skip
+    labels = set(torch.unique(out["semseg"]).tolist())
+    assert 255 in labels and labels - {255} <= set(range(40))
+    valid = written["a"]["depth"][written["a"]["depth"] > 0]
+    depth = out["depth"][(out["depth"] != 255) & (out["depth"] != 0)]
+    assert depth.min() >= valid.min() / scale - 1e-4 and depth.max() <= valid.max() / scale + 1e-4
