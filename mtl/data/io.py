@@ -114,28 +114,30 @@ def _png_header(data: np.ndarray) -> tuple[int, int] | None:
 _SPNG_FORMATS = {(8, 0): "L", (8, 2): "RGB", (8, 6): "RGB"}
 
 
+def _checked_bytes(path: Path, kind: str) -> np.ndarray:
+    """The file's bytes once its header's pixel count and its end marker are checked."""
+    data = _read_bytes(path)
+    require_pixels(data, path)
+    if (problem := truncation_problem(data)) is not None:
+        raise DecodeError(f"cannot decode {kind}: {path} ({problem})")
+    return data
+
+
 def _spng_decode(path: Path, data: np.ndarray, kind: str, colour: bool) -> np.ndarray | None:
-    """``data`` decoded by libspng (pyspng) if it is installed and the file is an 8-bit PNG of
-    the wanted kind (``colour``: RGB(A), else grey); None otherwise. libspng decodes them about
-    a third faster than OpenCV's libpng (``python -m bench.data``)."""
+    """Checked ``data`` decoded by libspng (pyspng) if it is installed and the file is an 8-bit
+    PNG of the wanted kind (``colour``: RGB(A), else grey); None otherwise. libspng decodes them
+    about a third faster than OpenCV's libpng (``python -m bench.data``)."""
     header = _png_header(data)
     if _pyspng is None or header not in _SPNG_FORMATS or (header[1] != 0) != colour:
         return None
-    if (problem := truncation_problem(data)) is not None:
-        raise DecodeError(f"cannot decode {kind}: {path} ({problem})")
     try:
         return _pyspng.load(data.tobytes(), format=_SPNG_FORMATS[header])
     except RuntimeError as error:  # a damaged stream
         raise DecodeError(f"cannot decode {kind}: {path} ({error})") from None
 
 
-def _decode(path: Path, flags: int, kind: str, data: np.ndarray | None = None) -> np.ndarray:
-    """Decode an image file (its bytes ``data`` if already read) with OpenCV; a truncated or
-    undecodable file is a `DecodeError`."""
-    data = _read_bytes(path) if data is None else data
-    require_pixels(data, path)
-    if (problem := truncation_problem(data)) is not None:
-        raise DecodeError(f"cannot decode {kind}: {path} ({problem})")
+def _decode(path: Path, data: np.ndarray, flags: int, kind: str) -> np.ndarray:
+    """Checked ``data`` decoded with OpenCV; an undecodable file is a `DecodeError`."""
     image = cv2.imdecode(data, flags) if data.size else None
     if image is None:
         raise DecodeError(f"cannot decode {kind}: {path}")
@@ -144,23 +146,21 @@ def _decode(path: Path, flags: int, kind: str, data: np.ndarray | None = None) -
 
 def read_rgb(path: Path) -> np.ndarray:
     """Colour image (.jpg/.png, grey or with alpha too) as uint8 HxWx3 RGB."""
-    data = _read_bytes(path)
-    require_pixels(data, path)
+    data = _checked_bytes(path, "image")
     if (image := _spng_decode(path, data, "image", colour=True)) is not None:
         return image
-    image = _decode(path, cv2.IMREAD_COLOR if _IMREAD_RGB is None else _IMREAD_RGB, "image", data)
+    image = _decode(path, data, cv2.IMREAD_COLOR if _IMREAD_RGB is None else _IMREAD_RGB, "image")
     return image if _IMREAD_RGB is not None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def read_rgb_png(path: Path) -> np.ndarray:
     """An RGB-encoded map (e.g. normals) as uint8 HxWx3, without colour conversion quirks."""
-    data = _read_bytes(path)
-    require_pixels(data, path)
+    data = _checked_bytes(path, "PNG")
     if (image := _spng_decode(path, data, "PNG", colour=True)) is not None:
         return image
     if _IMREAD_RGB is not None and _png_header(data) in ((8, 2), (8, 6)):  # 8-bit RGB(A)
-        return _decode(path, _IMREAD_RGB, "PNG", data)  # decoded straight to RGB, alpha dropped
-    image = _decode(path, cv2.IMREAD_UNCHANGED, "PNG", data)
+        return _decode(path, data, _IMREAD_RGB, "PNG")  # decoded straight to RGB, alpha dropped
+    image = _decode(path, data, cv2.IMREAD_UNCHANGED, "PNG")
     if image.ndim != 3 or image.shape[2] < 3 or image.dtype != np.uint8:
         raise DecodeError(f"expected an 8-bit RGB PNG, got {image.dtype} {image.shape}: {path}")
     return cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB)
@@ -174,17 +174,11 @@ def _plain_grey_png(data: np.ndarray) -> bool:
 
 def read_label_png(path: Path) -> np.ndarray:
     """Single-channel PNG (grey or palette indices) as its raw HxW integer array."""
-    data = _read_bytes(path)
-    require_pixels(data, path)
-    if (problem := truncation_problem(data)) is not None:
-        raise DecodeError(f"cannot decode PNG: {path} ({problem})")
+    data = _checked_bytes(path, "PNG")
     if (array := _spng_decode(path, data, "PNG", colour=False)) is not None:
         return array
     if _plain_grey_png(data):  # OpenCV: a few times faster than Pillow's path
-        array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-        if array is None:
-            raise DecodeError(f"cannot decode PNG: {path}")
-        return array
+        return _decode(path, data, cv2.IMREAD_UNCHANGED, "PNG")
     try:
         with Image.open(io.BytesIO(data.tobytes())) as image:
             array = np.array(image)  # a writable copy (np.asarray gives a read-only view)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import timm
+import torch
 from timm.models._features import FeatureGetterNet, FeatureListNet
 from torch import Tensor, nn
 
@@ -174,3 +176,16 @@ def _getter_keeping_norm(name: str, pretrained: bool, kwargs: dict) -> FeatureGe
     getter = FeatureGetterNet(model, out_indices=indices, norm=True)
     getter.norm = False
     return getter
+
+
+def meta_backbone(options: Mapping[str, Any]) -> Backbone | None:
+    """The backbone of a ``model.backbone`` config built on the meta device (no memory, no
+    weights read), for checks before training; None when it cannot be built (an unknown
+    backbone or option, which the backbone checks report)."""
+    kwargs = {k: v for k, v in options.items() if not k.startswith("_")}
+    kwargs.update(pretrained_file=None, pretrained=False)
+    try:
+        with torch.device("meta"):
+            return Backbone(**kwargs)
+    except Exception:
+        return None

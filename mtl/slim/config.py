@@ -81,16 +81,9 @@ def slim_problems(cfg: DictConfig) -> list[str]:
 
 def _backbone_problems(cfg: DictConfig) -> list[str]:
     """The backbone built on the meta device (no weights) and checked for slimmable blocks."""
-    import torch
+    from mtl.models.backbone import meta_backbone
 
-    from mtl.models.backbone import Backbone
-
-    options = OmegaConf.to_container(cfg.model.backbone, resolve=True)
-    options = {k: v for k, v in options.items() if not k.startswith("_")}
-    options.update(pretrained_file=None, pretrained=False)
-    try:
-        with torch.device("meta"):
-            model = Backbone(**options)
-    except Exception:  # an unknown backbone or option is reported by the backbone checks
+    model = meta_backbone(OmegaConf.to_container(cfg.model.backbone, resolve=True))
+    if model is None:
         return []
     return [f"{p} ({cfg.model.backbone.name})" for p in backbone_problems(model.model)]

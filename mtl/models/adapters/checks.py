@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from hydra.utils import get_class
 
 from mtl.models.adapters.base import Adapter
@@ -14,7 +13,7 @@ from mtl.models.adapters.base import Adapter
 def adapter_problems(adapter: Mapping[str, Any], backbone: Mapping[str, Any]) -> list[str]:
     """Every problem of the (resolved) adapter node for the (resolved) backbone node; the
     backbone is built on the meta device, so this allocates no weights."""
-    from mtl.models.backbone import Backbone  # here: the backbone module imports this package
+    from mtl.models.backbone import meta_backbone  # here: the backbone module imports this package
 
     target = adapter.get("_target_")
     try:
@@ -37,11 +36,7 @@ def adapter_problems(adapter: Mapping[str, Any], backbone: Mapping[str, Any]) ->
         return [*problems, f"model.adapter: {error}"]
     if type(spec).problems is Adapter.problems:
         return problems  # nothing depends on the backbone
-    options = {k: v for k, v in backbone.items() if not k.startswith("_")}
-    options.update(pretrained_file=None, pretrained=False)
-    try:
-        with torch.device("meta"):
-            model = Backbone(**options)
-    except Exception:  # an unknown backbone or option is reported by the backbone checks
+    model = meta_backbone(backbone)
+    if model is None:
         return problems
     return problems + spec.problems(model.model, model.taps)
