@@ -3,14 +3,16 @@ is shown once.
 
 Dropped: Lightning's tips (e.g. the LitLogger advert), Lightning's note that the model summary
 callback comes from the config, PyTorch's note that ``pin_memory`` does nothing without an
-accelerator (the data configs enable it for GPUs) and Lightning's advice to raise
-``num_workers`` (a choice of the data config).
+accelerator (the data configs enable it for GPUs), Lightning's advice to raise
+``num_workers`` (a choice of the data config) and PyTorch's deprecation of ``LeafSpec`` checks,
+raised inside Lightning's own code (nothing a user can change).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -18,6 +20,7 @@ from collections.abc import Callable
 NOISE_WARNINGS = (
     r"'pin_memory' argument is set as true but no accelerator is found",
     r"The '\w+' does not have many workers",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
 )
 #: Lightning info lines (prefixes) that are dropped.
 NOISE_INFO = ("💡 Tip:", "Trainer already configured with model summary callbacks")
@@ -67,3 +70,12 @@ def quiet_console() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, DropMessages) for f in logger.filters):
             logger.addFilter(DropMessages(NOISE_INFO))
+
+
+def stdout_is_terminal() -> bool:
+    """Whether standard output is an interactive terminal (not a file or a pipe: SLURM, nohup,
+    CI), where a progress bar can redraw itself."""
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stdout
+        return False

@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
@@ -39,7 +40,7 @@ from mtl.checkpoint import (
 )
 from mtl.compile import compile_backbone
 from mtl.config import ConfigError, training_tasks, validate_config
-from mtl.console import quiet_console
+from mtl.console import quiet_console, stdout_is_terminal
 from mtl.data.datamodule import MultiTaskDataModule
 from mtl.data.derived import DerivedTargets
 from mtl.data.gpu_augment import gpu_augment_pipeline
@@ -194,6 +195,8 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """The configured callbacks, the metrics' callback and, with ``save_predictions``, the
     prediction writer (unless ``callbacks`` already has one)."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if not cfg.train:  # an evaluation saves no checkpoint, nor restores a saver's folder
+        callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
     class_names = _plain(cfg.data.get("class_names"))
     callbacks.append(MetricsCallback(class_names=class_names))
     if cfg.data.get("skip_bad"):
@@ -303,8 +306,15 @@ def _fit_and_evaluate(cfg: DictConfig, given: GivenCheckpoint | None) -> dict[st
     loggers = build_loggers(cfg)
     callbacks += logger_callbacks(cfg, loggers)
     one_device = {} if cfg.train else {"devices": 1, "num_nodes": 1, "strategy": "auto"}
+    # in a file or a pipe a progress bar only leaves its last frame: progress comes as log lines
+    no_bar = {} if stdout_is_terminal() else {"enable_progress_bar": False}
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers, **_checkpoint_io(cfg), **one_device
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers,
+        **_checkpoint_io(cfg),
+        **one_device,
+        **no_bar,
     )
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)

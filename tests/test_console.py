@@ -27,8 +27,10 @@ def test_debug_run_console_has_no_noise_and_train_log_has_the_scores(tmp_path):
     )
     console = done.stdout + done.stderr
     assert done.returncode == 0, console[-5000:]
-    for noise in ("FLOPs", "Tip:", "litlogger", "pin_memory", "does not have many workers"):
+    noises = ("FLOPs", "Tip:", "litlogger", "pin_memory", "does not have many workers", "LeafSpec")
+    for noise in noises:
         assert noise not in console, noise
+    assert "it/s" not in console  # output to a pipe: progress as log lines, no bar frames
     assert "Total params" in console  # the model summary itself is still there
     (log_file,) = (tmp_path / "outputs" / "train" / "runs").glob("*/train.log")
     text = log_file.read_text()

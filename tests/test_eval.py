@@ -180,6 +180,9 @@ def test_evaluation_builds_the_model_and_data_from_the_checkpoint(trained_run, t
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Traceback" not in result.stderr
+    console = result.stdout + result.stderr
+    assert "dirpath has changed" not in console  # no checkpoint saver restored into eval/
+    assert "it/s" not in console  # output to a pipe: no progress bar frames
 
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["model"]["decoder"]["_target_"].endswith("ConvDecoder")

@@ -15,12 +15,13 @@ from __future__ import annotations
 import datetime
 import logging
 import math
-import sys
 import time
 from typing import Any
 
 import lightning as L
 import torch
+
+from mtl.console import stdout_is_terminal
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class ProgressLog(L.Callback):
     # ---------------------------------------------------------------- state
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.enable == "auto":
-            self.active = not _is_terminal() or trainer.progress_bar_callback is None
+            self.active = not stdout_is_terminal() or trainer.progress_bar_callback is None
         else:
             self.active = bool(self.enable)
         self.active = self.active and trainer.is_global_zero
@@ -152,13 +153,6 @@ class ProgressLog(L.Callback):
             parts.append(f"ETA {_duration(remaining)}")
         log.info(", ".join(parts))
         self._reset_interval(now)
-
-
-def _is_terminal() -> bool:
-    try:
-        return sys.stdout.isatty()
-    except (AttributeError, ValueError):  # replaced or closed stdout
-        return False
 
 
 def _batch_size(batch: Any) -> int:
