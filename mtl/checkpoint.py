@@ -121,13 +121,17 @@ def contain_paths(state: dict[str, Any], dirpath: str | Path, mode: str = "min")
 
 class ContainCheckpointPaths(L.Callback):
     """Restores only checkpoint paths inside each ModelCheckpoint's own directory (`contain_paths`),
-    warning about each path left out. Runs before any callback's state is loaded: Lightning
-    calls every ``on_load_checkpoint`` before the callbacks' ``load_state_dict``."""
+    warning about each path left out. A run continued in another directory starts its savers'
+    records afresh (one info line): the earlier run's checkpoints stay with it, and Lightning
+    would only restore its best path, with a warning. Runs before any callback's state is
+    loaded: Lightning calls every ``on_load_checkpoint`` before the callbacks'
+    ``load_state_dict``."""
 
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         states = checkpoint.get("callbacks") or {}
+        moved = None  # (earlier directory, this run's directory)
         for callback in trainer.checkpoint_callbacks:
             if not isinstance(callback, ModelCheckpoint) or callback.dirpath is None:
                 continue
@@ -135,6 +139,12 @@ class ContainCheckpointPaths(L.Callback):
                 state = states.get(key)
                 if not isinstance(state, dict):
                     continue
+                stored = state.get("dirpath")
+                if stored and Path(stored).resolve() != Path(callback.dirpath).resolve():
+                    states[key], moved = callback.state_dict(), (stored, callback.dirpath)
+                    continue
+                if stored:  # the same folder however it is spelled: Lightning compares text
+                    state["dirpath"] = callback.dirpath
                 for path in contain_paths(state, callback.dirpath, callback.mode):
                     log.warning(
                         "not restoring %s from the checkpoint's %s state: outside the "
@@ -143,6 +153,12 @@ class ContainCheckpointPaths(L.Callback):
                         type(callback).__name__,
                         callback.dirpath,
                     )
+        if moved is not None:
+            log.info(
+                "continuing the run of %s: its checkpoints stay there; best and last checkpoints "
+                "are tracked anew in %s",
+                *moved,
+            )
 
 
 # ---------------------------------------------------------------- writing and reading

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -321,7 +322,11 @@ def _fit_and_evaluate(cfg: DictConfig, given: GivenCheckpoint | None) -> dict[st
 
     if cfg.train:
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=given and given.path)
+            with warnings.catch_warnings():
+                if given is not None and _resumes_in_place(given.path, cfg):
+                    # the directory holds this run's own checkpoints: nothing to warn about
+                    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* not empty")
+                trainer.fit(module, datamodule=datamodule, ckpt_path=given and given.path)
         except TrainingInterrupted as stop:  # SIGTERM / SIGINT: checkpoint saved, exit non-zero
             log.warning("%s; resume with ckpt_path=last or resume=auto", stop)
             raise SystemExit(stop.exit_code) from None
@@ -448,6 +453,11 @@ def checkpoint_position(path: str | Path) -> dict[str, int]:
         "checkpoint/epoch": int(checkpoint.get("epoch", -1)),
         "checkpoint/step": int(checkpoint.get("global_step", -1)),
     }
+
+
+def _resumes_in_place(path: str | Path, cfg: DictConfig) -> bool:
+    """Whether the checkpoint at `path` lies in the run's own checkpoint directory."""
+    return checkpoint_dir(cfg).resolve() in Path(path).resolve().parents
 
 
 def _evaluation_checkpoint(trainer: L.Trainer, which: str) -> str | None:

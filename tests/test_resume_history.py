@@ -42,13 +42,16 @@ def _epochs(rows: list[dict[str, str]], key: str) -> list[int]:
     return sorted(int(r["epoch"]) for r in rows if r.get(key))
 
 
-def test_resume_in_the_same_directory_keeps_every_csv_row_once(make_cfg, tmp_path):
+def test_resume_in_the_same_directory_keeps_every_csv_row_once(make_cfg, tmp_path, recwarn):
     run = tmp_path / "a"
     train(make_cfg(*SMALL, "trainer.max_epochs=2", "resume=auto", output_dir=run))
     first = _rows(run)
     assert _steps(first, "train/loss") == list(range(2 * STEPS_PER_EPOCH))
 
+    recwarn.clear()
     train(make_cfg(*SMALL, "trainer.max_epochs=3", "resume=auto", output_dir=run))
+    # the folder holds the run's own checkpoints: no warning that it is not empty
+    assert not [w for w in recwarn if "not empty" in str(w.message)]
     rows = _rows(run)
     assert _steps(rows, "train/loss") == list(range(3 * STEPS_PER_EPOCH))
     assert _steps(rows, "lr-AdamW") == list(range(3 * STEPS_PER_EPOCH))
@@ -139,13 +142,22 @@ def test_keeping_only_the_last_checkpoint_saves_it_after_every_epoch(make_cfg, t
 
 
 def test_resume_into_a_new_directory_copies_the_history_and_leaves_the_old_run(
-    make_cfg, tmp_path
+    make_cfg, tmp_path, caplog, recwarn
 ):
     old, new = tmp_path / "a", tmp_path / "b"
     train(make_cfg(*SMALL, "trainer.max_epochs=2", output_dir=old))
     before = (old / "csv" / "metrics.csv").read_bytes()
     last = old / "checkpoints" / "last.ckpt"
-    train(make_cfg(*SMALL, "trainer.max_epochs=3", f"ckpt_path={last}", output_dir=new))
+    recwarn.clear()
+    with caplog.at_level(logging.INFO, logger="mtl.checkpoint"):
+        train(make_cfg(*SMALL, "trainer.max_epochs=3", f"ckpt_path={last}", output_dir=new))
+
+    # an everyday continuation: one line saying so, no warning about the earlier run's files
+    assert f"continuing the run of {old / 'checkpoints'}" in caplog.text
+    assert "WARNING" not in caplog.text
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+    saved = sorted(p.name for p in (new / "checkpoints").iterdir())
+    assert saved == ["epoch_002.ckpt", "last.ckpt"]
 
     assert (old / "csv" / "metrics.csv").read_bytes() == before
     assert load_checkpoint(last)["global_step"] == 2 * STEPS_PER_EPOCH  # not overwritten
