@@ -271,6 +271,22 @@ def test_synthetic_scenes_of_other_counts_and_size_are_one_error_line(tmp_path):
     )
 
 
+def test_a_training_split_smaller_than_one_batch_is_one_error_line(tmp_path):
+    """8 scenes and the default batch of 16: training drops incomplete batches, so the run would
+    train nothing and score an untrained model with exit status 0."""
+    tiny = ["data.generate.n_train=8", "data.generate.n_val=4", "data.image_size=[48,64]"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *tiny, "data.num_workers=0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert _error_lines(result) == [
+        "error: data.batch_size=16: the training split has 8 samples, fewer than one batch "
+        "(incomplete batches are dropped, so nothing would be trained); set data.batch_size to "
+        "at most 8"
+    ]
+    assert not list(tmp_path.glob("outputs/train/runs/*/checkpoints/*.ckpt"))
+
+
 def test_a_data_root_that_is_a_file_is_reported_before_building(make_cfg, nothing_built, tmp_path):
     file = tmp_path / "scenes"
     file.write_text("not a folder")

@@ -169,3 +169,29 @@ def test_resume_into_a_new_directory_copies_the_history_and_leaves_the_old_run(
 def test_a_schedule_without_a_run_length_is_a_config_error(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"trainer.max_epochs=-1 set \+trainer.max_steps=N"):
         train(make_cfg(*SMALL, "trainer.max_epochs=-1"))
+
+
+def test_a_run_directory_given_as_output_dir_holds_the_log_of_every_launch(tmp_path):
+    """``python train.py paths.output_dir=runs/a resume=auto``, launched twice from a fresh
+    folder as the README shows it: ``runs/a`` gets the log and Hydra's record of both launches
+    (no second folder under ``outputs/``)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    tiny = [*(s for s in SMALL if not s.startswith("diagnostics")), "data.num_workers=0"]
+    tiny += ["data.generate.n_train=12", "data.generate.n_val=4", "data.image_size=[48,64]"]
+    tiny += ["data.batch_size=4"]
+    for epochs in (1, 2):
+        command = [sys.executable, str(root / "train.py"), "paths.output_dir=runs/a"]
+        command += ["resume=auto", f"trainer.max_epochs={epochs}", *tiny]
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    run = tmp_path / "runs" / "a"
+    log = (run / "train.log").read_text()
+    assert log.count("Final validation scores") == 2  # both launches, appended
+    assert "resuming from" in log
+    assert (run / ".hydra" / "overrides.yaml").exists()
+    assert not (tmp_path / "outputs").exists()
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 1

@@ -139,6 +139,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         dataset, sampler = self.datasets[name], None
         if shuffle:
             dataset, sampler = self._resumable(dataset)
+            self._check_one_batch(len(dataset), len(sampler))
         else:
             sampler = self._evaluation_sampler(dataset)
         collate = None
@@ -157,6 +158,19 @@ class MultiTaskDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             worker_init_fn=partial(init_worker, rank=self._global_rank()),
+        )
+
+    def _check_one_batch(self, samples: int, share: int) -> None:
+        """Refuse a training split that gives no full batch (`share`: this process's samples):
+        Lightning would stop at once and the run would score an untrained model."""
+        if share >= self.per_process_batch_size():
+            return
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        per_process = f" on each of {world_size} processes" if world_size > 1 else ""
+        raise DatasetError(
+            f"data.batch_size={self.batch_size}: the training split has {samples} samples, fewer "
+            f"than one batch{per_process} (incomplete batches are dropped, so nothing would be "
+            f"trained); set data.batch_size to at most {share * world_size}"
         )
 
     def _evaluation_sampler(self, dataset: Dataset) -> UnrepeatedDistributedSampler | None:
