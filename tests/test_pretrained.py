@@ -225,6 +225,9 @@ def test_real_experiments_name_the_timm_weights_they_expect(experiment):
     assert f"timm/{name}" in (CONF / "experiment" / f"{experiment}.yaml").read_text()
     readme = (ROOT / "README.md").read_text()
     assert f"hf download timm/{name}" in readme
+    # the weights table of the README names the experiment next to its weights
+    rows = [r for r in readme.splitlines() if r.startswith("| ") and "`timm/" in r]
+    assert [r for r in rows if f"`{experiment}`" in r and f"`timm/{name}`" in r], experiment
 
 
 # --------------------------------------------------------------------------- normalisation
