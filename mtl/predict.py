@@ -101,6 +101,13 @@ def picture(task: str, prediction: torch.Tensor) -> np.ndarray:
     return render.picture(task, values, render.colour_range(task, values, None), is_target=False)
 
 
+def class_legend(prediction: torch.Tensor, names: Sequence[str]) -> list[tuple[str, np.ndarray]]:
+    """The named classes present in a class map, each with its colour in `picture`."""
+    present = [int(i) for i in np.unique(prediction.numpy()) if 0 <= i < len(names)]
+    colours = render.class_colours(np.array(present, dtype=np.int64))
+    return [(names[i], colour) for i, colour in zip(present, colours, strict=True)]
+
+
 def save_overview(
     path: Path, image: np.ndarray, predictions: dict[str, torch.Tensor], loaded: LoadedModel
 ) -> None:
@@ -109,6 +116,7 @@ def save_overview(
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     panels = len(predictions) + 1
     height, width = image.shape[:2]
@@ -125,8 +133,12 @@ def save_overview(
             ax.imshow(picture(task, prediction))
         names = loaded.class_names.get(task)
         if spec.classification and names:
-            present = [names[i] for i in np.unique(prediction.numpy()) if i < len(names)]
-            ax.set_xlabel(", ".join(present), fontsize=7)
+            entries = class_legend(prediction, names)
+            handles = [Patch(color=colour / 255, label=name) for name, colour in entries]
+            ax.legend(
+                handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                ncol=min(len(handles), 3), fontsize=7, frameon=False, handlelength=1,
+            )  # fmt: skip
         ax.set_title(task)
     for ax in axes:
         ax.set_xticks([])

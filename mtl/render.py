@@ -44,6 +44,11 @@ def palette(num_colours: int = 256) -> np.ndarray:
     return colours
 
 
+def class_colours(labels: np.ndarray) -> np.ndarray:
+    """uint8 RGB of class ids: palette entry ``id % 255 + 1`` (entry 0, black, is no class)."""
+    return palette()[np.asarray(labels, dtype=np.int64) % 255 + 1]
+
+
 def decoded(task: str, pred: Tensor) -> np.ndarray:
     """A raw prediction [C,H,W] decoded by the registry (class map as [1,H,W]), float32."""
     out = get_task(task).decode(pred[None].detach().float())[0].cpu().numpy()
@@ -86,7 +91,7 @@ def picture(
     valid = valid_pixels(task, values) if is_target else np.ones(values.shape[-2:], dtype=bool)
     if kind == "labels":
         labels = values[0].astype(np.int64)
-        rgb = palette()[np.where(valid, labels % 255 + 1, 0)]
+        rgb = class_colours(labels)
         rgb[~valid] = IGNORE_COLOUR
         return rgb
     if kind == "vector":

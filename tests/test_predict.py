@@ -81,6 +81,19 @@ def test_predict_writes_pictures_arrays_and_an_overview_per_image(trained_run, p
     assert not list(out.glob("*/notes.*"))
 
 
+def test_the_overview_legend_gives_each_present_class_its_picture_colour():
+    from mtl.predict import class_legend, picture
+
+    labels = torch.tensor([[[0, 0, 3], [3, 4, 4]]])  # classes 0, 3, 4 of five; [1,H,W]
+    names = ["floor", "wall", "sphere", "box", "cylinder"]
+    drawn = picture("semseg", labels)
+    entries = class_legend(labels, names)
+    assert [name for name, _ in entries] == ["floor", "box", "cylinder"]
+    for (name, colour), row, col in zip(entries, (0, 0, 1), (0, 2, 1), strict=True):
+        assert tuple(colour) == tuple(drawn[row, col]), name
+    assert len({tuple(c) for _, c in entries}) == 3
+
+
 def test_predict_takes_a_glob_and_an_output_folder(trained_run, photos, tmp_path):
     out = tmp_path / "mine"
     checkpoint = trained_run / "checkpoints" / "last.ckpt"
