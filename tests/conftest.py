@@ -30,6 +30,21 @@ _share_the_cores()
 
 # A dataset small enough for CPU tests; every config test reuses the same generated folder.
 TINY_DATA = ["data.generate.n_train=16", "data.generate.n_val=8", "data.image_size=[48,64]"]
+#: One short epoch of two tasks on a truncated ResNet-18 (fast steps, small checkpoints), for
+#: tests that start ``train.py`` as a user does.
+TINY_RUN = [
+    *TINY_DATA,
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "data.tasks=[semseg,depth]",
+    "model/decoder=conv",
+    "model.backbone.out_indices=[1,2]",
+    "trainer.enable_progress_bar=false",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.max_epochs=1",
+    "+trainer.limit_val_batches=1",
+    "diagnostics_every_n_steps=0",
+]
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_RUN
 from test_tracking import wandb_records
 
 from mtl.redact import REDACTED, is_secret_name, redact, redact_overrides
@@ -128,22 +129,6 @@ def test_wandb_run_name_has_no_credential(monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------- a whole run, as users start it
-TINY = [
-    "data.generate.n_train=16",
-    "data.generate.n_val=8",
-    "data.image_size=[48,64]",
-    "data.batch_size=4",
-    "data.num_workers=0",
-    "data.tasks=[semseg,depth]",
-    "model/decoder=conv",
-    "model.backbone.out_indices=[1,2]",
-    "trainer.enable_progress_bar=false",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.max_epochs=1",
-    "+trainer.limit_train_batches=2",
-    "+trainer.limit_val_batches=1",
-    "diagnostics_every_n_steps=0",
-]
 
 #: An experiment file of the user's with credentials in it.
 EXPERIMENT = """\
@@ -234,7 +219,8 @@ def test_no_credential_in_any_file_of_a_run_and_its_wandb_run(mode, tmp_path, ti
         "+db.passphrase=cli-passphrase-3e4f",
         "+notes.repo=https://bob:cli-url-pw-8g9h@example.org/x.git",
         "+notes.github_pat=cli-pat-1i2j3k",
-        *TINY,
+        *TINY_RUN,
+        "+trainer.limit_train_batches=2",
         f"data.root={tiny_data_root}",
     ]
     done = subprocess.run(

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_RUN
 
 from mtl import wandb_run
 from mtl.loggers import build_loggers, finish_loggers
@@ -27,21 +28,6 @@ from mtl.wandb_media import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.generate.n_train=16",
-    "data.generate.n_val=8",
-    "data.image_size=[48,64]",
-    "data.batch_size=4",
-    "data.num_workers=0",
-    "data.tasks=[semseg,depth]",
-    "model/decoder=conv",
-    "model.backbone.out_indices=[1,2]",  # a truncated ResNet-18: fast steps, small checkpoints
-    "trainer.enable_progress_bar=false",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.max_epochs=1",
-    "+trainer.limit_val_batches=1",
-    "diagnostics_every_n_steps=0",
-]
 
 
 def _run(args: list[str], tmp_path: Path, data_root: Path, timeout: int = 300) -> None:
@@ -59,7 +45,7 @@ def _run(args: list[str], tmp_path: Path, data_root: Path, timeout: int = 300) -
         sys.executable,
         str(ROOT / "train.py"),
         *flags,
-        *TINY,
+        *TINY_RUN,
         f"data.root={data_root}",
         *args,
     ]
