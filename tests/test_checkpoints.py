@@ -309,6 +309,29 @@ def test_sigterm_to_a_training_process_saves_a_loadable_checkpoint(tiny_data_roo
     assert checkpoint["global_step"] >= 1
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_whole_job_with_loader_workers_saves_and_exits_cleanly(
+    tiny_data_root, tmp_path, signum
+):
+    """SLURM's SIGTERM and a terminal's Ctrl+C reach every process of the job, loader workers
+    included: the run still saves after the step and exits with 128 + signal, no traceback."""
+    run = tmp_path / "run"
+    command = _cli(run, tiny_data_root, "trainer.max_epochs=1000", "ckpt_every_n_steps=1")
+    command.append("data.num_workers=2")
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # its own process group, as a job under a scheduler
+    )  # fmt: skip
+    _wait_for(run / "checkpoints" / "last.ckpt", process)
+    os.killpg(process.pid, signum)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    last = run / "checkpoints" / "last.ckpt"
+    assert f"saved checkpoint {last} after signal {signal.Signals(signum).name}" in output
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] >= 1
+
+
 def _checkpoint(make_cfg, run: Path, *overrides: str) -> Path:
     """A checkpoint of one training step."""
     limits = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -267,7 +268,12 @@ def init_worker(worker_id: int, rank: int = 0) -> None:
     """Loader worker start-up: one torch thread per worker (the workers are the parallelism;
     OpenCV's single thread is set by the parent before forking), then Lightning's per-worker
     seeding when ``seed_everything(workers=True)`` asked for it (a worker_init_fn of our own
-    replaces Lightning's automatic one)."""
+    replaces Lightning's automatic one). Workers ignore SIGTERM and SIGINT: a scheduler's
+    SIGTERM (SLURM, ``timeout``) and a terminal's Ctrl+C reach the whole process group, and a
+    worker killed by one would make PyTorch raise in the main process before it can save; the
+    main process stops after the step (`mtl.callbacks.SignalCheckpoint`) and ends its workers."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     if int(os.environ.get("PL_SEED_WORKERS", "0")):
         pl_worker_init_function(worker_id, rank=rank)
