@@ -261,3 +261,56 @@ def _listed_validation(out, dataset) -> dict[str, float]:
         enable_model_summary=False,
     )
     return {k: float(v) for k, v in trainer.validate(Oracle(), datamodule=datamodule)[0].items()}
+
+
+def test_the_matching_pool_outlives_a_stop_signal_to_the_whole_job():
+    """SLURM's SIGTERM and Ctrl+C reach the pool's workers too: they leave the signal to the
+    training process, so the pool keeps matching (a killed worker would break it)."""
+    import os
+    import signal
+
+    from mtl.metrics.edge import EdgeBoundaryF
+
+    metric = EdgeBoundaryF(workers=2)
+    pool = metric._executor()
+    pids = {pool.submit(os.getpid).result() for _ in range(8)}
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
+    assert pool.submit(os.getpid).result(timeout=30) in pids  # the same workers, still alive
+    pool.shutdown()
+
+
+def test_the_matching_pool_ends_with_the_process_that_started_it():
+    """A training process killed outright leaves no matching worker behind, although the
+    workers ignore the job's signals."""
+    import subprocess
+    import sys
+    import time
+
+    program = (
+        "import os\n"
+        "from mtl.metrics.edge import EdgeBoundaryF\n"
+        "pool = EdgeBoundaryF(workers=2)._executor()\n"
+        "print(' '.join(map(str, {pool.submit(os.getpid).result() for _ in range(8)})))\n"
+        "os._exit(0)\n"  # gone without shutting the pool down
+    )
+    # the workers hold the output pipes: the run returns once they are gone (never, if they
+    # outlive their parent)
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+    )
+    pids = [int(p) for p in done.stdout.split()]
+    assert done.returncode == 0 and pids, done.stderr[-2000:]
+
+    def running(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while any(map(running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(map(running, pids))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from mtl.data.base import DatasetError
 from mtl.data.sampling import ResumableSampler, SeededSamples, carve, sample_seed
 from mtl.data.skip import DeferBad, SkipBad, collate_deferring, collate_skipping
+from mtl.job_signals import ignore_job_signals
 
 DatasetFactory = Callable[..., Dataset]
 log = logging.getLogger(__name__)
@@ -268,12 +268,9 @@ def init_worker(worker_id: int, rank: int = 0) -> None:
     """Loader worker start-up: one torch thread per worker (the workers are the parallelism;
     OpenCV's single thread is set by the parent before forking), then Lightning's per-worker
     seeding when ``seed_everything(workers=True)`` asked for it (a worker_init_fn of our own
-    replaces Lightning's automatic one). Workers ignore SIGTERM and SIGINT: a scheduler's
-    SIGTERM (SLURM, ``timeout``) and a terminal's Ctrl+C reach the whole process group, and a
-    worker killed by one would make PyTorch raise in the main process before it can save; the
-    main process stops after the step (`mtl.callbacks.SignalCheckpoint`) and ends its workers."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    replaces Lightning's automatic one). Workers leave the job's stop signals to the training
+    process (`mtl.job_signals`)."""
+    ignore_job_signals()
     torch.set_num_threads(1)
     if int(os.environ.get("PL_SEED_WORKERS", "0")):
         pl_worker_init_function(worker_id, rank=rank)

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from mtl.job_signals import pool_worker_init
 from mtl.metrics.boundary import (
     MatchSettings,
     batch_counts,
@@ -222,7 +223,9 @@ class EdgeBoundaryF(Metric):
         if self._pool is None:
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=context, initializer=pool_worker_init
+            )
         return self._pool
 
     def _collect(self) -> None:
