@@ -59,6 +59,11 @@ def checkpoint_dir(cfg: DictConfig) -> Path:
     return Path(dirpath) if dirpath else run_dir(cfg) / "checkpoints"
 
 
+def in_checkpoint_dir(path: str | Path, cfg: DictConfig) -> bool:
+    """Whether the checkpoint at `path` lies in the run's own checkpoint directory."""
+    return _inside(str(path), checkpoint_dir(cfg).resolve())
+
+
 def step_checkpoint(cfg: DictConfig) -> list[ModelCheckpoint]:
     """With ``ckpt_every_n_steps=N > 0``: a ModelCheckpoint that rewrites ``last.ckpt`` every N
     optimiser steps (mid-epoch). Built here rather than in ``conf/callbacks`` because a

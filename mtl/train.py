@@ -32,6 +32,7 @@ from mtl.checkpoint import (
     IncompatibleCheckpointError,
     check_compatible,
     checkpoint_dir,
+    in_checkpoint_dir,
     load_checkpoint,
     model_signature,
     remove_temporaries,
@@ -323,7 +324,7 @@ def _fit_and_evaluate(cfg: DictConfig, given: GivenCheckpoint | None) -> dict[st
     if cfg.train:
         try:
             with warnings.catch_warnings():
-                if given is not None and _resumes_in_place(given.path, cfg):
+                if given is not None and in_checkpoint_dir(given.path, cfg):
                     # the directory holds this run's own checkpoints: nothing to warn about
                     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* not empty")
                 trainer.fit(module, datamodule=datamodule, ckpt_path=given and given.path)
@@ -453,11 +454,6 @@ def checkpoint_position(path: str | Path) -> dict[str, int]:
         "checkpoint/epoch": int(checkpoint.get("epoch", -1)),
         "checkpoint/step": int(checkpoint.get("global_step", -1)),
     }
-
-
-def _resumes_in_place(path: str | Path, cfg: DictConfig) -> bool:
-    """Whether the checkpoint at `path` lies in the run's own checkpoint directory."""
-    return checkpoint_dir(cfg).resolve() in Path(path).resolve().parents
 
 
 def _evaluation_checkpoint(trainer: L.Trainer, which: str) -> str | None:

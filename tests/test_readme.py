@@ -33,9 +33,15 @@ DOCUMENTS = ("README.md", "datasets/README.md")
 ENTRY_POINTS = ("train.py", "eval.py", "predict.py")
 FOLDERS = ("conf", "baselines", "bench")
 
-#: Size-reducing overrides for the built-in synthetic scenes: as many training scenes as the
-#: largest batch a README command asks for (a smaller split gives no batch and is refused).
-TINY_SYNTHETIC = ("data.generate.n_train=32", "data.generate.n_val=8", "data.image_size=[48,64]")
+#: The tiny synthetic scenes (train, val, height, width): as many training scenes as the largest
+#: batch a README command asks for (a smaller split gives no batch and is refused).
+SCENES = (32, 8, 48, 64)
+#: Size-reducing overrides for the built-in synthetic scenes.
+TINY_SYNTHETIC = (
+    f"data.generate.n_train={SCENES[0]}",
+    f"data.generate.n_val={SCENES[1]}",
+    f"data.image_size=[{SCENES[2]},{SCENES[3]}]",
+)
 #: ... and for the real datasets' small generated copies (images of 48x64).
 TINY_REAL = ("data.image_size=[48,64]", "data.batch_size=2", "data.num_workers=0")
 #: A short fit (2 epochs of a few batches) that writes checkpoints, which debug=fdr does not.
@@ -177,7 +183,8 @@ def plan(command: Command) -> Command:
         elif module == "bench" or module.startswith("bench."):
             command.skip = BENCHMARK
         elif module == "mtl.data.synthetic":
-            command.extra = ["--n-train", "32", "--n-val", "8", "--size", "48", "64"]
+            train, val, height, width = map(str, SCENES)
+            command.extra = ["--n-train", train, "--n-val", val, "--size", height, width]
         elif module == "mtl.merge":  # merges the tiny runs of an earlier command
             command.extra = ["realign.steps=2"]
         elif module == "mtl.data.verify":

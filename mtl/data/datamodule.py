@@ -94,7 +94,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             self.prepare()
 
     def per_process_batch_size(self) -> int:
-        world_size = self.trainer.world_size if self.trainer is not None else 1
+        world_size = self._world_size()
         if self.batch_size % world_size:
             raise ValueError(
                 f"data.batch_size={self.batch_size} is the global batch and must be divisible by "
@@ -146,7 +146,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         collate = None
         if self.skip_bad:
             dataset, collate = SkipBad(dataset), collate_skipping
-        elif self.trainer is not None and self.trainer.world_size > 1:
+        elif self._world_size() > 1:
             # a bad sample reaches the step, where all processes stop on it together
             dataset, collate = DeferBad(dataset), collate_deferring
         return DataLoader(
@@ -166,7 +166,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         Lightning would stop at once and the run would score an untrained model."""
         if share >= self.per_process_batch_size():
             return
-        world_size = self.trainer.world_size if self.trainer is not None else 1
+        world_size = self._world_size()
         per_process = f" on each of {world_size} processes" if world_size > 1 else ""
         raise DatasetError(
             f"data.batch_size={self.batch_size}: the training split has {samples} samples, fewer "
@@ -179,12 +179,15 @@ class MultiTaskDataModule(L.LightningDataModule):
         shares may differ by one), so every sample is scored exactly once: Lightning's default
         DistributedSampler pads the last batch with repeated samples. Metric states are sums,
         so the synced scores equal one process's. None on one process (sequential order)."""
-        world_size = self.trainer.world_size if self.trainer is not None else 1
+        world_size = self._world_size()
         if world_size <= 1:
             return None
         return UnrepeatedDistributedSampler(
             dataset, num_replicas=world_size, rank=self._global_rank(), shuffle=False
         )
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
 
     def _global_rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
@@ -198,7 +201,7 @@ class MultiTaskDataModule(L.LightningDataModule):
     def _resumable(self, dataset: Dataset) -> tuple[Dataset, ResumableSampler]:
         """The training split seeded per (seed, epoch, sample) and its sampler, positioned at
         the resumed checkpoint's epoch and batch (see ``mtl.data.sampling``)."""
-        world_size = self.trainer.world_size if self.trainer is not None else 1
+        world_size = self._world_size()
         sampler = ResumableSampler(
             dataset, num_replicas=world_size, rank=self._global_rank(), seed=self._seed()
         )
