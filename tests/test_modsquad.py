@@ -7,7 +7,7 @@ from functools import partial
 
 import pytest
 import torch
-from modsquad_ddp_workers import ddp_worker, gate_gradients
+from modsquad_ddp_workers import all_reduce_worker, ddp_worker, gate_gradients
 
 from mtl.models.adapters import ModSquad
 from mtl.models.adapters.modsquad import ModSquadMlp, MoEAttention, TaskGate
@@ -154,6 +154,12 @@ def test_modsquad_config_problems(make_cfg):
     cfg = make_cfg("model/adapter=modsquad")  # the default backbone is a CNN
     with pytest.raises(ConfigError, match="model.adapter: modsquad needs a plain ViT backbone"):
         validate_config(cfg)
+
+
+def test_the_sum_over_processes_is_exact_and_the_processes_exit_cleanly(tmp_path):
+    # The worker checks the summed value and gradient, and that nothing keeps the process group
+    # alive after destroy_process_group (an abort at exit fails a job that trained to the end).
+    torch.multiprocessing.spawn(all_reduce_worker, args=(f"file://{tmp_path}/init",), nprocs=2)
 
 
 def test_mi_loss_under_two_processes_equals_one_process_on_the_global_batch(tmp_path):

@@ -81,13 +81,34 @@ class KeptExperts(nn.Module):
         return probs.topk(k, dim=-1)
 
 
+class _SumOverProcesses(torch.autograd.Function):
+    """All-reduce (sum) whose backward all-reduces the gradient: every process's loss uses the
+    summed statistics, so each input's gradient is the sum of all processes' upstream gradients.
+
+    Written here because torch's differentiable all-reduce (`torch.distributed.nn.functional`,
+    deprecated, and the `_functional_collectives` one it points to) imports
+    `torch.distributed.nn`, whose default arguments bind the world group when first imported
+    after `init_process_group`: the group then outlives `destroy_process_group` and its threads
+    abort the process at exit."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad
+
+
 def all_reduce_sum(x: Tensor) -> Tensor:
     """Sum over DDP processes, with a gradient (the identity outside DDP)."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return x
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(x)
+    return _SumOverProcesses.apply(x)
 
 
 def update_usage(usage: Tensor, rows: Sequence[int], counts: Tensor, momentum: float) -> None:
