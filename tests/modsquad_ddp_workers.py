@@ -40,8 +40,6 @@ def ddp_worker(rank: int, init: str, rows: torch.Tensor, out: str) -> None:
     dist.destroy_process_group()
 
 
-
-
 def all_reduce_worker(rank: int, init: str) -> None:
     """Sums a per-process tensor with `all_reduce_sum` and back-propagates through the sum: the
     value is the sum over processes and each input's gradient the sum of every process's upstream
